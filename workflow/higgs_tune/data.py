@@ -1,0 +1,186 @@
+"""From a kept manifest row to the exact tensors the model trains on.
+
+A manifest row is a Higgs ``ChatMLSample`` as JSON, whose ``misc.audio_sha256`` maps every
+``audio_url`` to the content hash the tokenize stage keyed its codes by. The path to a batch is
+the upstream one, unchanged: ``prepare_chatml_sample`` (text tokens and text labels: only
+assistant turns at/after ``start_index`` are learnable) -> ``ChatMLDatasetSample`` with the cached
+codes -> ``HiggsAudioSampleCollator`` (audio-stream BOS/EOS, delay pattern, audio labels).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .model import AUDIO_STREAM_BOS_ID, AUDIO_STREAM_EOS_ID
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write ``rows`` as JSONL atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def iter_contents(sample: dict) -> Iterator[tuple[int, str, dict | str]]:
+    """Yield ``(turn, role, content)`` for every content item of every message, in order."""
+    for turn, msg in enumerate(sample["messages"]):
+        content = msg["content"]
+        items = content if isinstance(content, list) else [content]
+        for item in items:
+            yield turn, msg["role"], item
+
+
+def audio_items(sample: dict) -> list[tuple[int, str, dict]]:
+    """``(turn, role, AudioContent dict)`` for each audio content, in order of appearance."""
+    return [(t, r, c) for t, r, c in iter_contents(sample) if isinstance(c, dict) and c.get("type") == "audio"]
+
+
+class CodesIndex:
+    """Lookup of cached audio codes by content hash (the tokenize stage's ``index.parquet``).
+
+    ``get(sha)`` returns a long tensor ``(K, T)``; raises ``KeyError`` naming the hash if absent.
+    ``codes_path`` entries may be absolute or relative to ``root`` (the workflow root).
+    """
+
+    def __init__(self, index_path: str | Path, root: str | Path = "."):
+        import pandas as pd
+
+        self.path = Path(index_path)
+        df = pd.read_parquet(self.path)
+        root = Path(root)
+        self._paths = {
+            row.audio_sha256: (Path(row.codes_path) if Path(row.codes_path).is_absolute() else root / row.codes_path)
+            for row in df.itertuples()
+        }
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._paths
+
+    def get(self, sha: str) -> torch.Tensor:
+        if sha not in self._cache:
+            if sha not in self._paths:
+                raise KeyError(f"audio {sha[:12]}… has no codes in {self.path}: rerun the tokenize stage")
+            self._cache[sha] = torch.from_numpy(np.load(self._paths[sha]).astype(np.int64))
+        return self._cache[sha]
+
+
+def build_dataset_sample(sample: dict, text_tokenizer, codes_of: Callable[[str], torch.Tensor]):
+    """One ChatML row -> ``ChatMLDatasetSample`` (input_ids, label_ids, concatenated codes).
+
+    Args:
+        sample: a kept manifest row (``ChatMLSample`` JSON with ``misc.audio_sha256``).
+        text_tokenizer: the Higgs text tokenizer.
+        codes_of: ``sha256 -> (K, T)`` long codes (e.g. ``CodesIndex.get``).
+
+    Raises:
+        ValueError: naming the sample id when ``prepare_chatml_sample`` rejects the row.
+    """
+    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+
+    chatml = {k: sample[k] for k in ("messages", "start_index", "misc", "speaker") if k in sample}
+    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(json.loads(json.dumps(chatml)), text_tokenizer)
+    if input_tokens is None:
+        raise ValueError(f"sample {sample_id(sample)}: prepare_chatml_sample rejected it (see the log above)")
+    hashes = sample.get("misc", {}).get("audio_sha256", {})
+    codes = [codes_of(hashes[c.audio_url]) for c in audio_contents]
+    if codes:
+        starts = torch.tensor(np.cumsum([0] + [c.shape[1] for c in codes[:-1]]), dtype=torch.long)
+        concat = torch.cat(codes, dim=1)
+    else:
+        starts = torch.zeros(0, dtype=torch.long)
+        concat = torch.zeros((8, 0), dtype=torch.long)
+    return ChatMLDatasetSample(
+        input_ids=torch.tensor(input_tokens, dtype=torch.long),
+        label_ids=torch.tensor(label_tokens, dtype=torch.long),
+        audio_ids_concat=concat,
+        audio_ids_start=starts,
+        audio_waveforms_concat=torch.zeros(0),
+        audio_waveforms_start=torch.zeros(0, dtype=torch.long),
+        audio_sample_rate=torch.zeros(0),
+        audio_speaker_indices=torch.zeros(0, dtype=torch.long),
+    )
+
+
+def sample_id(sample: dict) -> str:
+    """The row's id (``misc.id``), or ``?`` when it has none."""
+    return str((sample.get("misc") or {}).get("id", "?"))
+
+
+def collator_settings(model_config) -> dict[str, Any]:
+    """Collator keyword arguments implied by a ``HiggsAudioConfig``.
+
+    Derived as upstream ``HiggsAudioServeEngine.__init__`` does for inference (boson-multimodal
+    0.1.1 ``serve/serve_engine.py``), so training and inference build the same streams; the one
+    training difference is ``return_audio_in_tokens``, which follows ``encode_audio_in_tokens``.
+    """
+    return dict(
+        encode_whisper_embed=model_config.encode_whisper_embed,
+        audio_in_token_id=model_config.audio_in_token_idx,
+        audio_out_token_id=model_config.audio_out_token_idx,
+        audio_stream_bos_id=model_config.audio_stream_bos_id,
+        audio_stream_eos_id=model_config.audio_stream_eos_id,
+        pad_token_id=model_config.pad_token_id,
+        return_audio_in_tokens=model_config.encode_audio_in_tokens,
+        use_delay_pattern=model_config.use_delay_pattern,
+        audio_num_codebooks=model_config.audio_num_codebooks,
+        round_to=1,
+    )
+
+
+def make_collator(model_config, whisper_processor=None, **overrides):
+    """``HiggsAudioSampleCollator`` with :func:`collator_settings` (``overrides`` replace keys).
+
+    Raises:
+        ValueError: when the config asks for Whisper embeddings but no processor is given.
+    """
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+
+    kwargs = {**collator_settings(model_config), **overrides}
+    if kwargs["encode_whisper_embed"] and whisper_processor is None:
+        raise ValueError("this model encodes Whisper embeddings: pass a WhisperProcessor to make_collator")
+    return HiggsAudioSampleCollator(whisper_processor=whisper_processor, **kwargs)
+
+
+def batch_to_model_kwargs(batch, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The collator's ``HiggsAudioBatchInput`` as keyword arguments of ``HiggsAudioModel.forward``."""
+    names = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
+             "audio_out_ids_start", "audio_out_ids_start_group_loc", "audio_in_ids", "audio_in_ids_start",
+             "label_ids", "label_audio_ids")
+    out = {}
+    for name in names:
+        value = getattr(batch, name)
+        out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[list]:
+    """Split ``items`` into batches; with ``shuffle`` the order is a function of ``(seed, epoch)``."""
+    order = list(range(len(items)))
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [[items[i] for i in order[j:j + batch_size]] for j in range(0, len(order), batch_size)]
+
+
+# re-exported for callers that only need the special ids
+__all__ = [
+    "AUDIO_STREAM_BOS_ID", "AUDIO_STREAM_EOS_ID", "CodesIndex", "audio_items", "batch_to_model_kwargs", "batches",
+    "build_dataset_sample", "collator_settings", "iter_contents", "make_collator", "read_jsonl", "sample_id",
+    "write_jsonl",
+]

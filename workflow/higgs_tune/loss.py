@@ -1,0 +1,206 @@
+"""The Higgs Audio training loss: next-token cross-entropy on text and on each audio codebook.
+
+``HiggsAudioModel.forward`` returns no loss, and neither of its label tensors is shifted:
+
+* ``expanded_labels[b, t]`` is the label **of** position ``t`` (the token at ``t``), so the logits at
+  ``t`` predict ``expanded_labels[b, t + 1]``: ``CE(logits[:, :-1], expanded_labels[:, 1:])``.
+* ``audio_logits[i]`` is computed at the i-th audio-out position of the concatenated stream, and
+  ``label_audio_ids[:, i]`` is the label of that position, so ``audio_logits[i]`` predicts
+  ``label_audio_ids[:, i + 1]`` — but only when ``i`` and ``i + 1`` lie in the same audio segment.
+  Segments (one per ``<|AUDIO_OUT|>``, across all samples of the batch) start at
+  ``audio_out_ids_start``; the last row of a segment has no audio target.
+
+Skipping the shift (predicting the label of the input position itself) lets the model copy its
+input: the loss falls to ~0 and generation produces silence or noise. The audit stage's leak probe
+checks this wiring on the real model before training starts.
+
+Gradient accumulation: a mean over each micro-batch weights micro-batches equally, not targets
+(the bug transformers fixed for gradient accumulation in v4.46, Oct 2024). Pass ``normalizer``,
+the target counts of the whole accumulation window (:func:`count_targets`), and the micro-batch
+losses sum to the loss of the window as one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TargetCounts:
+    """Numbers of learnable targets. ``text``: int; ``codebooks``: int tensor ``(K,)``."""
+
+    text: int
+    codebooks: torch.Tensor
+
+    def __add__(self, other: "TargetCounts") -> "TargetCounts":
+        return TargetCounts(self.text + other.text, self.codebooks + other.codebooks)
+
+    @property
+    def audio(self) -> int:
+        return int(self.codebooks.sum())
+
+
+@dataclass
+class HiggsLoss:
+    """Result of :func:`higgs_loss`. Scalars are 0-d float tensors; ``loss`` carries the graph.
+
+    Attributes:
+        loss: ``text_weight * text_loss + audio_weight * audio_loss`` (normalized by ``normalizer``
+            when one was given, else by this batch's own counts).
+        text_loss: mean CE over this batch's valid text targets (0 when there are none).
+        audio_loss: mean of the K ``codebook_losses``.
+        codebook_losses: ``(K,)`` mean CE over this batch's valid targets of codebook k.
+        codebook_correct: ``(K,)`` number of targets whose argmax prediction is right
+            (teacher-forced top-1 accuracy = ``codebook_correct / n_codebook_targets``).
+        text_correct: number of text targets predicted right by argmax.
+        n_text_targets: number of valid text targets.
+        n_codebook_targets: ``(K,)`` number of valid targets per codebook.
+        n_audio_targets: sum of ``n_codebook_targets``.
+    """
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    audio_loss: torch.Tensor
+    codebook_losses: torch.Tensor
+    codebook_correct: torch.Tensor
+    text_correct: int
+    n_text_targets: int
+    n_codebook_targets: torch.Tensor
+    n_audio_targets: int
+
+
+def same_segment_mask(n_rows: int, audio_out_ids_start: torch.Tensor, device=None) -> torch.Tensor:
+    """Bool ``(max(n_rows - 1, 0),)``: True at ``i`` when rows ``i`` and ``i + 1`` share a segment.
+
+    Args:
+        n_rows: length N of the concatenated audio-out stream.
+        audio_out_ids_start: long ``(S,)``, the first row of each segment (sorted, starting at 0).
+    """
+    if n_rows <= 1:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    boundary = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    starts = audio_out_ids_start.to(device=device, dtype=torch.long)
+    boundary[starts[(starts > 0) & (starts < n_rows)]] = True
+    return ~boundary[1:]  # pair (i, i+1) is valid unless i+1 starts a new segment
+
+
+def shifted_audio_targets(label_audio_ids: torch.Tensor, audio_out_ids_start: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with ``audio_logits`` rows: ``(N, K)`` long, ``-100`` where there is none.
+
+    Row ``i`` holds ``label_audio_ids[:, i + 1]`` when ``i + 1`` is in ``i``'s segment, else -100.
+    """
+    k, n = label_audio_ids.shape
+    out = torch.full((n, k), IGNORE_INDEX, dtype=torch.long, device=label_audio_ids.device)
+    if n > 1:
+        keep = same_segment_mask(n, audio_out_ids_start, label_audio_ids.device)
+        nxt = label_audio_ids[:, 1:].t()
+        out[:-1] = torch.where(keep[:, None], nxt, torch.full_like(nxt, IGNORE_INDEX))
+    return out
+
+
+def count_targets(label_ids: torch.Tensor, label_audio_ids: torch.Tensor | None,
+                  audio_out_ids_start: torch.Tensor | None, num_codebooks: int = 8) -> TargetCounts:
+    """Learnable-target counts of a collated batch, before any forward pass.
+
+    ``label_ids (B, L)`` are the collator's text labels (the model only inserts -100 for audio
+    positions when it expands them, so the counts match ``expanded_labels``).
+    """
+    text = int((label_ids[:, 1:] != IGNORE_INDEX).sum())
+    if label_audio_ids is None or label_audio_ids.numel() == 0:
+        return TargetCounts(text, torch.zeros(num_codebooks, dtype=torch.long))
+    tgt = shifted_audio_targets(label_audio_ids, audio_out_ids_start)
+    return TargetCounts(text, (tgt != IGNORE_INDEX).sum(0).cpu())
+
+
+def higgs_loss(
+    logits: torch.Tensor,
+    expanded_labels: torch.Tensor,
+    audio_logits: torch.Tensor | None,
+    label_audio_ids: torch.Tensor | None,
+    audio_out_ids_start: torch.Tensor | None,
+    *,
+    text_weight: float = 1.0,
+    audio_weight: float = 1.0,
+    normalizer: TargetCounts | None = None,
+) -> HiggsLoss:
+    """Next-token CE for text and per audio codebook (teacher forcing, ignore index -100).
+
+    Args:
+        logits: float ``(B, L, V)`` text logits from ``HiggsAudioModel.forward``.
+        expanded_labels: long ``(B, L)``, unshifted labels (``outputs.expanded_labels``).
+        audio_logits: float ``(N, K, C)`` (C = codebook size + 2 = 1026), or None / N = 0.
+        label_audio_ids: long ``(K, N)``, unshifted audio labels from the collator.
+        audio_out_ids_start: long ``(S,)``, segment starts in the concatenated audio stream.
+        text_weight, audio_weight: weights of the two terms in ``loss``.
+        normalizer: counts over a whole gradient-accumulation window; when given, ``loss`` is
+            ``sum of CE / window count`` so that micro-batch losses add up to the window's loss.
+
+    Returns:
+        :class:`HiggsLoss`. Empty modalities contribute 0 (never NaN).
+
+    Raises:
+        ValueError: on shape mismatches (``expanded_labels`` vs ``logits``, ``audio_logits`` rows vs
+            ``label_audio_ids`` columns, codebook count).
+    """
+    if expanded_labels.shape != logits.shape[:2]:
+        raise ValueError(f"expanded_labels {tuple(expanded_labels.shape)} does not match logits {tuple(logits.shape)}")
+    zero = logits.new_zeros(())
+    # text: logits at t predict the label of t + 1
+    t_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    t_labels = expanded_labels[:, 1:].reshape(-1)
+    valid = t_labels != IGNORE_INDEX
+    n_text = int(valid.sum())
+    if n_text:
+        text_sum = F.cross_entropy(t_logits[valid], t_labels[valid], reduction="sum")
+        text_correct = int((t_logits[valid].argmax(-1) == t_labels[valid]).sum())
+    else:
+        text_sum, text_correct = zero, 0
+
+    k = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else (
+        audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else 8)
+    cb_sum = logits.new_zeros(k, dtype=torch.float32)
+    cb_n = torch.zeros(k, dtype=torch.long, device=logits.device)
+    cb_correct = torch.zeros(k, dtype=torch.long, device=logits.device)
+    has_audio = label_audio_ids is not None and label_audio_ids.numel() > 0
+    if has_audio:
+        n = label_audio_ids.shape[1]
+        if audio_logits is None or audio_logits.shape[0] != n:
+            got = None if audio_logits is None else tuple(audio_logits.shape)
+            raise ValueError(f"audio_logits {got} must have one row per label_audio_ids column ({n})")
+        if audio_logits.shape[1] != k:
+            raise ValueError(f"audio_logits has {audio_logits.shape[1]} codebooks, label_audio_ids {k}")
+        targets = shifted_audio_targets(label_audio_ids, audio_out_ids_start)  # (N, K)
+        a_valid = targets != IGNORE_INDEX
+        if a_valid.any():
+            flat_logits = audio_logits.float()[a_valid]  # (M, C)
+            flat_tgt = targets[a_valid]
+            ce = F.cross_entropy(flat_logits, flat_tgt, reduction="none")
+            cb_index = torch.arange(k, device=logits.device).expand_as(targets)[a_valid]
+            cb_sum = cb_sum.index_add(0, cb_index, ce)
+            cb_n = a_valid.sum(0)
+            cb_correct = torch.zeros_like(cb_n).index_add(0, cb_index, (flat_logits.argmax(-1) == flat_tgt).long())
+
+    text_loss = text_sum / max(n_text, 1)
+    codebook_losses = cb_sum / cb_n.clamp(min=1)
+    audio_loss = codebook_losses.mean() if has_audio else zero
+    if normalizer is None:
+        loss = text_weight * text_loss + audio_weight * audio_loss
+    else:
+        norm_cb = normalizer.codebooks.to(cb_sum.device).clamp(min=1)
+        loss = text_weight * text_sum / max(normalizer.text, 1) + audio_weight * (cb_sum / norm_cb).mean()
+    return HiggsLoss(
+        loss=loss,
+        text_loss=text_loss,
+        audio_loss=audio_loss,
+        codebook_losses=codebook_losses,
+        codebook_correct=cb_correct,
+        text_correct=text_correct,
+        n_text_targets=n_text,
+        n_codebook_targets=cb_n,
+        n_audio_targets=int(cb_n.sum()),
+    )
