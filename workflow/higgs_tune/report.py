@@ -1,0 +1,486 @@
+"""Report stage: one self-contained HTML file (``Paths.report``) summarising an experiment.
+
+Reads the training curves, the label audit, the eval metrics, the manifest fixes/quarantine, the
+prediction snapshots and any eval audio; embeds every plot (base64 PNG) and audio clip (base64 WAV
+data URI) so the file can be mailed around. Every figure's caption names the exact input files it
+was drawn from (path + short sha256) plus the experiment name and the config hash.
+
+    python -m higgs_tune.report --configfile config/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import math
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
+from jinja2 import Environment, FileSystemLoader  # noqa: E402
+
+from higgs_tune.config import Paths, add_config_args, config_from_args  # noqa: E402
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ["torch", "transformers", "peft", "boson-multimodal", "pandas", "seaborn", "matplotlib"]
+MAX_TABLE_ROWS = 200
+MAX_AUDIO_BYTES = 8 * 1024 * 1024
+SHORT = 12  # hex chars of sha256 shown in captions
+
+
+# ----------------------------------------------------------------------------- small helpers
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:SHORT]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def require(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it is written by the '{stage}' stage "
+            f"(python -m higgs_tune.{stage} --configfile ...); run that stage first"
+        )
+    return path
+
+
+def fmt(value: Any) -> str:
+    """One table cell: floats to 4 significant digits, containers as compact (truncated) JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if hasattr(value, "tolist"):  # numpy scalars / arrays from parquet
+        value = value.tolist()
+        if isinstance(value, float):
+            return fmt(value)
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 160 else text[:157] + "..."
+    return str(value)
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in (d or {}).items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.extend(flatten(value, name))
+        else:
+            out.append((name, value))
+    return out
+
+
+def table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS) -> dict:
+    """A DataFrame as ``{columns, rows, total}`` of pre-formatted strings (the template escapes)."""
+    shown = df.head(max_rows)
+    return {"columns": [str(c) for c in shown.columns],
+            "rows": [[fmt(v) for v in row] for row in shown.itertuples(index=False)],
+            "total": len(df)}
+
+
+def records(rows: list[dict], max_rows: int = MAX_TABLE_ROWS) -> dict | None:
+    """JSON records (keys may differ per row) as a table; a key a row lacks is an empty cell."""
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return {"columns": columns, "rows": [[fmt(r.get(c)) for c in columns] for r in rows[:max_rows]],
+            "total": len(rows)}
+
+
+def git_revision(cwd: Path = REPO_ROOT) -> str:
+    """``<sha>`` or ``<sha> (dirty)``; a plain explanation when git or the repository is absent."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown (not a git repository)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + (" (dirty)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class Inputs:
+    """Records each input file read (path, size, sha256) and renders caption source lines."""
+
+    def __init__(self, cfg: dict):
+        self.exp, self.cfg_hash, self.files = cfg["experiment"], config_hash(cfg), {}
+
+    def add(self, role: str, path: Path) -> Path | None:
+        path = Path(path)
+        if path.is_file():
+            self.files[role] = {"role": role, "path": str(path), "bytes": path.stat().st_size,
+                                "sha256": sha256_file(path)}
+            return path
+        self.files[role] = {"role": role, "path": str(path), "bytes": None, "sha256": None}
+        return None
+
+    def caption(self, *roles: str) -> str:
+        used = [self.files[r] for r in roles if self.files.get(r, {}).get("sha256")]
+        src = "; ".join(f"{f['path']} (sha256 {f['sha256'][:SHORT]})" for f in used)
+        return f"Source: {src}. Experiment '{self.exp}', config hash {self.cfg_hash}."
+
+
+# ----------------------------------------------------------------------------- plots
+def png_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _expand(df: pd.DataFrame, column: str, prefix: str) -> pd.DataFrame:
+    """A list column (one value per codebook) as long rows ``step, series, value``."""
+    if column not in df or df[column].isna().all():
+        return pd.DataFrame(columns=["step", "series", "value"])
+    rows = [{"step": s, "series": f"{prefix}{k}", "value": v}
+            for s, vals in zip(df["step"], df[column]) if isinstance(vals, list) for k, v in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+def _melt(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    cols = [c for c in columns if c in df]
+    if df.empty or not cols:
+        return pd.DataFrame(columns=["step", "series", "value"])
+    return df.melt(id_vars="step", value_vars=cols, var_name="series", value_name="value").dropna()
+
+
+def _curves(train: pd.DataFrame, val: pd.DataFrame, title: str, ylabel: str, log: bool = False,
+            palette: str = "tab10", ylim=None):
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    order = list(dict.fromkeys(list(train["series"]) + list(val["series"])))
+    cbs = [s for s in order if s.startswith("cb")] if palette == "viridis" else order
+    colors = dict(zip(cbs, sns.color_palette(palette, len(cbs))))
+    colors.update({s: "black" for s in order if s not in colors})  # e.g. text_acc beside 8 codebooks
+    if not train.empty:
+        sns.lineplot(data=train, x="step", y="value", hue="series", hue_order=order, palette=colors, ax=ax, lw=1.4)
+    if not val.empty:
+        sns.lineplot(data=val, x="step", y="value", hue="series", hue_order=order, palette=colors, ax=ax,
+                     linestyle="--", marker="o", markersize=5, lw=1.1, alpha=0.85, legend=train.empty)
+    values = pd.concat([train["value"], val["value"]]).astype(float)
+    if log and len(values) and (values > 0).all() and values.max() / values.min() > 20:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(title="solid: train\ndashed o: val" if not val.empty else None, fontsize=9, title_fontsize=9,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def training_figures(metrics: pd.DataFrame, val: pd.DataFrame, inputs: Inputs) -> list[dict]:
+    roles = ("metrics", "val_metrics") if not val.empty else ("metrics",)
+    cap = inputs.caption(*roles)
+    loss_cols = ["loss", "text_loss", "audio_loss"]
+    figs = [
+        ("Training loss (total, text, audio)",
+         _curves(_melt(metrics, loss_cols), _melt(val, loss_cols), "Loss", "cross-entropy", log=True)),
+        ("Per-codebook audio loss",
+         _curves(_expand(metrics, "codebook_losses", "cb"), _expand(val, "codebook_losses", "cb"),
+                 "Per-codebook loss", "cross-entropy", log=True, palette="viridis")),
+    ]
+    acc_train = pd.concat([_expand(metrics, "codebook_acc", "cb"), _melt(metrics, ["text_acc"])])
+    acc_val = pd.concat([_expand(val, "codebook_acc", "cb"), _melt(val, ["text_acc"])])
+    figs.append(("Teacher-forced top-1 accuracy per codebook (and text)",
+                 _curves(acc_train, acc_val, "Teacher-forced top-1 accuracy", "accuracy",
+                         palette="viridis", ylim=(-0.02, 1.02))))
+    out = [{"title": t, "uri": png_uri(f), "caption": cap} for t, f in figs]
+    sched = [c for c in ("lr", "grad_norm") if c in metrics and metrics[c].notna().any()]
+    if sched:
+        fig, axes = plt.subplots(1, len(sched), figsize=(9, 3.2), squeeze=False)
+        for ax, col in zip(axes[0], sched):
+            sns.lineplot(data=metrics, x="step", y=col, ax=ax, color="C0" if col == "lr" else "C3")
+            ax.set(title={"lr": "Learning-rate schedule", "grad_norm": "Gradient norm (pre-clip)"}[col],
+                   xlabel="optimizer step", ylabel=col)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out.append({"title": "Learning rate and gradient norm", "uri": png_uri(fig),
+                    "caption": inputs.caption("metrics")})
+    return out
+
+
+def codebook_bars(values: dict[str, list], title: str, caption: str) -> dict:
+    """One bar panel per metric (metrics have different scales), x = codebook."""
+    fig, axes = plt.subplots(1, len(values), figsize=(max(9, 4.6 * len(values)), 3.2), squeeze=False)
+    for ax, (name, vals) in zip(axes[0], values.items()):
+        df = pd.DataFrame({"codebook": [f"cb{k}" for k in range(len(vals))], "value": vals})
+        sns.barplot(data=df, x="codebook", y="value", ax=ax, color="C0")
+        ax.bar_label(ax.containers[0], fmt="%.3g", fontsize=8)
+        ax.set_ylim(0, max([float(v) for v in vals if v is not None] + [1e-9]) * 1.15)
+        ax.set(title=name, xlabel="", ylabel="")
+        ax.grid(alpha=0.3, axis="y")
+    if len(values) > 1:
+        fig.suptitle(title)
+    else:
+        axes[0][0].set_title(title)
+    fig.tight_layout()
+    return {"title": title, "uri": png_uri(fig), "caption": caption}
+
+
+# ----------------------------------------------------------------------------- sections
+def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
+    cov = summary.get("codebook_coverage") or []
+    sec = {
+        "passed": bool(summary.get("passed")),
+        "n_samples": summary.get("n_samples"),
+        "rules": records(summary.get("rules") or []),
+        "failed_rules": [r["name"] for r in summary.get("rules", []) if not r.get("passed", True)],
+        "failures": records(summary.get("failures") or []),
+        "fractions": [(k, fmt(v)) for k, v in flatten(summary.get("fractions", {}))],
+        "settings": {name: [(k, fmt(v)) for k, v in flatten(summary.get(name) or {})]
+                     for name in ("collator_settings", "model_settings", "leak_probe")},
+        "figure": codebook_bars({"label coverage": cov}, "Audit: audio-label coverage per codebook",
+                                inputs.caption("audit_summary")) if cov else None,
+        "caption": inputs.caption("audit_summary"),
+        "samples": None,
+    }
+    if samples is not None:
+        sec["samples"] = table(pd.read_parquet(samples))
+        sec["samples_caption"] = inputs.caption("audit_samples")
+    return sec
+
+
+def eval_section(metrics: dict, inputs: Inputs) -> dict:
+    scalars, per_cb, other = [], {}, []
+    for key, value in metrics.items():
+        if key == "audio":
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            per_cb[key] = value
+        elif isinstance(value, dict):
+            other.extend((f"{key}.{k}", fmt(v)) for k, v in flatten(value))
+        elif isinstance(value, list):
+            other.append((key, fmt(value)))
+        else:
+            scalars.append((key, fmt(value)))
+    n = max((len(v) for v in per_cb.values()), default=0)
+    cb_table = None
+    if per_cb:
+        df = pd.DataFrame({"codebook": [f"cb{k}" for k in range(n)],
+                           **{k: v + [None] * (n - len(v)) for k, v in per_cb.items()}})
+        cb_table = table(df)
+    caption = inputs.caption("eval_metrics")
+    figure = codebook_bars(per_cb, "Eval: per-codebook metrics", caption) if per_cb else None
+    return {"scalars": scalars + other, "per_codebook": cb_table, "figure": figure, "caption": caption}
+
+
+def _cells(positions: list, predicted: list, label: list, text: bool) -> list[dict]:
+    """Aligned prediction/label cells; a gap marker where positions jump (first/last-10 windows)."""
+    cells, prev = [], None
+    for pos, p, lab in zip(positions, predicted, label):
+        if prev is not None and pos != prev + 1:
+            cells.append({"gap": True})
+        prev = pos
+        show = (lambda s: repr(str(s))[1:-1].replace(" ", "\u2423")) if text else str
+        cells.append({"pos": pos, "pred": show(p), "label": show(lab), "ok": p == lab})
+    return cells
+
+
+def _join(positions: list, tokens: list) -> str:
+    """Decoded token strings concatenated, `` … `` where positions skip (first/last-10 windows)."""
+    out, prev = [], None
+    for pos, tok in zip(positions, tokens):
+        if prev is not None and pos != prev + 1:
+            out.append(" … ")
+        out.append(str(tok))
+        prev = pos
+    return "".join(out)
+
+
+def predictions_section(rows: list[dict], inputs: Inputs) -> list[dict]:
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda r: r.get("step", 0))
+    picks = [("latest", rows[-1])] + ([("first", rows[0])] if len(rows) > 1 else [])
+    out = []
+    for which, r in picks:
+        txt = r.get("text") or {}
+        out.append({
+            "which": which, "step": r.get("step"), "sample_id": r.get("sample_id"),
+            "text_acc": fmt(r.get("text_acc")),
+            "codebook_acc": [fmt(a) for a in r.get("codebook_acc") or []],
+            "text_pred": _join(txt.get("positions", []), txt.get("predicted", [])),
+            "text_label": _join(txt.get("positions", []), txt.get("label", [])),
+            "text_cells": _cells(txt.get("positions", []), txt.get("predicted", []), txt.get("label", []), True),
+            "codebooks": [{"codebook": cb.get("codebook"),
+                           "cells": _cells(cb.get("positions", []), cb.get("predicted", []), cb.get("label", []),
+                                           False)}
+                          for cb in r.get("codebooks") or []],
+        })
+    return [{"caption": inputs.caption("predictions"), "n_snapshots": len(rows),
+             "steps": [r.get("step") for r in rows], "panels": out}]
+
+
+def manifest_section(fixes: Path | None, quarantine: Path | None, inputs: Inputs) -> dict | None:
+    if fixes is None and quarantine is None:
+        return None
+    sec: dict[str, Any] = {"caption": inputs.caption("fixes", "quarantine")}
+    if fixes is not None:
+        f = json.loads(fixes.read_text())
+        sec["counts"] = [(k, fmt(f.get(k))) for k in ("rows_in", "rows_kept", "rows_quarantined") if k in f]
+        sec["fixes"] = sorted((f.get("fixes") or {}).items(), key=lambda kv: -kv[1])
+        sec["reasons"] = sorted((f.get("reasons") or {}).items(), key=lambda kv: -kv[1])
+    if quarantine is not None:
+        q = read_jsonl(quarantine)
+        sec["quarantine_total"] = len(q)
+        sec["quarantine"] = [{"line": r.get("line"), "reason": r.get("reason"), "message": r.get("message"),
+                              "row": fmt(r.get("row", r.get("text")))} for r in q[:20]]
+    return sec
+
+
+def _resolve_audio(ref: str | None, cfg: dict, paths: Paths) -> Path | None:
+    if not ref:
+        return None
+    p = Path(ref)
+    for cand in ([p] if p.is_absolute() else
+                 [p, paths.root / p, paths.root / "eval" / p, Path(cfg["data"].get("data_root", ".")) / p]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def audio_section(cfg: dict, paths: Paths, eval_metrics: dict, inputs: Inputs) -> list[dict]:
+    """Players for eval/metrics.json ``audio`` entries, then any unlisted eval/samples/*.wav."""
+    entries, seen = [], set()
+    for i, item in enumerate(eval_metrics.get("audio") or []):
+        clips = []
+        for kind in ("generated", "reference"):
+            path = _resolve_audio(item.get(kind), cfg, paths)
+            clips.append(_clip(kind, item.get(kind), path, f"audio:{item.get('id', i)}:{kind}", inputs))
+            if path:
+                seen.add(path.resolve())
+        entries.append({"id": item.get("id", i), "text": item.get("text"), "clips": clips})
+    for wav in sorted((paths.root / "eval" / "samples").glob("*.wav")):
+        if wav.resolve() not in seen:
+            entries.append({"id": wav.stem, "text": None,
+                            "clips": [_clip("generated", str(wav), wav, f"audio:{wav.stem}", inputs)]})
+    return entries
+
+
+def _clip(kind: str, ref: str | None, path: Path | None, role: str, inputs: Inputs) -> dict:
+    if path is None:
+        return {"kind": kind, "uri": None, "note": f"not produced ({ref})" if ref else "not produced"}
+    inputs.add(role, path)
+    if path.stat().st_size > MAX_AUDIO_BYTES:
+        return {"kind": kind, "uri": None, "note": f"{path} too large to embed"}
+    uri = "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
+    return {"kind": kind, "uri": uri, "note": inputs.caption(role)}
+
+
+# ----------------------------------------------------------------------------- main
+def build_report(cfg: dict) -> Path:
+    """Render ``Paths(cfg).report``; raise FileNotFoundError if a required input is missing."""
+    paths = Paths(cfg)
+    require(paths.metrics, "train")
+    require(paths.audit_summary, "audit")
+    require(paths.eval_metrics, "eval")
+    inputs = Inputs(cfg)
+    for role, path in [("manifest_input", Path(cfg["data"]["manifest"])),
+                       ("train_manifest", paths.train_manifest), ("val_manifest", paths.val_manifest),
+                       ("fixes", paths.fixes), ("quarantine", paths.quarantine),
+                       ("tokens_index", paths.tokens_index), ("audit_summary", paths.audit_summary),
+                       ("audit_samples", paths.audit_samples), ("metrics", paths.metrics),
+                       ("val_metrics", paths.train_dir / "val_metrics.jsonl"),
+                       ("predictions", paths.predictions), ("train_state", paths.train_state),
+                       ("eval_metrics", paths.eval_metrics)]:
+        inputs.add(role, path)
+    if paths.adapter.is_dir():
+        for f in sorted(p for p in paths.adapter.rglob("*") if p.is_file()):
+            inputs.add(f"adapter:{f.relative_to(paths.adapter)}", f)
+    present = {r: Path(f["path"]) for r, f in inputs.files.items() if f["sha256"]}
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    metrics = pd.DataFrame(read_jsonl(paths.metrics))
+    val = pd.DataFrame(read_jsonl(present["val_metrics"])) if "val_metrics" in present else pd.DataFrame()
+    if metrics.empty or "step" not in metrics:
+        raise ValueError(f"{paths.metrics} holds no step rows")
+    eval_metrics = json.loads(paths.eval_metrics.read_text())
+    state = json.loads(present["train_state"].read_text()) if "train_state" in present else {}
+    sources = {"model (config)": cfg["model"].get("source"),
+               "audio_tokenizer (config)": cfg["audio_tokenizer"].get("source"),
+               "model (train/state.json)": state.get("model_source") or "not recorded",
+               "model (eval/metrics.json)": eval_metrics.get("model_source") or "not recorded"}
+    random_init = "random_init" in (cfg["model"].get("source"), state.get("model_source"),
+                                    eval_metrics.get("model_source"))
+
+    last = metrics.iloc[-1]
+    context = {
+        "title": cfg.get("report", {}).get("title", "higgs-tune report"),
+        "experiment": cfg["experiment"], "config_hash": inputs.cfg_hash,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "random_init": random_init, "sources": sources,
+        "audio_tokenizer_random": cfg["audio_tokenizer"].get("source") == "random_init",
+        "headline": [(k, fmt(last.get(k))) for k in ("step", "loss", "text_loss", "audio_loss", "text_acc")
+                     if k in metrics] + [("eval " + k, fmt(eval_metrics.get(k)))
+                                         for k in ("loss", "text_acc") if k in eval_metrics],
+        "train_figures": training_figures(metrics, val, inputs),
+        "val_missing": val.empty,
+        "audit": audit_section(json.loads(paths.audit_summary.read_text()), present.get("audit_samples"), inputs),
+        "eval": eval_section(eval_metrics, inputs),
+        "predictions": predictions_section(read_jsonl(present["predictions"]) if "predictions" in present else [],
+                                           inputs),
+        "manifest": manifest_section(present.get("fixes"), present.get("quarantine"), inputs),
+        "audio": audio_section(cfg, paths, eval_metrics, inputs),
+        "state": [(k, fmt(v)) for k, v in flatten(state)],
+        "git": git_revision(), "train_git": state.get("git_revision"),
+        "packages": package_versions(),
+        "files": list(inputs.files.values()),
+        "config_yaml": yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110),
+    }
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    html = env.get_template("report.html.j2").render(**context)
+    paths.report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.report.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(paths.report)
+    return paths.report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m higgs_tune.report", description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    out = build_report(config_from_args(parser.parse_args(argv)))
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()
