@@ -155,7 +155,29 @@ def make_collator(model_config, whisper_processor=None, **overrides):
     kwargs = {**collator_settings(model_config), **overrides}
     if kwargs["encode_whisper_embed"] and whisper_processor is None:
         raise ValueError("this model encodes Whisper embeddings: pass a WhisperProcessor to make_collator")
-    return HiggsAudioSampleCollator(whisper_processor=whisper_processor, **kwargs)
+    return NonMutatingCollator(HiggsAudioSampleCollator(whisper_processor=whisper_processor, **kwargs))
+
+
+class NonMutatingCollator:
+    """Calls the upstream collator on copies of the samples' ``label_ids``.
+
+    ``HiggsAudioSampleCollator.__call__`` (boson-multimodal 0.1.1) masks the ``<|AUDIO_OUT|>`` label
+    **in place** in each sample's ``label_ids``, then derives "this audio segment is not trained"
+    from that same label being -100. Collating the same sample a second time (epoch 2, or eval
+    after train) therefore turns every audio label into -100: training silently stops learning audio.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
+
+    def __call__(self, samples):
+        import dataclasses
+
+        return self.collator([dataclasses.replace(s, label_ids=s.label_ids.clone()) if s.label_ids is not None
+                              else s for s in samples])
 
 
 def batch_to_model_kwargs(batch, device: torch.device | str = "cpu") -> dict[str, Any]:

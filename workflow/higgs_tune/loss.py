@@ -204,3 +204,20 @@ def higgs_loss(
         n_codebook_targets=cb_n,
         n_audio_targets=int(cb_n.sum()),
     )
+
+
+def forward_loss(model, batch, device, *, text_weight=1.0, audio_weight=1.0, normalizer=None):
+    """Run ``model`` on one collated ``HiggsAudioBatchInput`` and return ``(outputs, HiggsLoss)``.
+
+    The one place where model outputs meet :func:`higgs_loss`: training, evaluation, predictions and
+    the audit all call it, so they share one wiring (``outputs.expanded_labels``, the collator's
+    ``label_audio_ids`` and ``audio_out_ids_start``).
+    """
+    from .data import batch_to_model_kwargs
+
+    kwargs = batch_to_model_kwargs(batch, device)
+    out = model(**kwargs)
+    loss = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, kwargs["label_audio_ids"],
+                      kwargs["audio_out_ids_start"], text_weight=text_weight, audio_weight=audio_weight,
+                      normalizer=normalizer)
+    return out, loss
