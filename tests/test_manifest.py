@@ -1,0 +1,357 @@
+"""The manifest stage on real data: the demo manifest, the bad-input corpus (tests/data/bad_inputs,
+expected outcomes parsed from its README.md), LJSpeech metadata.csv and CSV/TSV inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from higgs_tune import manifest as mf
+from higgs_tune.audio_io import audio_sha256, load_audio
+from higgs_tune.config import Paths
+from higgs_tune.data import audio_items, build_dataset_sample, make_collator, read_jsonl
+from higgs_tune.model import tiny_higgs_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "data" / "bad_inputs"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def readme_expectations(section: str) -> dict[int, tuple[str, set[str]]]:
+    """``line -> (outcome, codes)`` from the README table under the heading naming ``section``."""
+    text = (CORPUS / "README.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for row in body.splitlines():
+        m = re.match(r"^\| (\d+) \|.*\| (kept|quarantined) \| (.*) \|$", row)
+        if m:
+            out[int(m.group(1))] = (m.group(2), set(re.findall(r"`([a-z0-9_]+)`", m.group(3))))
+    assert out, f"no table rows under {section!r}"
+    return out
+
+
+def with_data(cfg: dict, **data) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["data"].update({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+    return cfg
+
+
+def outputs(cfg: dict) -> tuple[list[dict], list[dict], list[dict], dict]:
+    p = Paths(cfg)
+    return (read_jsonl(p.train_manifest), read_jsonl(p.val_manifest), read_jsonl(p.quarantine),
+            json.loads(p.fixes.read_text()))
+
+
+def corpus_config(cfg: dict, corpus: Path, name: str = "manifest.jsonl", **data) -> dict:
+    overlay = yaml.safe_load((CORPUS / "config.yaml").read_text())["data"]
+    overlay.update(manifest=corpus / name, data_root=corpus, **data)
+    return with_data(cfg, **overlay)
+
+
+def check_outcomes(expected: dict, kept: list[dict], quarantine: list[dict], summary: dict) -> None:
+    """Kept/quarantined lines and reasons exactly as in the README; kept rows carry the listed fixes."""
+    got_q = {q["line"]: q["reason"] for q in quarantine}
+    want_q = {line: codes for line, (outcome, codes) in expected.items() if outcome == "quarantined"}
+    assert {line: {r} for line, r in got_q.items()} == want_q
+    by_line = {r["misc"]["source_line"]: r for r in kept}
+    assert set(by_line) == {line for line, (outcome, _) in expected.items() if outcome == "kept"}
+    for line, row in by_line.items():
+        kinds = {f["kind"] for f in row["misc"]["fixes"]}
+        assert expected[line][1] <= kinds, (line, kinds)
+    assert summary["rows_in"] == len(expected) == summary["rows_kept"] + summary["rows_quarantined"]
+    assert summary["rows_kept"] == len(kept) and summary["rows_quarantined"] == len(quarantine)
+    for q in quarantine:
+        assert q["reason"] in mf.REASONS and isinstance(q["line"], int)
+        assert len(q["message"]) > 20 and ("row" in q) != ("text" in q)
+        if q["reason"] == "schema_violation":
+            assert q["field"]
+
+
+@pytest.fixture
+def corpus(tmp_path, lj_dir) -> Path:
+    """A copy of the bad-input corpus whose symlink points (absolute) outside it, at a real clip."""
+    dest = tmp_path / "bad_inputs"
+    shutil.copytree(CORPUS, dest, symlinks=True)
+    link = dest / "wavs" / "outside_link.wav"
+    if os.path.lexists(link):
+        link.unlink()
+    link.symlink_to(lj_dir / "wavs" / "LJ001-0008.wav")
+    return dest
+
+
+# ----------------------------------------------------------------------------------------- the demo
+def test_demo_manifest_all_kept(tmp_config):
+    summary = mf.run_manifest(tmp_config)
+    train, val, quarantine, fixes = outputs(tmp_config)
+    assert fixes == summary
+    assert (summary["rows_in"], summary["rows_kept"], summary["rows_quarantined"]) == (40, 40, 0)
+    assert quarantine == [] and summary["reasons"] == {}
+    assert len(train) + len(val) == 40 and len(val) >= 1
+    assert summary["input_sha256"] and summary["format"] == "chatml"
+    assert not {"text_nfc", "text_whitespace", "role_normalized"} & set(summary["fixes"])
+
+    originals = read_jsonl(tmp_config["data"]["manifest"])
+    kept = {r["misc"]["id"]: r for r in train + val}
+    assert set(kept) == {o["misc"]["id"] for o in originals}
+    for orig in originals:
+        row, misc = kept[orig["misc"]["id"]], kept[orig["misc"]["id"]]["misc"]
+        assert [m["role"] for m in row["messages"]] == [m["role"] for m in orig["messages"]]
+        assert row.get("start_index") == orig.get("start_index")
+        urls = [c["audio_url"] for _, _, c in audio_items(row)]
+        assert set(misc["audio_sha256"]) == set(misc["audio_info"]) == set(urls)
+        for _, _, item in audio_items(row):
+            url = item["audio_url"]
+            assert os.path.isabs(url) and os.path.isfile(url)
+            info = sf.info(url)
+            assert misc["audio_info"][url] == {"duration_s": pytest.approx(info.frames / info.samplerate, abs=1e-9),
+                                               "sample_rate": info.samplerate, "channels": info.channels}
+            assert abs(misc["audio_info"][url]["duration_s"] - info.duration) < 1e-6
+            assert item["duration"] == misc["audio_info"][url]["duration_s"]
+        assert misc["source_line"] == originals.index(orig) + 1
+        expected_split = "val" if mf.split_value(misc["id"], 0) < tmp_config["data"]["val_fraction"] else "train"
+        assert misc["split"] == expected_split
+    row = train[0]
+    url = row["messages"][2]["content"]["audio_url"]
+    assert row["misc"]["audio_sha256"][url] == audio_sha256(*load_audio(url))
+
+
+def test_split_deterministic_and_stable(tmp_config, tmp_path):
+    mf.run_manifest(tmp_config)
+    p = Paths(tmp_config)
+    first = (p.train_manifest.read_bytes(), p.val_manifest.read_bytes())
+    again = copy.deepcopy(tmp_config)
+    again["results_dir"] = str(tmp_path / "again")
+    mf.run_manifest(again)
+    assert (Paths(again).train_manifest.read_bytes(), Paths(again).val_manifest.read_bytes()) == first
+
+    # the stage's own output is a valid input (absolute paths inside data_root): dropping 10 train
+    # rows changes no other row's split, and the messages come back unchanged
+    train, val, _, _ = outputs(tmp_config)
+    subset = train[10:] + val
+    sub_manifest = tmp_path / "subset.jsonl"
+    sub_manifest.write_text("".join(json.dumps(r) + "\n" for r in subset))
+    sub = with_data(tmp_config, manifest=sub_manifest)
+    sub["results_dir"] = str(tmp_path / "subset")
+    summary = mf.run_manifest(sub)
+    assert summary["rows_kept"] == len(subset) and summary["rows_quarantined"] == 0
+    s_train, s_val, _, _ = outputs(sub)
+    before = {r["misc"]["id"]: r for r in subset}
+    for r in s_train + s_val:
+        assert r["misc"]["split"] == before[r["misc"]["id"]]["misc"]["split"]
+        assert r["messages"] == before[r["misc"]["id"]]["messages"]
+
+
+def test_assign_splits_guarantees():
+    ids = [f"s{i}" for i in range(10)]
+    assert mf.assign_splits(ids, 0.0, 0) == {i: "train" for i in ids}
+    for seed in range(5):
+        split = mf.assign_splits(ids[:2], 0.01, seed)
+        assert sorted(split.values()) == ["train", "val"]
+        assert split == mf.assign_splits(list(reversed(ids[:2])), 0.01, seed)
+    assert mf.assign_splits(["only"], 0.9, 0) == {"only": "train"}
+
+
+# ------------------------------------------------------------------------------- the bad corpus
+def test_bad_corpus_jsonl(tmp_config, corpus):
+    cfg = corpus_config(tmp_config, corpus)
+    summary = mf.run_manifest(cfg)
+    train, val, quarantine, fixes = outputs(cfg)
+    kept = train + val
+    expected = readme_expectations("manifest.jsonl")
+    check_outcomes(expected, kept, quarantine, summary)
+    assert fixes == summary and len(val) >= 1
+
+    # counts in fixes.json are recounts of the rows
+    recount: dict[str, int] = {}
+    for r in kept:
+        for f in r["misc"]["fixes"]:
+            recount[f["kind"]] = recount.get(f["kind"], 0) + 1
+    assert summary["fixes"] == recount
+    assert summary["reasons"] == {r: sum(q["reason"] == r for q in quarantine) for r in summary["reasons"]}
+    assert summary["warnings"] == {"silent_audio": 1}
+
+    # quarantine keeps the original row (or the raw text when it did not parse)
+    lines = (corpus / "manifest.jsonl").read_bytes().split(b"\n")
+    for q in quarantine:
+        if q["reason"] == "malformed_json":
+            assert q["text"] == lines[q["line"] - 1].decode("utf-8", errors="replace")
+        else:
+            assert q["row"] == json.loads(lines[q["line"] - 1])
+
+    by_id = {r["misc"]["id"]: r for r in kept}
+    assert len(by_id) == len(kept)  # ids unique
+    assert "good-tts-0008~2" in by_id and by_id["good-tts-0008"]["misc"]["source_line"] == 1
+    assert by_id["silent"]["misc"]["warnings"] == ["silent_audio"]
+    assert list(by_id["stereo-44k"]["misc"]["audio_info"].values())[0] == {
+        "duration_s": pytest.approx(1.7834467, abs=1e-6), "sample_rate": 44100, "channels": 2}
+    assert list(by_id["narrow-8k"]["misc"]["audio_info"].values())[0]["sample_rate"] == 8000
+    assert [m["role"] for m in by_id["mixed-case-roles"]["messages"]] == ["system", "user", "assistant"]
+    text = by_id["nfd-text"]["messages"][1]["content"]["text"]
+    assert text == "The caf\u00e9 served d\u00e9j\u00e0 vu" and unicodedata.is_normalized("NFC", text)
+    assert by_id["wrong-duration"]["messages"][2]["content"]["duration"] == pytest.approx(2.5845351, abs=1e-6)
+    assert by_id["no-type"]["messages"][2]["content"]["type"] == "audio"
+    assert by_id["good-list-content"]["misc"]["lang"] == "en" and by_id["good-list-content"]["speaker"] == "LJ"
+    derived = [r for r in kept if r["misc"]["source_line"] == 13][0]["misc"]["id"]
+    assert re.fullmatch(r"row-[0-9a-f]{16}", derived)
+    assert by_id["windows-relative"]["messages"][2]["content"]["audio_url"] == str(corpus / "wavs" / "LJ001-0002.wav")
+
+    # raw_audio: decoded, validated, stored content-addressed under the cache; rows only see audio_url
+    raw = by_id["raw-audio-ok"]
+    url = raw["messages"][2]["content"]["audio_url"]
+    assert Path(url).parent == (Paths(cfg).cache / "raw_audio").resolve()
+    assert raw["misc"]["audio_sha256"][url] == Path(url).stem == audio_sha256(*load_audio(url))
+    for r in kept:
+        for _, _, item in audio_items(r):
+            assert "raw_audio" not in item and os.path.isabs(item["audio_url"])
+            assert item["audio_url"] in r["misc"]["audio_sha256"]
+
+    # deterministic derived ids and outputs
+    again = copy.deepcopy(cfg)
+    again["results_dir"] = cfg["results_dir"] + "-again"
+    mf.run_manifest(again)
+    assert outputs(again)[:3] == (train, val, quarantine)
+
+
+def test_quarantine_fraction_limit(tmp_config, corpus, tmp_path):
+    cfg = corpus_config(tmp_config, corpus, max_quarantine_fraction=0.05)
+    with pytest.raises(mf.QuarantineTooLarge, match="quarantine.jsonl") as err:
+        mf.run_manifest(cfg)
+    assert err.value.fraction > 0.5
+    p = Paths(cfg)
+    assert all(f.exists() for f in (p.train_manifest, p.val_manifest, p.quarantine, p.fixes))
+    summary = json.loads(p.fixes.read_text())
+    assert summary["rows_quarantined"] == len(read_jsonl(p.quarantine)) == 30
+
+    overlay = {"experiment": "cli", "results_dir": str(tmp_path / "cli"), "cache_dir": str(tmp_path / "cache"),
+               "data": {**cfg["data"]}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    proc = subprocess.run(
+        [sys.executable, "-m", "higgs_tune.manifest", "--configfile", "config/demo.yaml",
+         "--configfile", str(tmp_path / "overlay.yaml")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "workflow")}, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    cli_quarantine = tmp_path / "cli" / "cli" / "manifest" / "quarantine.jsonl"
+    assert "max_quarantine_fraction" in proc.stderr and str(cli_quarantine) in proc.stderr
+    assert (tmp_path / "cli" / "cli" / "manifest" / "train.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- LJSpeech and CSV inputs
+def test_ljspeech_metadata_converges_to_demo(tmp_config, tmp_path, lj_dir):
+    mf.run_manifest(tmp_config)
+    demo = {r["misc"]["id"]: r for r in sum(outputs(tmp_config)[:2], [])}
+    cfg = with_data(tmp_config, manifest=lj_dir / "metadata.csv", data_root=lj_dir)
+    cfg["results_dir"] = str(tmp_path / "lj")
+    summary = mf.run_manifest(cfg)
+    assert summary["format"] == "ljspeech" and summary["rows_kept"] == 32 and summary["rows_quarantined"] == 0
+    train, val, _, _ = outputs(cfg)
+    for row in train + val:
+        twin = demo["tts-" + row["misc"]["id"]]
+        assert row["messages"] == twin["messages"]
+        assert row["misc"]["audio_sha256"] == twin["misc"]["audio_sha256"]
+
+
+def test_bad_corpus_ljspeech_and_csv(tmp_config, corpus):
+    for name, section in (("metadata.csv", "metadata.csv"), ("manifest.csv", "manifest.csv")):
+        cfg = corpus_config(tmp_config, corpus, name)
+        cfg["experiment"] = name.replace(".", "_")
+        summary = mf.run_manifest(cfg)
+        train, val, quarantine, _ = outputs(cfg)
+        check_outcomes(readme_expectations(section), train + val, quarantine, summary)
+        assert summary["format"] == ("ljspeech" if name == "metadata.csv" else "csv")
+        for row in train + val:
+            msgs = row["messages"]
+            if row.get("start_index") == 4:
+                assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+                assert msgs[0]["content"]["text"] == mf.CLONE_SYSTEM_PROMPT
+            else:
+                assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+                assert msgs[0]["content"]["text"] == mf.TTS_SYSTEM_PROMPT
+        if name == "manifest.csv":
+            by_line = {r["misc"]["source_line"]: r for r in train + val}
+            assert by_line[3]["start_index"] == 4 and by_line[3]["speaker"] == "LJ"
+            assert by_line[5]["messages"][1]["content"]["text"] == "has never been\nsurpassed."
+
+
+def test_tsv_uses_data_root_and_json_list(tmp_config, corpus, tmp_path):
+    # TSV elsewhere: paths relative to data_root, not to the manifest's folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "manifest.tsv").write_text(
+        "audio\ttext\tspeaker\nwavs/LJ001-0008.wav\thas never been surpassed.\tLJ\n\n"
+        "wavs/LJ001-0013.wav\tthan in the same operations with ugly ones.\tLJ\n")
+    cfg = with_data(tmp_config, manifest=elsewhere / "manifest.tsv", data_root=corpus, format="auto")
+    summary = mf.run_manifest(cfg)
+    assert (summary["format"], summary["rows_kept"], summary["rows_in"]) == ("csv", 2, 2)
+    rows = sum(outputs(cfg)[:2], [])
+    assert {r["misc"]["source_line"] for r in rows} == {2, 4}
+    assert all(r["messages"][2]["content"]["audio_url"].startswith(str(corpus / "wavs")) for r in rows)
+
+    # JSON list: line = index + 1
+    good = [json.loads(line) for line in (corpus / "manifest.jsonl").read_text(errors="replace").splitlines()[:4]]
+    (corpus / "list.json").write_text(json.dumps(good[:2] + ["not a sample"] + good[2:]))
+    cfg = corpus_config(tmp_config, corpus, "list.json")
+    cfg["experiment"] = "json_list"
+    summary = mf.run_manifest(cfg)
+    train, val, quarantine, _ = outputs(cfg)
+    assert (summary["rows_in"], summary["rows_kept"]) == (5, 4)
+    assert [(q["line"], q["reason"], q["row"]) for q in quarantine] == [(3, "schema_violation", "not a sample")]
+    assert {r["misc"]["source_line"] for r in train + val} == {1, 2, 4, 5}
+
+
+def test_whole_file_errors(tmp_config, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"messages": []},')
+    with pytest.raises(mf.ManifestError, match="not a valid JSON list"):
+        mf.run_manifest(with_data(tmp_config, manifest=bad, data_root=tmp_path))
+    nohead = tmp_path / "m.csv"
+    nohead.write_text("path,transcript\nx.wav,hello\n")
+    with pytest.raises(mf.ManifestError, match="audio"):
+        mf.run_manifest(with_data(tmp_config, manifest=nohead, data_root=tmp_path, format="csv"))
+
+
+# ----------------------------------------------------------------------- kept rows train downstream
+def test_kept_rows_build_dataset_samples_and_collate(tmp_config, corpus, text_tokenizer):
+    mf.run_manifest(tmp_config)
+    rows = sum(outputs(tmp_config)[:2], [])
+    for name in ("manifest.jsonl", "manifest.csv"):
+        cfg = corpus_config(tmp_config, corpus, name)
+        cfg["experiment"] = name.replace(".", "_")
+        mf.run_manifest(cfg)
+        rows += sum(outputs(cfg)[:2], [])
+    assert len(rows) == 40 + 16 + 4
+
+    def fake_codes(sha: str) -> torch.Tensor:  # (K=8, T) in [0, 1024), T from the hash
+        g = torch.Generator().manual_seed(int(sha[:8], 16))
+        return torch.randint(0, 1024, (8, 3 + int(sha[8], 16)), generator=g)
+
+    samples = []
+    for row in rows:
+        sample = build_dataset_sample(row, text_tokenizer, fake_codes)
+        samples.append(sample)
+        n_audio = len(audio_items(row))
+        assert sample.input_ids.shape == sample.label_ids.shape
+        assert sample.audio_ids_start.numel() == n_audio and sample.audio_ids_concat.shape[0] == 8
+        expected_t = sum(fake_codes(row["misc"]["audio_sha256"][c["audio_url"]]).shape[1]
+                         for _, _, c in audio_items(row))
+        assert sample.audio_ids_concat.shape[1] == expected_t
+        assert (sample.label_ids != -100).any()  # something to learn
+        assert (sample.input_ids == 128016).sum() == sum(r == "assistant" for _, r, _ in audio_items(row))
+
+    # and the upstream collator batches them (audio-stream BOS/EOS, delay pattern, audio labels)
+    collator = make_collator(tiny_higgs_config(tmp_config["model"]["arch"]))
+    for i in range(0, len(samples), 16):
+        batch = collator(samples[i:i + 16])
+        assert batch.input_ids.shape[0] == len(samples[i:i + 16])
+        assert batch.label_audio_ids.shape[0] == 8 and (batch.label_audio_ids != -100).any()
