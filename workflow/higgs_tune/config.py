@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,22 @@ def add_config_args(parser) -> None:
     parser.add_argument("--config-json", default=None, help="the whole config as JSON (used by Snakemake)")
 
 
+ENV_VAR = "HIGGS_TUNE_CONFIG_JSON"
+
+
 def config_from_args(args) -> dict[str, Any]:
-    """The validated config named by :func:`add_config_args` options."""
-    if not args.configfile and not args.config_json:
-        raise SystemExit("give --configfile FILE (e.g. config/demo.yaml) or --config-json")
-    return load_config(args.configfile, args.config_json)
+    """The validated config named by :func:`add_config_args` options.
+
+    Without options, the JSON in the ``HIGGS_TUNE_CONFIG_JSON`` environment variable (set by the
+    Snakefile to Snakemake's merged config) is used.
+
+    Raises:
+        SystemExit: when no config is given at all.
+    """
+    as_json = args.config_json or (None if args.configfile else os.environ.get(ENV_VAR))
+    if not args.configfile and not as_json:
+        raise SystemExit("give --configfile FILE (e.g. config/demo.yaml), --config-json, or set " + ENV_VAR)
+    return load_config(args.configfile, as_json)
 
 
 class Paths:

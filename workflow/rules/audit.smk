@@ -1,0 +1,18 @@
+rule audit:
+    """Build the exact training tensors and audit the labels; exits non-zero (and training never
+    starts) when any rule fails. See results/{experiment}/audit/summary.json."""
+    input:
+        train=P.train_manifest,
+        val=P.val_manifest,
+        index=P.tokens_index,
+    output:
+        summary=P.audit_summary,
+        samples=P.audit_samples,
+    params:
+        sig=section_sig("model", "audit", "lora"),
+    log:
+        LOGS / "audit.log",
+    benchmark:
+        LOGS / "audit.benchmark.tsv"
+    shell:
+        "python -m higgs_tune.audit > {log} 2>&1"

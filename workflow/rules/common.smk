@@ -1,0 +1,28 @@
+# Shared by every stage: config validation, the output paths, and how stages get the config.
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from higgs_tune.config import ENV_VAR, Paths  # noqa: E402
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+P = Paths(config)
+LOGS = P.logs
+
+# Stages read Snakemake's merged config (all --configfile overlays) from this variable.
+os.environ[ENV_VAR] = json.dumps(config)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(Path(workflow.basedir) / "workflow"), os.environ.get("PYTHONPATH", "")]
+)
+
+
+def section_sig(*sections):
+    """Hash of the config sections a rule depends on: a change reruns that rule (params trigger)."""
+    blob = json.dumps({s: config.get(s) for s in sections}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
