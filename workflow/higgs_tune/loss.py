@@ -149,7 +149,6 @@ def higgs_loss(
     """
     if expanded_labels.shape != logits.shape[:2]:
         raise ValueError(f"expanded_labels {tuple(expanded_labels.shape)} does not match logits {tuple(logits.shape)}")
-    zero = logits.new_zeros(())
     # text: logits at t predict the label of t + 1
     t_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     t_labels = expanded_labels[:, 1:].reshape(-1)
@@ -158,8 +157,8 @@ def higgs_loss(
     if n_text:
         text_sum = F.cross_entropy(t_logits[valid], t_labels[valid], reduction="sum")
         text_correct = int((t_logits[valid].argmax(-1) == t_labels[valid]).sum())
-    else:
-        text_sum, text_correct = zero, 0
+    else:  # keep the graph connected (zero gradients) so DDP and accumulation see every parameter
+        text_sum, text_correct = logits.sum() * 0.0, 0
 
     k = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else (
         audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else 8)
@@ -167,6 +166,8 @@ def higgs_loss(
     cb_n = torch.zeros(k, dtype=torch.long, device=logits.device)
     cb_correct = torch.zeros(k, dtype=torch.long, device=logits.device)
     has_audio = label_audio_ids is not None and label_audio_ids.numel() > 0
+    if audio_logits is not None:
+        cb_sum = cb_sum + audio_logits.sum() * 0.0  # graph-connected zeros, as for text
     if has_audio:
         n = label_audio_ids.shape[1]
         if audio_logits is None or audio_logits.shape[0] != n:
@@ -187,7 +188,7 @@ def higgs_loss(
 
     text_loss = text_sum / max(n_text, 1)
     codebook_losses = cb_sum / cb_n.clamp(min=1)
-    audio_loss = codebook_losses.mean() if has_audio else zero
+    audio_loss = codebook_losses.mean()  # all-zero (graph-connected) when there is no audio
     if normalizer is None:
         loss = text_weight * text_loss + audio_weight * audio_loss
     else:

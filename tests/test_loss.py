@@ -1,0 +1,173 @@
+"""higgs_loss against an independent reference (a plain per-sample, per-segment loop), property-based."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from higgs_tune.loss import IGNORE_INDEX, count_targets, higgs_loss, shifted_audio_targets
+
+
+def ref_ce(logit_row: torch.Tensor, target: int) -> float:
+    """-log softmax(logit_row)[target], in float64 with an explicit log-sum-exp."""
+    row = logit_row.double()
+    m = float(row.max())
+    return m + math.log(float(torch.exp(row - m).sum())) - float(row[target])
+
+
+def reference_loss(logits, labels, audio_logits, label_audio, starts, tw=1.0, aw=1.0):
+    """Loop version: text target of position t is labels[b, t+1]; audio row i of segment s predicts
+    label_audio[:, i+1] only if i+1 is still inside s."""
+    text = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y != IGNORE_INDEX:
+                text.append(ref_ce(logits[b, t], y))
+    k = label_audio.shape[0]
+    per_cb = [[] for _ in range(k)]
+    n = label_audio.shape[1]
+    bounds = [int(s) for s in starts] + [n]
+    for s in range(len(bounds) - 1):
+        for i in range(bounds[s], bounds[s + 1] - 1):
+            for c in range(k):
+                y = int(label_audio[c, i + 1])
+                if y != IGNORE_INDEX:
+                    per_cb[c].append(ref_ce(audio_logits[i, c], y))
+    text_loss = sum(text) / len(text) if text else 0.0
+    cb = [sum(v) / len(v) if v else 0.0 for v in per_cb]
+    audio_loss = sum(cb) / k if n else 0.0
+    return tw * text_loss + aw * audio_loss, text_loss, audio_loss, cb, len(text), [len(v) for v in per_cb]
+
+
+def delay_labels(codes: torch.Tensor) -> torch.Tensor:
+    """Labels of one segment as the collator builds them with the delay pattern: row k has k+1
+    leading -100, the codes, one EOS 1025 (here: C-1), then -100."""
+    from boson_multimodal.model.higgs_audio.utils import build_delay_pattern_mask
+
+    k = codes.shape[0]
+    lab = torch.cat([torch.full((k, 1), IGNORE_INDEX), codes, torch.full((k, 1), 5)], dim=1)
+    return build_delay_pattern_mask(lab[None], bos_token_id=IGNORE_INDEX, pad_token_id=IGNORE_INDEX)[0][0]
+
+
+@st.composite
+def batches(draw):
+    seed = draw(st.integers(0, 10_000))
+    g = torch.Generator().manual_seed(seed)
+    b, length, v = draw(st.integers(1, 3)), draw(st.integers(2, 12)), 7
+    k, c = draw(st.integers(1, 4)), 6
+    delay = draw(st.booleans())
+    logits = torch.randn(b, length, v, generator=g) * 3
+    labels = torch.randint(0, v, (b, length), generator=g)
+    labels[torch.rand(b, length, generator=g) < draw(st.floats(0, 1))] = IGNORE_INDEX
+    seg_lens = draw(st.lists(st.integers(1, 6), min_size=0, max_size=4))
+    segs = []
+    for n in seg_lens:
+        codes = torch.randint(0, c - 2, (k, n), generator=g)
+        if delay:
+            seg = delay_labels(codes)
+        else:
+            seg = torch.cat([torch.full((k, 1), IGNORE_INDEX), codes], dim=1)
+            seg[torch.rand(seg.shape, generator=g) < 0.3] = IGNORE_INDEX
+        if draw(st.booleans()):  # whatever the first column holds, nothing crosses a boundary
+            seg[:, 0] = torch.randint(0, c, (k,), generator=g)
+        segs.append(seg)
+    label_audio = torch.cat(segs, dim=1) if segs else torch.zeros((k, 0), dtype=torch.long)
+    starts = torch.tensor([0] + [s.shape[1] for s in segs[:-1]]).cumsum(0) if segs else torch.zeros(0, dtype=torch.long)
+    audio_logits = torch.randn(label_audio.shape[1], k, c, generator=g) * 3
+    return logits, labels, audio_logits, label_audio, starts
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches(), st.floats(0.1, 2.0), st.floats(0.1, 2.0))
+def test_matches_reference(batch, tw, aw):
+    logits, labels, audio_logits, label_audio, starts = batch
+    out = higgs_loss(logits, labels, audio_logits, label_audio, starts, text_weight=tw, audio_weight=aw)
+    loss, text_loss, audio_loss, cb, n_text, n_cb = reference_loss(logits, labels, audio_logits, label_audio,
+                                                                   starts, tw, aw)
+    assert float(out.loss) == pytest.approx(loss, abs=1e-5, rel=1e-5)
+    assert float(out.text_loss) == pytest.approx(text_loss, abs=1e-5, rel=1e-5)
+    assert float(out.audio_loss) == pytest.approx(audio_loss, abs=1e-5, rel=1e-5)
+    assert out.codebook_losses.tolist() == pytest.approx(cb, abs=1e-5, rel=1e-5)
+    assert out.n_text_targets == n_text and out.n_codebook_targets.tolist() == n_cb
+    assert math.isfinite(float(out.loss))
+    counts = count_targets(labels, label_audio, starts, num_codebooks=label_audio.shape[0])
+    assert counts.text == n_text and counts.codebooks.tolist() == n_cb
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(batches(), min_size=2, max_size=4))
+def test_grad_accumulation_equals_one_batch(micro):
+    """Micro-batch losses normalized by the window's counts sum to the loss of the joined batch,
+    and so do their gradients (4 x 1 == 1 x 4)."""
+    k = micro[0][3].shape[0]
+    micro = [m for m in micro if m[3].shape[0] == k and m[0].shape[1] == micro[0][0].shape[1]]
+    counts = None
+    for logits, labels, _, la, st_ in micro:
+        c = count_targets(labels, la, st_, num_codebooks=k)
+        counts = c if counts is None else counts + c
+    leaves = [(m[0].clone().requires_grad_(), m[2].clone().requires_grad_()) for m in micro]
+    total = sum(higgs_loss(lg, m[1], al, m[3], m[4], normalizer=counts).loss for (lg, al), m in zip(leaves, micro))
+    total.backward()
+    # the joined batch: text rows stacked, audio streams concatenated with shifted segment starts
+    logits = torch.cat([lg.detach() for lg, _ in leaves]).requires_grad_()
+    audio = torch.cat([al.detach() for _, al in leaves]).requires_grad_()
+    labels = torch.cat([m[1] for m in micro])
+    la = torch.cat([m[3] for m in micro], dim=1)
+    offsets = torch.tensor([0] + [m[3].shape[1] for m in micro[:-1]]).cumsum(0)
+    starts = torch.cat([m[4] + o for m, o in zip(micro, offsets)])
+    joined = higgs_loss(logits, labels, audio, la, starts)
+    joined.loss.backward()
+    assert float(total) == pytest.approx(float(joined.loss), abs=1e-5, rel=1e-5)
+    assert torch.allclose(torch.cat([lg.grad for lg, _ in leaves]), logits.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([al.grad for _, al in leaves]), audio.grad, atol=1e-6)
+
+
+def test_known_next_token_is_picked():
+    """Logits that put all mass on the NEXT token give ~0 loss; on the CURRENT token, a large one."""
+    labels = torch.tensor([[IGNORE_INDEX, 3, 1, 4, 1, 5]])
+    nxt = torch.full((1, 6, 8), -20.0)
+    cur = torch.full((1, 6, 8), -20.0)
+    for t in range(6):
+        if t + 1 < 6:
+            nxt[0, t, labels[0, t + 1]] = 20.0
+        if labels[0, t] >= 0:
+            cur[0, t, labels[0, t]] = 20.0
+    empty = torch.zeros((0, 8, 1026))
+    assert float(higgs_loss(nxt, labels, empty, None, None).text_loss) < 1e-6
+    assert float(higgs_loss(cur, labels, empty, None, None).text_loss) > 10
+    # audio: segment [BOS, a, b, EOS] -> row i predicts label i+1
+    la = torch.tensor([[IGNORE_INDEX, 7, 9, 1025]])
+    good = torch.full((4, 1, 1026), -20.0)
+    for i, y in enumerate([7, 9, 1025]):
+        good[i, 0, y] = 20.0
+    out = higgs_loss(nxt, labels, good, la, torch.tensor([0]))
+    assert float(out.audio_loss) < 1e-6 and out.n_audio_targets == 3
+
+
+def test_segment_boundary_is_never_crossed():
+    """Two segments: the last row of segment 0 must not be scored against segment 1's first label."""
+    la = torch.tensor([[IGNORE_INDEX, 2, 3, 4, 5]])
+    tgt = shifted_audio_targets(la, torch.tensor([0, 3]))
+    assert tgt[:, 0].tolist() == [2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]
+
+
+def test_empty_modalities_are_zero_not_nan():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    out = higgs_loss(logits, labels, torch.zeros((0, 8, 1026)), torch.zeros((8, 0), dtype=torch.long),
+                     torch.zeros(0, dtype=torch.long))
+    assert float(out.loss) == 0.0 and out.n_text_targets == 0 and out.n_audio_targets == 0
+    assert not torch.isnan(out.codebook_losses).any()
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="expanded_labels"):
+        higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 4, dtype=torch.long), None, None, None)
+    with pytest.raises(ValueError, match="one row per"):
+        higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 5, dtype=torch.long), torch.zeros((0, 8, 1026)),
+                   torch.zeros((8, 3), dtype=torch.long), torch.tensor([0]))
