@@ -1,0 +1,212 @@
+"""Training: health alarms fire with their named cause; the model learns next-token targets (not
+copies); the training entry point runs, logs the output contract and refuses a failed audit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from higgs_tune import audio_io, health
+from higgs_tune import data as D
+from higgs_tune.config import Paths
+from higgs_tune.loss import count_targets, forward_loss, higgs_loss, shifted_audio_targets
+from higgs_tune.model import apply_lora
+
+SHORT = ["LJ001-0002", "LJ001-0024", "LJ001-0030"]  # 1.9 s, 1.8 s, 2.6 s
+
+
+@pytest.fixture(scope="module")
+def short_codes(audio_tokenizer, lj_dir):
+    """Real codes (8, T) of three short LJSpeech clips from the demo's random-init Higgs tokenizer."""
+    out = {}
+    for cid in SHORT:
+        wv, sr = audio_io.load_audio(lj_dir / "wavs" / f"{cid}.wav")
+        out[cid] = (audio_io.audio_sha256(wv, sr), audio_tokenizer.encode(
+            audio_io.to_mono_resampled(wv, sr, 24000), sr=24000).long())
+    return out
+
+
+def tts_row(cid: str, text: str, sha: str, lj_dir) -> dict:
+    url = str(lj_dir / "wavs" / f"{cid}.wav")
+    return {"messages": [{"role": "system", "content": "Generate audio following instruction."},
+                         {"role": "user", "content": text},
+                         {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
+            "misc": {"id": f"tts-{cid}", "audio_sha256": {url: sha}}}
+
+
+@pytest.fixture(scope="module")
+def transcripts(lj_dir):
+    return dict(line.rstrip("\n").split("|", 1) for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
+
+
+@pytest.fixture
+def real_batch(short_codes, transcripts, text_tokenizer, tiny_model, lj_dir):
+    rows = [tts_row(c, transcripts[c], short_codes[c][0], lj_dir) for c in SHORT[:2]]
+    by_sha = {sha: codes for sha, codes in short_codes.values()}
+    collator = D.make_collator(tiny_model.config)
+    return collator([D.build_dataset_sample(r, text_tokenizer, by_sha.__getitem__) for r in rows])
+
+
+def test_collating_twice_keeps_audio_labels(real_batch, short_codes, transcripts, text_tokenizer, tiny_model, lj_dir):
+    """Upstream's collator masks label_ids in place; re-collating (epoch 2) must not erase audio labels."""
+    by_sha = {sha: codes for sha, codes in short_codes.values()}
+    samples = [D.build_dataset_sample(tts_row(c, transcripts[c], short_codes[c][0], lj_dir), text_tokenizer,
+                                      by_sha.__getitem__) for c in SHORT[:2]]
+    collator = D.make_collator(tiny_model.config)
+    first, second = collator(samples), collator(samples)
+    assert torch.equal(first.label_audio_ids, second.label_audio_ids)
+    assert int((second.label_audio_ids != -100).sum()) > 0
+
+
+def test_alarm_non_finite_loss():
+    with pytest.raises(health.NonFiniteLoss, match="non-finite"):
+        health.check_loss(torch.tensor(float("nan"), requires_grad=True) * 1.0)
+
+
+def test_alarm_loss_rebuilt_from_item(real_batch, tiny_model):
+    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    _, loss = forward_loss(model, real_batch, "cpu")
+    health.check_loss(loss.loss)  # the real loss is fine
+    with pytest.raises(health.LossWithoutGrad, match=r"\.item\(\)"):
+        health.check_loss(torch.tensor(loss.loss.item()))
+
+
+def test_alarm_zero_targets(real_batch):
+    real_batch.label_ids[:] = -100
+    real_batch.label_audio_ids[:] = -100
+    c = count_targets(real_batch.label_ids, real_batch.label_audio_ids, real_batch.audio_out_ids_start)
+    with pytest.raises(health.NoLearnableTargets, match="over-masked"):
+        health.check_targets(c.text, c.audio, step=1)
+
+
+def test_alarm_wrapper_dropping_audio_kwargs(real_batch, tiny_model):
+    """A wrapper that forwards only text kwargs leaves audio_logits empty: named cause + fix."""
+    kwargs = D.batch_to_model_kwargs(real_batch)
+    out = tiny_model(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"],
+                     label_ids=kwargs["label_ids"])
+    with pytest.raises(health.AudioInputsDropped, match="task_type"):
+        health.check_audio_outputs(out.audio_logits, real_batch.label_audio_ids)
+
+
+def test_peft_causal_lm_task_type_breaks_forward(real_batch, tiny_model):
+    """The fact apply_lora relies on: peft's CAUSAL_LM wrapper does not pass Higgs' kwargs through."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError):
+        forward_loss(wrapped, real_batch, "cpu")
+
+
+def test_alarm_audio_loss_floor():
+    health.check_audio_floor(2.3, step=10, floor=0.01, check_steps=50)
+    health.check_audio_floor(0.001, step=80, floor=0.01, check_steps=50)  # late: allowed
+    with pytest.raises(health.AudioLossBelowFloor, match="leak"):
+        health.check_audio_floor(0.004, step=10, floor=0.01, check_steps=50)
+
+
+def test_alarm_zero_lora_gradient(real_batch, tiny_model):
+    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    out, loss = forward_loss(model, real_batch, "cpu")
+    (out.logits.sum() * 0.0).backward()  # a loss that does not depend on the adapters
+    with pytest.raises(health.ZeroLoraGradient, match="target_modules"):
+        health.check_lora_grad(model, step=1)
+    model.zero_grad()
+    _, loss = forward_loss(model, real_batch, "cpu")
+    loss.loss.backward()
+    assert health.check_lora_grad(model, step=1) > 0
+
+
+def test_overfit_one_sample_learns_next_code_not_copy(short_codes, transcripts, text_tokenizer, tiny_model, lj_dir):
+    """Overfit one real clip: teacher-forced top-1 of audio_logits[i] against the label at i+1
+    reaches >= 0.95, while against the label at i (a copy of the input) it stays near chance."""
+    cid = SHORT[0]
+    sha, codes = short_codes[cid]
+    sample = D.build_dataset_sample(tts_row(cid, transcripts[cid], sha, lj_dir), text_tokenizer, lambda h: codes)
+    batch = D.make_collator(tiny_model.config)([sample, sample])
+    model = apply_lora(tiny_model, {"rank": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["audio_lm_head"],
+                                    "target_modules": ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj",
+                                                       "audio_mlp.up_proj"]})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(60):
+        _, loss = forward_loss(model, batch, "cpu")
+        opt.zero_grad()
+        loss.loss.backward()
+        opt.step()
+        if float(loss.codebook_correct.sum()) / loss.n_audio_targets > 0.99:
+            break
+    model.eval()
+    with torch.no_grad():
+        out, _ = forward_loss(model, batch, "cpu")
+    pred = out.audio_logits.argmax(-1)  # (N, K)
+    nxt = shifted_audio_targets(batch.label_audio_ids, batch.audio_out_ids_start)
+    same = batch.label_audio_ids.t()
+    acc_next = (pred[nxt != -100] == nxt[nxt != -100]).float().mean().item()
+    acc_same = (pred[same != -100] == same[same != -100]).float().mean().item()
+    values, counts = torch.unique(codes, return_counts=True)
+    majority = counts.max().item() / codes.numel()
+    assert acc_next >= 0.95
+    assert acc_same <= max(0.1, 2 * majority), (acc_same, majority)
+
+
+# ------------------------------------------------------------------------------ the entry point
+@pytest.fixture
+def staged(tmp_config, short_codes, transcripts, lj_dir):
+    """Manifest + tokens outputs for 3 short clips (train 2, val 1), written where train() reads."""
+    cfg = tmp_config
+    cfg["train"].update(max_steps=4, batch_size=1, grad_accum_steps=2, warmup_steps=1, eval_interval=2,
+                        predictions_interval=2, save_interval=2, log_interval=1)
+    paths = Paths(cfg)
+    rows, index = [], []
+    code_dir = paths.root / "codes"
+    code_dir.mkdir(parents=True)
+    for cid in SHORT:
+        sha, codes = short_codes[cid]
+        np.save(code_dir / f"{sha}.npy", codes.numpy())
+        index.append({"audio_sha256": sha, "codes_path": str(code_dir / f"{sha}.npy"), "n_frames": codes.shape[1],
+                      "sample_rate": 24000, "duration_s": codes.shape[1] / 25})
+        rows.append(tts_row(cid, transcripts[cid], sha, lj_dir))
+    D.write_jsonl(paths.train_manifest, rows[:2])
+    D.write_jsonl(paths.val_manifest, rows[2:])
+    paths.tokens_index.parent.mkdir(parents=True)
+    pd.DataFrame(index).to_parquet(paths.tokens_index)
+    paths.audit_summary.parent.mkdir(parents=True)
+    return cfg, paths
+
+
+def test_train_refuses_failed_or_missing_audit(staged):
+    from higgs_tune.train import AuditNotPassed, train
+
+    cfg, paths = staged
+    with pytest.raises(AuditNotPassed, match="run the audit stage"):
+        train(cfg)
+    paths.audit_summary.write_text(json.dumps({"passed": False, "rules": [{"name": "text_labels_roles", "passed": False}]}))
+    with pytest.raises(AuditNotPassed, match="text_labels_roles"):
+        train(cfg)
+    assert not paths.metrics.exists()
+
+
+def test_train_writes_the_output_contract(staged):
+    from higgs_tune.train import train
+
+    cfg, paths = staged
+    paths.audit_summary.write_text(json.dumps({"passed": True}))
+    train(cfg)
+    rows = D.read_jsonl(paths.metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"loss", "text_loss", "audio_loss", "lr", "codebook_acc"} <= r.keys()
+        assert len(r["codebook_losses"]) == 8 and r["n_audio_targets"] > 0
+        assert r["loss"] == pytest.approx(r["text_loss"] + r["audio_loss"], rel=1e-6)
+    assert (paths.adapter / "adapter_model.safetensors").exists()
+    assert (paths.adapter / "adapter_config.json").exists()
+    state = json.loads(paths.train_state.read_text())
+    assert state["step"] == 4 and state["model_source"] == "random_init" and state["finished"]
+    preds = D.read_jsonl(paths.predictions)
+    assert preds[0]["sample_id"] == f"tts-{SHORT[2]}" and len(preds[0]["codebooks"]) == 8
+    assert preds[0]["text"]["label"][0] == "<|audio_out_bos|>"
+    assert len(D.read_jsonl(paths.train_dir / "val_metrics.jsonl")) == 2
