@@ -10,6 +10,8 @@ rule audit:
         samples=P.audit_samples,
     params:
         sig=section_sig("model", "audit", "lora"),
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "audit.log",
     benchmark:

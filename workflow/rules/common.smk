@@ -15,14 +15,12 @@ validate(config, schema="../schemas/config.schema.yaml")
 P = Paths(config)
 LOGS = P.logs
 
-# Stages read Snakemake's merged config (all --configfile overlays) from this variable.
+# Stages (`python -m higgs_tune.<stage>`, the package installed by `make`) read Snakemake's merged
+# config (all --configfile overlays) from this variable.
 os.environ[ENV_VAR] = json.dumps(config)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(Path(workflow.basedir) / "workflow"), os.environ.get("PYTHONPATH", "")]
-)
 
 
 def section_sig(*sections):
-    """Hash of the config sections a rule depends on: a change reruns that rule (params trigger)."""
+    """Hash of the config sections a job depends on: a change reruns the job (params trigger)."""
     blob = json.dumps({s: config.get(s) for s in sections}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -8,6 +8,8 @@ rule evaluate:
         metrics=P.eval_metrics,
     params:
         sig=section_sig("model", "lora", "train", "eval"),
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "evaluate.log",
     shell:

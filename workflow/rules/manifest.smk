@@ -9,6 +9,8 @@ rule manifest:
         fixes=P.fixes,
     params:
         sig=section_sig("data"),
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "manifest.log",
     shell:

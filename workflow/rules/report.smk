@@ -10,6 +10,8 @@ rule report:
         report(P.report, caption="../report/report.rst", category="higgs-tune"),
     params:
         sig=section_sig("report", "experiment"),
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "report.log",
     shell:

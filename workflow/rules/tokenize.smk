@@ -10,6 +10,8 @@ rule tokenize:
     threads: 2
     resources:
         mem_mb=8000,
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "tokenize.log",
     benchmark:

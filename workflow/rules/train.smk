@@ -16,6 +16,8 @@ rule train:
     threads: 2
     resources:
         mem_mb=16000,
+    conda:
+        "../../envs/higgs-tune.yaml"
     log:
         LOGS / "train.log",
     benchmark:
