@@ -1,6 +1,7 @@
 rule audit:
     """Build the exact training tensors and audit the labels; exits non-zero (and training never
-    starts) when any rule fails. See results/{experiment}/audit/summary.json."""
+    starts) when any rule fails. Snakemake removes the outputs of a failed job: the failed summary
+    stays readable at results/{experiment}/logs/audit_summary.json."""
     input:
         train=P.train_manifest,
         val=P.val_manifest,
