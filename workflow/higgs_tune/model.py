@@ -146,6 +146,7 @@ def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
         torch.manual_seed(cfg["seed"])
         with inject_semantic_model(semantic):
             model = HiggsAudioTokenizer(**cfg["arch"], device=device)
+        init_codebooks(model, cfg["seed"])
         return model.to(device).eval()
     path = cfg["path"]
     if not os.path.exists(path):
@@ -161,6 +162,40 @@ def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
     state = torch.load(Path(path) / "model.pth", map_location=device)
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
+
+
+def init_codebooks(tokenizer, seed: int) -> int:
+    """Initialise every un-initialised RVQ codebook of ``tokenizer`` deterministically; return how many.
+
+    A freshly constructed ``HiggsAudioTokenizer`` has ``kmeans_init=True`` codebooks: zeros with
+    ``inited == 0`` (``quantization/core_vq.py``). Its ``forward`` then runs k-means on the *first*
+    batch it sees and overwrites them, so upstream codes of a random-init tokenizer depend on which
+    clip was encoded first -- useless for a content-addressed cache. This draws each codebook as
+    ``uniform_init`` does (``kaiming_uniform_``) from a generator seeded with ``seed`` + layer index,
+    and marks it initialised. Pretrained checkpoints carry initialised codebooks and are not touched.
+    """
+    import torch
+
+    n = 0
+    for i, layer in enumerate(_vq_layers(tokenizer)):
+        cb = layer._codebook
+        if bool(cb.inited.item()):
+            continue
+        gen = torch.Generator().manual_seed(int(seed) * 1009 + i)
+        embed = torch.empty(cb.embed.shape, dtype=cb.embed.dtype)
+        torch.nn.init.kaiming_uniform_(embed, generator=gen)
+        with torch.no_grad():
+            cb.embed.copy_(embed)
+            cb.embed_avg.copy_(embed)
+            cb.inited.fill_(1)
+        n += 1
+    return n
+
+
+def _vq_layers(tokenizer) -> list:
+    if getattr(tokenizer, "quantizer_type", "RVQ") != "RVQ":
+        return []
+    return list(tokenizer.quantizer.vq.layers)
 
 
 def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:

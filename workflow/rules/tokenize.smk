@@ -17,4 +17,4 @@ rule tokenize:
     benchmark:
         LOGS / "tokenize.benchmark.tsv"
     shell:
-        "python -m higgs_tune.tokenize > {log} 2>&1"
+        "python -m higgs_tune.tokenize --threads {threads} > {log} 2>&1"

@@ -1,0 +1,230 @@
+"""Benchmark the tokenize stage against a naive per-file loop, on the same clips, in one run.
+
+    PYTHONPATH=workflow python bench/tokenize.py [--configfile config/demo.yaml] [--clips 32]
+                                                 [--threads N] [--equal-length SECONDS] [--skip-main]
+    PYTHONPATH=workflow python bench/tokenize.py --ablation 8     # where the speed comes from
+
+(a)  the stage: ``encode_all`` with the config's ``num_workers``. On CPU each worker process decodes,
+     resamples and encodes whole clips with ``threads // num_workers`` torch threads.
+(a2) the stage's in-process path: decode/resample workers ahead, encoding in this process with
+     ``threads`` torch threads (the CUDA path; on CPU clip by clip).
+(b)  naive: ``librosa.load(path, sr=24000)`` then upstream ``HiggsAudioTokenizer.encode`` one file at
+     a time, torch's default threads (model build not timed).
+(c)  rerun of (a): every clip is a cache hit.
+
+All timings are wall-clock seconds of the same clips; (a) and (a2) include manifest reading, cache
+lookups, worker start-up and model builds in the workers, and the index write. Codes of (a), (a2)
+and (b) are checked to be identical. The machine's load average is printed with each run: on a
+shared machine, other processes change every number here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the stdlib ``tokenize`` module (which linecache/torch import): keep its
+# folder off sys.path so ``import tokenize`` still finds the stdlib.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+ROOT = _HERE.parent
+sys.path.insert(0, str(ROOT / "workflow"))
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def loadavg() -> str:
+    try:
+        return "load %.2f" % os.getloadavg()[0]
+    except OSError:
+        return "load ?"
+
+
+def write_manifest(cfg: dict, clips: list[Path]) -> None:
+    from higgs_tune import audio_io
+    from higgs_tune.config import Paths
+    from higgs_tune.data import write_jsonl
+
+    rows = []
+    for i, p in enumerate(clips):
+        url = str(p.resolve())
+        sha = audio_io.audio_sha256(*audio_io.load_audio(p))
+        rows.append({"messages": [{"role": "user", "content": f"clip {i}"},
+                                  {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
+                     "misc": {"id": f"b{i}", "audio_sha256": {url: sha}}})
+    write_jsonl(Paths(cfg).train_manifest, rows)
+    write_jsonl(Paths(cfg).val_manifest, [])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configfile", default=str(ROOT / "config" / "demo.yaml"))
+    ap.add_argument("--clips", type=int, default=32, help="first N LJSpeech clips of data/ljspeech32")
+    ap.add_argument("--threads", type=int, default=None, help="torch thread budget of (a)/(a2) (default: all CPUs)")
+    ap.add_argument("--equal-length", type=float, default=None,
+                    help="crop every clip to this many seconds (all lengths equal: the batching case)")
+    ap.add_argument("--skip-main", action="store_true", help="skip (a2)")
+    ap.add_argument("--workdir", default=None, help="where caches/results go (default: a temp folder)")
+    ap.add_argument("--ablation", type=int, default=0, metavar="N",
+                    help="instead: one process, one torch thread, first N clips: upstream encode vs the stage's "
+                         "codec, before and after tune_malloc (where the speed comes from)")
+    args = ap.parse_args()
+    if args.ablation:
+        return ablation(args)
+
+    import librosa
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from higgs_tune import tokenize as T
+    from higgs_tune.config import Paths, load_config
+    from higgs_tune.model import build_audio_tokenizer
+
+    base = load_config([args.configfile])
+    at = base["audio_tokenizer"]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-tokenize-"))
+    clips = sorted((ROOT / "data" / "ljspeech32" / "wavs").glob("*.wav"))[:args.clips]
+    if args.equal_length:
+        crop_dir = work / "crops"
+        crop_dir.mkdir(parents=True, exist_ok=True)
+        cropped = []
+        for p in clips:
+            data, sr = sf.read(p, dtype="int16")
+            n = int(args.equal_length * sr)
+            if len(data) >= n:
+                sf.write(crop_dir / p.name, data[:n], sr, subtype="PCM_16")
+                cropped.append(crop_dir / p.name)
+        clips = cropped
+    audio_s = sum(sf.info(p).duration for p in clips)
+    threads = args.threads or T.default_threads()
+    default_threads = torch.get_num_threads()
+    print(f"# {len(clips)} clips, {audio_s:.1f} s of audio; CPUs usable {T.default_threads()}, "
+          f"num_workers {at['num_workers']}, thread budget {threads}, torch default threads {default_threads}; "
+          f"device {at.get('device', 'cpu')}; work dir {work}", flush=True)
+
+    def cfg_for(name: str) -> dict:
+        cfg = copy.deepcopy(base)
+        cfg["experiment"] = name
+        cfg["results_dir"] = str(work / "results")
+        cfg["cache_dir"] = str(work / f"cache-{name}")
+        write_manifest(cfg, clips)
+        return cfg
+
+    results: dict[str, float] = {}
+    codes: dict[str, list[np.ndarray]] = {}
+
+    # (b) naive per-file loop with upstream encode
+    tok = build_audio_tokenizer(at)
+    torch.set_num_threads(default_threads)
+    print(f"(b) naive   ... {loadavg()}", flush=True)
+    t0 = time.perf_counter()
+    naive = []
+    for p in clips:
+        wv, _ = librosa.load(str(p), sr=tok.sampling_rate)
+        naive.append(tok.encode(wv, tok.sampling_rate).numpy())
+    results["b"] = time.perf_counter() - t0
+    codes["b"] = naive
+    del tok
+    print(f"(b) naive   {results['b']:7.1f} s  {loadavg()}", flush=True)
+
+    def entries(cfg: dict) -> list[np.ndarray]:
+        import pandas as pd
+
+        df = pd.read_parquet(Paths(cfg).tokens_index).set_index("audio_url")
+        return [T.read_entry(df.loc[str(p.resolve()), "codes_path"]).astype(np.int64) for p in clips]
+
+    # (a) the stage
+    cfg_a = cfg_for("a")
+    print(f"(a) stage   ... {loadavg()}", flush=True)
+    t0 = time.perf_counter()
+    sa = T.encode_all(cfg_a, threads=threads, progress=False)
+    results["a"] = time.perf_counter() - t0
+    codes["a"] = entries(cfg_a)
+    print(f"(a) stage   {results['a']:7.1f} s  mode={sa['mode']} {loadavg()}", flush=True)
+
+    # (c) rerun: all cached
+    t0 = time.perf_counter()
+    sc = T.encode_all(cfg_a, threads=threads, progress=False)
+    results["c"] = time.perf_counter() - t0
+    assert sc["n_encoded"] == 0, sc
+    print(f"(c) rerun   {results['c']:7.1f} s  ({sc['n_cached']} cached)", flush=True)
+
+    # (a2) in-process encoder, decode workers ahead
+    if not args.skip_main:
+        cfg_m = cfg_for("a2")
+        codec = T.build_codec(at)  # injected: forces the in-process path (build not timed)
+        T.tune_malloc()  # as the stage's CLI process does (after (b): it would speed up (b) too)
+        print(f"(a2) in-proc ... {loadavg()}", flush=True)
+        t0 = time.perf_counter()
+        sm = T.encode_all(cfg_m, codec=codec, threads=threads, progress=False)
+        results["a2"] = time.perf_counter() - t0
+        codes["a2"] = entries(cfg_m)
+        print(f"(a2) in-proc {results['a2']:7.1f} s  mode={sm['mode']} {loadavg()}", flush=True)
+
+    for k in ("a", "a2"):
+        if k in codes:
+            same = all(np.array_equal(x, y) for x, y in zip(codes[k], codes["b"]))
+            print(f"codes ({k}) == codes (b): {same}")
+            if not same:
+                return 1
+
+    print("\n| run | wall s | clips/s | audio-s/s | vs (b) |")
+    print("|---|---:|---:|---:|---:|")
+    names = {"b": "(b) naive loop", "a": "(a) stage (worker encode)", "a2": "(a2) stage, in-process encode",
+             "c": "(c) rerun, all cached"}
+    for k in ("b", "a", "a2", "c"):
+        if k in results:
+            w = results[k]
+            print(f"| {names[k]} | {w:.2f} | {len(clips) / w:.2f} | {audio_s / w:.1f} | {results['b'] / w:.2f}x |")
+    return 0
+
+
+def ablation(args) -> int:
+    """Single process, one torch thread, decoded waves in memory: encoder time only."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from higgs_tune import audio_io
+    from higgs_tune import tokenize as T
+    from higgs_tune.config import load_config
+    from higgs_tune.model import build_audio_tokenizer
+
+    torch.set_num_threads(1)
+    at = load_config([args.configfile])["audio_tokenizer"]
+    clips = sorted((ROOT / "data" / "ljspeech32" / "wavs").glob("*.wav"))[:args.ablation]
+    waves = [audio_io.to_mono_resampled(*audio_io.load_audio(p), 24000) for p in clips]
+    audio_s = sum(sf.info(p).duration for p in clips)
+    upstream = build_audio_tokenizer(at)
+    codec = T.build_codec(at)
+    n_rerun = sum(codec.acoustic_frames(len(w)) != T.HiggsCodec.expected_frames(len(w)) for w in waves)
+    print(f"# ablation: {len(clips)} clips, {audio_s:.1f} s, 1 torch thread, {n_rerun} clips hit upstream's "
+          f"acoustic re-run; {loadavg()}")
+
+    def run(name, fn):
+        t0 = time.perf_counter()
+        out = [fn(w) for w in waves]
+        dt = time.perf_counter() - t0
+        print(f"| {name} | {dt:.2f} | {audio_s / dt:.1f} |", flush=True)
+        return out, dt
+
+    print("| variant | wall s | audio-s/s |\n|---|---:|---:|")
+    ref, t_up = run("upstream HiggsAudioTokenizer.encode", lambda w: upstream.encode(w, 24000).numpy())
+    ours, t_c = run("stage codec (one acoustic pass, folded weight norm)", lambda w: codec.encode([w])[0])
+    print(f"| tune_malloc() -> {T.tune_malloc()} | | |")
+    ours2, t_ct = run("stage codec + tune_malloc", lambda w: codec.encode([w])[0])
+    _, t_upt = run("upstream encode + tune_malloc", lambda w: upstream.encode(w, 24000).numpy())
+    same = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ref, ours, ours2))
+    print(f"codes identical: {same}; codec {t_up / t_c:.2f}x, +malloc {t_up / t_ct:.2f}x over upstream "
+          f"(malloc alone on upstream: {t_up / t_upt:.2f}x); {loadavg()}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

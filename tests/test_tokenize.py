@@ -1,0 +1,279 @@
+"""The tokenize stage on real LJSpeech audio with the demo config's random-init Higgs audio tokenizer.
+
+Short real clips (and crops of real clips, written to tmp) keep this file well under a minute on
+two cores. Torch runs one intra-op thread here (restored afterwards): on a loaded 2-core machine
+two threads are several times slower than one (see bench/tokenize.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from higgs_tune import audio_io
+from higgs_tune import tokenize as T
+from higgs_tune.config import Paths
+from higgs_tune.data import CodesIndex, write_jsonl
+
+RATE = 24000
+HOP = 960  # prod(ratios) of the v2 tokenizer: 24000 / 960 = 25 frames/s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def codec(demo_config):
+    """A HiggsCodec of the demo tokenizer (built here: the codec modifies the tokenizer it owns)."""
+    return T.build_codec(demo_config["audio_tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def crops(lj_clips, tmp_path_factory) -> list[Path]:
+    """Eight crops (0.9 s .. 1.6 s, all different lengths) of eight real clips, 22.05 kHz PCM16 WAV."""
+    out = tmp_path_factory.mktemp("crops")
+    paths = []
+    for i, src in enumerate(lj_clips[:8]):
+        data, sr = sf.read(src, dtype="int16")
+        start, n = int(0.3 * sr), int((0.9 + 0.1 * i) * sr) + 7 * i
+        p = out / f"crop{i}_{src.name}"
+        sf.write(p, data[start:start + n], sr, subtype="PCM_16")
+        paths.append(p)
+    return paths
+
+
+def wave24k(path) -> np.ndarray:
+    samples, sr = audio_io.load_audio(path)
+    return audio_io.to_mono_resampled(samples, sr, RATE)
+
+
+def sha_of(path) -> str:
+    return audio_io.audio_sha256(*audio_io.load_audio(path))
+
+
+def row(sid: str, path: Path) -> dict:
+    url = str(Path(path).resolve())
+    return {
+        "messages": [
+            {"role": "user", "content": f"say sample {sid}"},
+            {"role": "assistant", "content": {"type": "audio", "audio_url": url}},
+        ],
+        "misc": {"id": sid, "audio_sha256": {url: sha_of(path)}},
+    }
+
+
+def write_manifests(cfg: dict, train: list[Path], val: list[Path]) -> None:
+    p = Paths(cfg)
+    write_jsonl(p.train_manifest, [row(f"t{i}", c) for i, c in enumerate(train)])
+    write_jsonl(p.val_manifest, [row(f"v{i}", c) for i, c in enumerate(val)])
+
+
+def cache_entries(cfg: dict) -> list[Path]:
+    return sorted((Path(cfg["cache_dir"]) / "codes").glob("*/*.npy"))
+
+
+# --------------------------------------------------------------------------------------------- codes
+def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_clips):
+    """T == ceil((n - 118) / 960) for n samples at 24 kHz (so ceil(25 * duration) or one less);
+    codes equal a *separately built* upstream tokenizer's own ``encode`` (determinism across builds),
+    on full clips and on crops hitting both of upstream's branches (acoustic/semantic frame counts
+    equal, or not: the re-run on padded input that this stage predicts instead)."""
+    from higgs_tune.model import audio_tokenizer_identity, build_audio_tokenizer
+
+    short = sorted(lj_clips, key=lambda p: sf.info(p).frames)[:2]
+    waves = [wave24k(p) for p in short]
+    waves += [waves[0][:24000], waves[0][:24480], waves[1][:700]]  # match branch, mismatch branch, < 1 hop
+    branches = {codec.acoustic_frames(len(w)) == math.ceil((len(w) - 118) / 960) for w in waves[:4]}
+    assert branches == {True, False}, "want both upstream branches covered"
+
+    codes = codec.encode(waves)
+    for w, c in zip(waves, codes):
+        n = len(w)
+        assert c.dtype.kind == "i" and c.shape[0] == 8
+        assert c.shape[1] == (1 if n < HOP else math.ceil((n - 118) / HOP)) == T.HiggsCodec.expected_frames(n)
+        assert abs(c.shape[1] - n / RATE * 25) < 1
+        assert 0 <= c.min() and c.max() < 1024
+    assert len(np.unique(codes[0][0])) > 5, "codes are not constant (codebooks are initialised)"
+
+    at = demo_config["audio_tokenizer"]
+    assert audio_tokenizer_identity(at) == audio_tokenizer_identity(copy.deepcopy(at))
+    upstream = build_audio_tokenizer(at)  # random_init: codebooks drawn from the seed, never k-means
+    assert T.init_codebooks(upstream, at["seed"]) == 0
+    for layer in T._vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
+        layer._codebook.inited.fill_(0)
+    with pytest.raises(ValueError, match="un-initialised"):
+        T.HiggsCodec(upstream)
+    assert T.init_codebooks(upstream, at["seed"]) == 8
+    for w, c in zip(waves[:4], codes[:4]):
+        ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)
+        np.testing.assert_array_equal(ref, c)
+
+
+def test_equal_length_batch_equals_single(codec, crops):
+    """Batching equal-length clips changes nothing (non-causal convs: never pad to batch)."""
+    waves = [wave24k(p) for p in crops[3:6]]  # 1.2 .. 1.4 s
+    for n in (24000, 24480):  # one length per upstream branch
+        x = np.stack([w[:n] for w in waves])
+        batched = codec.encode_equal_length(x)
+        single = np.concatenate([codec.encode_equal_length(x[i:i + 1]) for i in range(len(x))])
+        np.testing.assert_array_equal(batched, single)
+    mixed = [waves[0][:24000], waves[1][:24480], waves[2][:24000]]
+    got = codec.encode(mixed)  # groups equal lengths internally, returns in input order
+    np.testing.assert_array_equal(got[0], codec.encode_equal_length(mixed[0][None])[0])
+    np.testing.assert_array_equal(got[2], codec.encode_equal_length(mixed[2][None])[0])
+    assert got[1].shape == (8, T.HiggsCodec.expected_frames(24480))
+
+
+# --------------------------------------------------------------------------------------------- cache
+def test_cache_rerun_shared_clips_and_index(codec, tmp_config, crops, caplog):
+    cfg = tmp_config
+    a, b, c, d = crops[:4]
+    write_manifests(cfg, train=[a, b, a], val=[c, b])  # a used twice, b in both splits
+    s1 = T.encode_all(cfg, codec=codec)
+    assert (s1["n_rows"], s1["n_clips"], s1["n_encoded"], s1["n_cached"]) == (5, 3, 3, 0)
+    assert len(cache_entries(cfg)) == 3
+
+    with caplog.at_level(logging.INFO, logger="higgs_tune.tokenize"):
+        s2 = T.encode_all(cfg, codec=codec)
+    assert (s2["n_encoded"], s2["n_cached"]) == (0, 3)
+    assert "0 to encode, 3 cached" in caplog.text
+
+    import pandas as pd
+
+    df = pd.read_parquet(Paths(cfg).tokens_index)
+    assert {"audio_sha256", "codes_path", "n_frames", "sample_rate", "duration_s", "cache_key",
+            "tokenizer_id"} <= set(df.columns)
+    assert len(df) == 3 and (df.sample_rate == RATE).all()
+    index = CodesIndex(Paths(cfg).tokens_index)
+    for r in df.itertuples():
+        codes = index.get(r.audio_sha256)
+        assert tuple(codes.shape) == (8, r.n_frames)
+        assert abs(r.n_frames - r.duration_s * 25) < 1
+        assert abs(r.duration_s - sf.info(r.audio_url).duration) < 1e-9
+        assert r.cache_key == T.cache_key(r.audio_sha256, r.tokenizer_id, RATE)
+
+    # a second experiment sharing the cache: only the clip it does not share is encoded
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["experiment"] = "other"
+    write_manifests(cfg2, train=[a, d], val=[])
+    s3 = T.encode_all(cfg2, codec=codec)
+    assert (s3["n_clips"], s3["n_encoded"], s3["n_cached"]) == (2, 1, 1)
+    assert len(cache_entries(cfg)) == 4
+
+    # a corrupt (truncated) entry is detected, re-encoded, and ends up identical
+    victim = T.entry_path(cfg["cache_dir"], df.cache_key.iloc[0])
+    good = np.load(victim)
+    victim.write_bytes(victim.read_bytes()[:100])
+    s4 = T.encode_all(cfg, codec=codec)
+    assert (s4["n_corrupt"], s4["n_encoded"], s4["n_cached"]) == (1, 1, 2)
+    np.testing.assert_array_equal(T.read_entry(victim), good)
+
+
+def test_hash_mismatch_and_missing_hash_raise(codec, tmp_config, crops):
+    cfg = tmp_config
+    bad = row("x", crops[0])
+    url = bad["messages"][1]["content"]["audio_url"]
+    bad["misc"]["audio_sha256"][url] = "0" * 64
+    write_jsonl(Paths(cfg).train_manifest, [bad])
+    write_jsonl(Paths(cfg).val_manifest, [])
+    with pytest.raises(ValueError, match="differs from the manifest"):
+        T.encode_all(cfg, codec=codec)
+    del bad["misc"]["audio_sha256"][url]
+    write_jsonl(Paths(cfg).train_manifest, [bad])
+    with pytest.raises(ValueError, match="no misc.audio_sha256"):
+        T.encode_all(cfg, codec=codec)
+
+
+def test_entry_io_is_atomic_and_validated(tmp_path):
+    p = T.entry_path(tmp_path, "ab" + "0" * 62)
+    T.write_entry(p, np.arange(16).reshape(8, 2))
+    assert T.read_entry(p).dtype == np.int16 and [x.name for x in p.parent.iterdir()] == [p.name]
+    for bad in (np.zeros((7, 3), np.int16), np.full((8, 3), 1024, np.int16), np.zeros((8, 3), np.float32)):
+        np.save(p, bad)
+        with pytest.raises(T.CorruptEntryError):
+            T.read_entry(p)
+    # an abandoned temp file of a dead writer on this host is swept; a live writer's is kept
+    dead = p.parent / f".{'ab' + '1' * 62}.{T._tmp_owner().rsplit('-', 1)[0]}-999999.x1y2z3.tmp"
+    live = p.parent / f".{'ab' + '2' * 62}.{T._tmp_owner()}.q.tmp"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    assert T.clean_stale_temps(p.parent) == 1 and live.exists() and not dead.exists()
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+def test_sigkill_mid_run_then_resume(codec, tmp_config, crops, repo_root, tmp_path):
+    """kill -9 the CLI once entries appear; the rerun encodes exactly the missing clips."""
+    cfg = tmp_config
+    clips = crops[2:8]  # six clips, 1.1 .. 1.6 s
+    write_manifests(cfg, train=clips[:5], val=clips[5:])
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HIGGS_TUNE_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "higgs_tune.tokenize", "--configfile", str(cfg_file),
+                             "--no-progress"], cwd=repo_root, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    try:
+        while not cache_entries(cfg):
+            assert proc.poll() is None, f"CLI exited early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no cache entry appeared in 180 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its decode workers, as a batch scheduler would
+        proc.wait()
+        proc.stderr.close()
+    written = cache_entries(cfg)
+    print(f"{len(written)} of 6 entries written before the kill")
+    assert 1 <= len(written) < 6, "the run finished before the kill: make the clips longer"
+    assert not Paths(cfg).tokens_index.exists(), "the index is written only at the end"
+    for p in written:
+        T.read_entry(p)  # whole, valid entries only
+
+    stats = T.encode_all(cfg, codec=codec)
+    assert stats["n_cached"] == len(written)
+    assert stats["n_encoded"] == 6 - len(written)
+    assert stats["n_corrupt"] == 0
+    assert not list(Path(cfg["cache_dir"]).rglob("*.tmp")), "no temp files left behind"
+    index = CodesIndex(Paths(cfg).tokens_index)
+    assert all(tuple(index.get(sha_of(p)).shape)[0] == 8 for p in clips)
+    assert len(cache_entries(cfg)) == 6
+    # what the killed CLI process wrote equals what this process computes
+    killed_sha = next(s for s in map(sha_of, clips) if str(T.entry_path(cfg["cache_dir"], T.cache_key(
+        s, stats["tokenizer_id"], RATE))) in map(str, written))
+    killed_clip = next(p for p in clips if sha_of(p) == killed_sha)
+    np.testing.assert_array_equal(index.get(killed_sha).numpy(), codec.encode([wave24k(killed_clip)])[0])
+
+
+# ------------------------------------------------------------------------------------------- decode
+def test_decode_cli_writes_24k_wav_of_clip_duration(codec, tmp_config, crops, tmp_path):
+    cfg = tmp_config
+    write_manifests(cfg, train=[crops[1]], val=[])
+    T.encode_all(cfg, codec=codec)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "x.wav"
+    assert T.main(["decode", "--configfile", str(cfg_file), "--sha256", sha_of(crops[1]), "--out", str(out)]) == 0
+    info = sf.info(out)
+    assert info.samplerate == RATE
+    assert abs(info.duration - sf.info(crops[1]).duration) < 0.05  # T * 40 ms vs the clip
+    wav, _ = sf.read(out)
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
