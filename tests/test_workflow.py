@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-CLIPS = ["LJ001-0002", "LJ001-0024", "LJ001-0030", "LJ001-0004"]
 
 
 def run(args, cwd, **kw):
@@ -41,41 +41,41 @@ def test_dry_run_plans_the_chain_and_validates_configs(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_real_clips(tmp_path, lj_dir):
-    """An overlay with `experiment` and `data.manifest` is enough to run the whole chain elsewhere."""
-    texts = dict(line.rstrip("\n").split("|", 1) for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
-    data = tmp_path / "data"
-    (data / "wavs").mkdir(parents=True)
-    rows = []
-    for cid in CLIPS:
-        (data / "wavs" / f"{cid}.wav").write_bytes((lj_dir / "wavs" / f"{cid}.wav").read_bytes())
-        rows.append({"messages": [{"role": "system", "content": "Generate audio following instruction."},
-                                  {"role": "user", "content": texts[cid]},
-                                  {"role": "assistant", "content": {"type": "audio", "audio_url": f"wavs/{cid}.wav"}}],
-                     "misc": {"id": cid}})
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
+    """The whole chain on tests/data/bad_inputs (real LJSpeech clips made bad, plus good rows):
+    0 crashes, rows in = kept + quarantined, the kept rows pass the audit and train; and an overlay
+    with `experiment` and `data.manifest` is all it takes to run on another dataset."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(ROOT / "tests" / "data" / "bad_inputs", corpus, symlinks=True)
+    link = corpus / "wavs" / "outside_link.wav"
+    link.unlink()
+    link.symlink_to(lj_dir / "wavs" / "LJ001-0008.wav")  # a symlink out of the data root
     overlay = {
         "experiment": "e2e", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
-        "data": {"manifest": str(data / "train.jsonl"), "data_root": str(data), "val_fraction": 0.25},
+        "data": {"manifest": str(corpus / "manifest.jsonl"), "data_root": str(corpus), "val_fraction": 0.2,
+                 "max_duration_s": 8.0, "max_quarantine_fraction": 1.0},
         "train": {"max_steps": 3, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
                   "save_interval": 3, "predictions_interval": 3},
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    args = SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "2",
+    args = SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "2", "--nolock",
                         "--configfile", str(ROOT / "config/demo.yaml"), "--configfile", str(tmp_path / "overlay.yaml")]
-    res = run(args + ["--nolock"], ROOT, timeout=1500)
+    res = run(args, ROOT, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     out = tmp_path / "results" / "e2e"
+    fixes = json.loads((out / "manifest" / "fixes.json").read_text())
+    rows_in = sum(1 for line in open(corpus / "manifest.jsonl", "rb") if line.strip())
+    quarantined = [json.loads(line) for line in open(out / "manifest" / "quarantine.jsonl")]
+    kept = sum(1 for split in ("train", "val") for _ in open(out / "manifest" / f"{split}.jsonl"))
+    assert fixes["rows_in"] == rows_in == kept + len(quarantined) and kept > 5 and len(quarantined) > 20
+    assert all(q["reason"] and q["message"] and q["line"] for q in quarantined)
     summary = json.loads((out / "audit" / "summary.json").read_text())
-    assert summary["passed"] is True
+    assert summary["passed"] is True and summary["n_samples"] == kept
     metrics = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["n_audio_targets"] > 0 for m in metrics)
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert len(ev["codebook_acc"]) == 8 and ev["n_audio_targets"] > 0
     html = (out / "report.html").read_text()
     assert "random" in html.lower() and "e2e" in html
-    fixes = json.loads((out / "manifest" / "fixes.json").read_text())
-    assert fixes["rows_in"] == 4 == fixes["rows_kept"] + fixes["rows_quarantined"]
-    # a rerun has nothing to do
-    res = run(args + ["--nolock", "-n"], ROOT)
+    res = run(args + ["-n"], ROOT)  # a rerun has nothing to do
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
