@@ -79,3 +79,23 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     assert "random" in html.lower() and "e2e" in html
     res = run(args + ["-n"], ROOT)  # a rerun has nothing to do
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_gutted_dataset_stops_the_workflow_and_keeps_outputs(tmp_path):
+    """Above data.max_quarantine_fraction the manifest job fails with a message naming the quarantine
+    file, nothing downstream runs, and the manifest outputs stay for inspection (keep-incomplete)."""
+    corpus = ROOT / "tests" / "data" / "bad_inputs"
+    overlay = {"experiment": "gutted", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+               "data": {"manifest": str(corpus / "manifest.jsonl"), "data_root": str(corpus),
+                        "max_quarantine_fraction": 0.05}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    res = run(SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "1",
+                           "--nolock", "--configfile", str(ROOT / "config/demo.yaml"),
+                           "--configfile", str(tmp_path / "overlay.yaml")], ROOT, timeout=600)
+    assert res.returncode != 0
+    out = tmp_path / "results" / "gutted"
+    log = (out / "logs" / "manifest.log").read_text()
+    assert "max_quarantine_fraction" in log and str(out / "manifest" / "quarantine.jsonl") in log
+    fixes = json.loads((out / "manifest" / "fixes.json").read_text())
+    assert fixes["rows_quarantined"] / fixes["rows_in"] > 0.05
+    assert not (out / "tokens").exists()
