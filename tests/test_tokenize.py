@@ -97,7 +97,7 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
     codes equal a *separately built* upstream tokenizer's own ``encode`` (determinism across builds),
     on full clips and on crops hitting both of upstream's branches (acoustic/semantic frame counts
     equal, or not: the re-run on padded input that this stage predicts instead)."""
-    from higgs_tune.model import audio_tokenizer_identity, build_audio_tokenizer
+    from higgs_tune.model import _vq_layers, audio_tokenizer_identity, build_audio_tokenizer, init_codebooks
 
     short = sorted(lj_clips, key=lambda p: sf.info(p).frames)[:2]
     waves = [wave24k(p) for p in short]
@@ -117,12 +117,12 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
     at = demo_config["audio_tokenizer"]
     assert audio_tokenizer_identity(at) == audio_tokenizer_identity(copy.deepcopy(at))
     upstream = build_audio_tokenizer(at)  # random_init: codebooks drawn from the seed, never k-means
-    assert T.init_codebooks(upstream, at["seed"]) == 0
-    for layer in T._vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
+    assert init_codebooks(upstream, at["seed"]) == 0
+    for layer in _vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
         layer._codebook.inited.fill_(0)
     with pytest.raises(ValueError, match="un-initialised"):
         T.HiggsCodec(upstream)
-    assert T.init_codebooks(upstream, at["seed"]) == 8
+    assert init_codebooks(upstream, at["seed"]) == 8
     for w, c in zip(waves[:4], codes[:4]):
         ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)
         np.testing.assert_array_equal(ref, c)

@@ -260,9 +260,6 @@ def _conv_out(length: int, conv) -> int:
     return (length + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-from .model import _vq_layers, init_codebooks  # noqa: E402  (re-exported for callers)
-
-
 class HiggsCodec:
     """:class:`Codec` over a ``HiggsAudioTokenizer`` (boson-multimodal 0.1.1).
 
@@ -294,6 +291,8 @@ class HiggsCodec:
         self.max_batch_seconds = float(max_batch_seconds)
         self.max_batch_size = int(max_batch_size)
         self._pad = 160 * int(tokenizer.semantic_downsample_factor)  # upstream's re-run padding
+        from .model import _vq_layers, init_codebooks
+
         if any(not bool(layer._codebook.inited.item()) for layer in _vq_layers(tokenizer)):
             if init_seed is None:
                 raise ValueError("audio tokenizer has un-initialised (k-means pending) codebooks: its codes would "
