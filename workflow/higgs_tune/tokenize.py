@@ -160,19 +160,29 @@ def write_entry(path: str | Path, codes: np.ndarray) -> None:
     codes = np.asarray(codes)
     if codes.size and (codes.min() < np.iinfo(ENTRY_DTYPE).min or codes.max() > np.iinfo(ENTRY_DTYPE).max):
         raise ValueError(f"codes out of int16 range: {codes.min()}..{codes.max()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{_tmp_owner()}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_file(path, prefix=f".{path.stem}.{_tmp_owner()}.") as tmp:
+        with open(tmp, "wb") as f:
             np.save(f, codes.astype(ENTRY_DTYPE, copy=False), allow_pickle=False)
-            f.flush()
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, prefix: str | None = None):
+    """Yield a temp path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``,
+    on any failure (or kill before the replace) ``path`` is untouched and the temp file is removed
+    (a SIGKILL can leave a temp file, which the next run deletes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=_TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
 
 
 def _tmp_owner() -> str:
@@ -820,17 +830,8 @@ def write_index_file(path: str | Path, rows: list[dict[str, Any]]) -> None:
     df = pd.DataFrame(rows, columns=columns).astype(
         {"n_frames": "int64", "n_codebooks": "int64", "sample_rate": "int64", "frame_rate": "float64",
          "duration_s": "float64"})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
