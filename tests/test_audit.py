@@ -152,6 +152,12 @@ def collator_with(model_config, fault, **overrides):
     return FaultyCollator(D.make_collator(model_config, **overrides), fault)
 
 
+def audit_with_fault(data_cfg, model, text_tokenizer, fault) -> dict:
+    """The audit summary when the collated batches pass through ``fault`` (no files written)."""
+    return A.run_audit(data_cfg, collator=collator_with(model.config, fault), model=model,
+                       text_tokenizer=text_tokenizer, write=False)
+
+
 def _segments(batch):
     n = batch.label_audio_ids.shape[1]
     st = batch.audio_out_ids_start.tolist() + [n]
@@ -287,8 +293,7 @@ def test_over_masked_assistant_text(data_cfg, shared_model, text_tokenizer):
     def fault(batch):  # mask every text label (audio labels intact)
         batch.label_ids[:] = -100
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "text_labels_assistant_targets")
 
 
@@ -297,8 +302,7 @@ def test_all_labels_masked(data_cfg, shared_model, text_tokenizer):
         batch.label_ids[:] = -100
         batch.label_audio_ids[:] = -100
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     for rule in ("has_targets", "masked_fraction", "audio_labels_present", "codebook_coverage"):
         assert_fires(s, rule)
     assert s["failures"][0]["sample_id"] != "*"
@@ -315,8 +319,7 @@ def test_text_labels_on_user_turn(data_cfg, shared_model, text_tokenizer):
             j = int(h[0]) + 4
             batch.label_ids[b, j:j + 5] = ids[b, j:j + 5]
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "text_labels_only_assistant", cause_contains="user turn")
     assert {f["rule"] for f in s["failures"]} == {"text_labels_only_assistant"}
 
@@ -327,8 +330,7 @@ def test_pre_shifted_text_labels(data_cfg, shared_model, text_tokenizer):
         lab[:, :-1] = lab[:, 1:].clone()
         lab[:, -1] = -100
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "text_label_values")
 
 
@@ -337,8 +339,7 @@ def test_all_audio_labels_masked(data_cfg, shared_model, text_tokenizer):
     def fault(batch):
         batch.label_audio_ids[:] = -100
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_labels_present")
     assert_fires(s, "codebook_coverage")
     assert "has_targets" not in failed_rules(s)  # text targets remain
@@ -349,8 +350,7 @@ def test_missing_eos(data_cfg, shared_model, text_tokenizer):
         la = batch.label_audio_ids
         la[la == 1025] = -100
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_label_eos")
     assert {f["rule"] for f in s["failures"]} == {"audio_label_eos"}
 
@@ -371,8 +371,7 @@ def test_wrong_delay_offsets(data_cfg, shared_model, text_tokenizer):
                 row[K - k + T] = 1025
                 seg[k] = row
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_label_delay_offsets")
 
 
@@ -399,8 +398,7 @@ def test_reference_audio_trained(data_cfg, shared_model, text_tokenizer):
                 codes[codes == 1024] = -100
                 la[:, s0:s1] = codes
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_label_reference_masked")
     assert {f["sample_id"] for f in s["failures"] if f["rule"] == "audio_label_reference_masked"} == {
         r["misc"]["id"] for r in D.read_jsonl(Paths(data_cfg).train_manifest) + D.read_jsonl(
@@ -420,8 +418,7 @@ def test_audio_out_bos_misplaced(data_cfg, shared_model, text_tokenizer):
         for s0, _ in _segments(batch):
             batch.audio_out_ids[3, s0] = 7
 
-    s = A.run_audit(data_cfg, collator=collator_with(shared_model.config, fault), model=shared_model,
-                    text_tokenizer=text_tokenizer, write=False)
+    s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_out_bos_eos")
 
 
