@@ -33,7 +33,7 @@ import torch
 from . import data as D
 from . import health
 from .config import Paths, add_config_args, config_from_args
-from .evaluate import evaluate_batches
+from .evaluate import MetricSums, evaluate_batches
 from .loss import count_targets, forward_loss, shifted_audio_targets
 
 log = logging.getLogger("higgs_tune.train")
@@ -173,14 +173,14 @@ def train(cfg: dict) -> dict:
         counts.text = int(accelerator.reduce(torch.tensor(counts.text, device=device), "sum"))
         counts.codebooks = accelerator.reduce(counts.codebooks.to(device), "sum").cpu()
         health.check_targets(counts.text, counts.audio, step + 1)
-        sums = _StepSums()
+        sums = MetricSums()
         for batch in window:
             out, loss = forward_loss(model, batch, device, text_weight=tc["text_weight"],
                                      audio_weight=tc["audio_weight"], normalizer=counts)
             health.check_audio_outputs(out.audio_logits, batch.label_audio_ids)
             health.check_loss(loss.loss)
             accelerator.backward(loss.loss * accelerator.num_processes)  # DDP averages; counts are global
-            sums.add(loss)
+            sums.add(loss, int(batch.input_ids.shape[0]))
         lora_norm = health.check_lora_grad(model, step + 1)
         grad_norm = float(accelerator.clip_grad_norm_(params, tc["max_grad_norm"]))
         optimizer.step()
@@ -217,23 +217,6 @@ def train(cfg: dict) -> dict:
         writer.close()
     accelerator.wait_for_everyone()
     return row
-
-
-class _StepSums:
-    """Per-optimizer-step metrics summed over the micro-batches of a window."""
-
-    def __init__(self):
-        from .evaluate import MetricSums
-
-        self.sums = MetricSums()
-
-    def add(self, loss) -> None:
-        self.sums.add(loss, 0)
-
-    def result(self, tw: float, aw: float) -> dict:
-        r = self.sums.result(tw, aw)
-        r.pop("n_samples")
-        return r
 
 
 def main(argv: list[str] | None = None) -> None:
