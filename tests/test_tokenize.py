@@ -127,6 +127,37 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
         ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)
         np.testing.assert_array_equal(ref, c)
 
+    # The acoustic encoder's activations themselves are bit-identical (tiled, partly in-place Snake and
+    # folded weight norm vs upstream's modules), not just the codes they quantize to.
+    import torch
+
+    assert all(getattr(m, "_upstream_forward", None) for m in codec.tok.encoder.modules()
+               if type(m).__name__ == "Snake1d")
+    with torch.inference_mode():
+        for w in (waves[0], waves[3]):  # several tiles of 2048 samples, the last one partial
+            x = torch.from_numpy(w)[None, None]
+            assert w.shape[0] % 2048 and torch.equal(codec.tok.encoder(x), upstream.encoder(x))
+
+
+def test_resample_equals_librosa(lj_clips):
+    """The stage's soxr resampling gives exactly ``librosa.load(path, sr=...)`` (what upstream
+    ``HiggsAudioTokenizer.encode(path)`` reads), mono and stereo, up and down; NaN is refused."""
+    import librosa
+
+    for p in lj_clips[:3]:
+        samples, sr = audio_io.load_audio(p)
+        for rate in (RATE, 16000):
+            got = audio_io.to_mono_resampled(samples, sr, rate)
+            ref, _ = librosa.load(str(p), sr=rate)
+            assert got.dtype == np.float32 and got.shape == ref.shape
+            np.testing.assert_array_equal(got, ref)
+        stereo = np.stack([samples[0], 0.5 * samples[0]])
+        np.testing.assert_array_equal(
+            audio_io.to_mono_resampled(stereo, sr, RATE),
+            librosa.resample(stereo.mean(axis=0), orig_sr=sr, target_sr=RATE, res_type="soxr_hq"))
+    with pytest.raises(ValueError, match="NaN"):
+        audio_io.to_mono_resampled(np.array([[0.0, np.nan]], np.float32), 22050, RATE)
+
 
 def test_equal_length_batch_equals_single(codec, crops):
     """Batching equal-length clips changes nothing (non-causal convs: never pad to batch)."""
