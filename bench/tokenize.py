@@ -8,9 +8,15 @@
      resamples and encodes whole clips with ``threads // num_workers`` torch threads.
 (a2) the stage's in-process path: decode/resample workers ahead, encoding in this process with
      ``threads`` torch threads (the CUDA path; on CPU clip by clip).
-(b)  naive: ``librosa.load(path, sr=24000)`` then upstream ``HiggsAudioTokenizer.encode`` one file at
-     a time, torch's default threads (model build not timed).
+(b)  naive: what a user's script does: build the upstream ``HiggsAudioTokenizer``, then one file at a
+     time ``librosa.load(path, sr=24000)``, ``tokenizer.encode``, ``np.save``; torch's default threads.
+     Timed like (a), model build included (also printed without it).
 (c)  rerun of (a): every clip is a cache hit.
+
+Last, the fp32 ceiling: convolution FLOPs per audio second of this tokenizer (counted with forward
+hooks) over this machine's measured single-thread fp32 GEMM rate, times the cores: the throughput
+no fp32 implementation of the same encoder can exceed here, even if everything but the
+convolutions were free, and so the largest speed-up over (b) that bit-identical codes allow.
 
 All timings are wall-clock seconds of the same clips; (a) and (a2) include manifest reading, cache
 lookups, worker start-up and model builds in the workers, and the index write. Codes of (a), (a2)
@@ -120,18 +126,23 @@ def main() -> int:
     codes: dict[str, list[np.ndarray]] = {}
 
     # (b) naive per-file loop with upstream encode
-    tok = build_audio_tokenizer(at)
     torch.set_num_threads(default_threads)
+    naive_dir = work / "naive"
+    naive_dir.mkdir(parents=True, exist_ok=True)
     print(f"(b) naive   ... {loadavg()}", flush=True)
     t0 = time.perf_counter()
+    tok = build_audio_tokenizer(at)
+    t_build = time.perf_counter() - t0
     naive = []
-    for p in clips:
+    for i, p in enumerate(clips):
         wv, _ = librosa.load(str(p), sr=tok.sampling_rate)
         naive.append(tok.encode(wv, tok.sampling_rate).numpy())
+        np.save(naive_dir / f"{i}.npy", naive[-1].astype(np.int16))
     results["b"] = time.perf_counter() - t0
+    results["b0"] = results["b"] - t_build
     codes["b"] = naive
     del tok
-    print(f"(b) naive   {results['b']:7.1f} s  {loadavg()}", flush=True)
+    print(f"(b) naive   {results['b']:7.1f} s  (tokenizer build {t_build:.1f} s)  {loadavg()}", flush=True)
 
     def entries(cfg: dict) -> list[np.ndarray]:
         import pandas as pd
@@ -176,13 +187,54 @@ def main() -> int:
 
     print("\n| run | wall s | clips/s | audio-s/s | vs (b) |")
     print("|---|---:|---:|---:|---:|")
-    names = {"b": "(b) naive loop", "a": "(a) stage (worker encode)", "a2": "(a2) stage, in-process encode",
-             "c": "(c) rerun, all cached"}
-    for k in ("b", "a", "a2", "c"):
+    names = {"b": "(b) naive loop", "b0": "(b) naive loop, build not timed", "a": "(a) stage (worker encode)",
+             "a2": "(a2) stage, in-process encode", "c": "(c) rerun, all cached"}
+    for k in ("b", "b0", "a", "a2", "c"):
         if k in results:
             w = results[k]
             print(f"| {names[k]} | {w:.2f} | {len(clips) / w:.2f} | {audio_s / w:.1f} | {results['b'] / w:.2f}x |")
+
+    gflop, gemm, cores = conv_ceiling(at, T.default_threads())
+    ceiling = cores * gemm / gflop
+    print(f"\nfp32 ceiling: {gflop:.1f} GFLOP of convolutions per audio second; single-thread fp32 GEMM "
+          f"{gemm:.0f} GFLOP/s x {cores} cores -> at most {ceiling:.1f} audio-s/s, "
+          f"{ceiling * results['b'] / audio_s:.2f}x (b), with every other cost (decoding, start-up, "
+          f"activations, memory traffic) free; (a) reaches {audio_s / results['a'] / ceiling:.0%} of it.")
     return 0
+
+
+def conv_ceiling(at: dict, cores: int) -> tuple[float, float, int]:
+    """(conv GFLOP per audio second of the stage's codec, single-thread fp32 GEMM GFLOP/s, cores).
+
+    FLOPs: ``2 * C_in * C_out * kernel * output_length`` per ``Conv1d`` call (forward hooks) while
+    encoding 10 s of noise. GEMM rate: best of five 1024 x 1024 ``torch.mm`` on one thread.
+    """
+    import numpy as np
+    import torch
+
+    from higgs_tune import tokenize as T
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    codec = T.build_codec(at)
+    flops = [0]
+
+    def hook(m, _inp, out):
+        flops[0] += 2 * m.in_channels * m.out_channels // m.groups * m.kernel_size[0] * out.shape[-1] * out.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in codec.tok.modules() if isinstance(m, torch.nn.Conv1d)]
+    seconds = 10.0
+    codec.encode([np.random.default_rng(0).uniform(-0.5, 0.5, int(seconds * codec.sample_rate)).astype(np.float32)])
+    for h in handles:
+        h.remove()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(saved)
+    return flops[0] / seconds / 1e9, 2 * 1024 ** 3 / best / 1e9, cores
 
 
 def ablation(args) -> int:
