@@ -91,8 +91,10 @@ def inputs(tmp_config, lj_clips):
     wav.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(lj_clips[1], wav)
     _json(p.eval_metrics, {**_losses(30, 1.2), "n_samples": 4, "n_text_targets": 160, "n_audio_targets": 4800,
+                           "generation": {"n_samples": 1, "wer": 0.2, "gt_wer": 0.0, "sim": 0.91},
                            "audio": [{"id": "LJ001-0002", "generated": str(wav), "reference": str(lj_clips[1]),
-                                      "text": "in being comparatively modern."}]})
+                                      "text": "in being comparatively modern.", "hypothesis": "in being modern",
+                                      "wer": 0.2, "sim": 0.91, "gt_wer": 0.0}]})
     _json(p.fixes, {"rows_in": 40, "rows_kept": 32, "rows_quarantined": 8,
                     "fixes": {"strip_whitespace": 3, "resolve_relative_path": 32}, "reasons": {"missing_audio": 5,
                                                                                                  "too_short": 3}})
@@ -118,6 +120,7 @@ def test_report_self_contained_with_provenance(inputs, repo_root):
     assert "url(" not in html and "@import" not in html
     assert html.count('src="data:image/png;base64,') >= 5
     assert re.search(r'<audio[^>]*src="data:audio/wav;base64,', html)
+    assert "generation.wer" in html and "<th>hypothesis</th><td>in being modern</td>" in html
     assert "id=\"random-init-banner\"" in html and "not speech" in html
     assert inputs["report"]["title"] in html and "PASSED" in html
     for f in (p.metrics, p.train_dir / "val_metrics.jsonl", p.predictions, p.audit_summary, p.audit_samples,

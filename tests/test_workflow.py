@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +76,17 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["n_audio_targets"] > 0 for m in metrics)
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert len(ev["codebook_acc"]) == 8 and ev["n_audio_targets"] > 0
+    gen = [json.loads(line) for line in open(out / "eval" / "generated.jsonl")]
+    n_val = sum(1 for _ in open(out / "manifest" / "val.jsonl"))
+    assert len(gen) == min(4, n_val) == ev["generation"]["n_samples"] > 0
+    assert ev["generation"]["gt_wer"] < 0.35, gen  # the ASR hears the real held-out clips
+    for g in gen:
+        wave, rate = sf.read(g["generated"])
+        assert rate == 24000 and len(wave) == 960 * g["n_frames"] and 0 <= g["n_frames"] <= 25 * 10
+        assert 0 <= g["wer"] and g["text"] and Path(g["codec"]).is_file()
     html = (out / "report.html").read_text()
     assert "random" in html.lower() and "e2e" in html
+    assert html.count("<audio") >= 3 * len(gen) and "generation.gt_wer" in html
     res = run(args + ["-n"], ROOT)  # a rerun has nothing to do
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr
 

@@ -95,5 +95,6 @@ class Paths:
         self.train_dir, self.metrics, self.predictions = t, t / "metrics.jsonl", t / "predictions.jsonl"
         self.adapter, self.train_state, self.tensorboard = t / "adapter", t / "state.json", t / "tensorboard"
         self.eval_metrics = self.root / "eval" / "metrics.json"
+        self.eval_generated, self.eval_audio = self.root / "eval" / "generated.jsonl", self.root / "eval" / "audio"
         self.report = self.root / "report.html"
         self.logs = self.root / "logs"

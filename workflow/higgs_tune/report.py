@@ -382,12 +382,15 @@ def audio_section(cfg: dict, paths: Paths, eval_metrics: dict, inputs: Inputs) -
     entries, seen = [], set()
     for i, item in enumerate(eval_metrics.get("audio") or []):
         clips = []
-        for kind in ("generated", "reference"):
+        for kind in ("generated", "codec", "reference"):
+            if kind not in item:
+                continue
             path = _resolve_audio(item.get(kind), cfg, paths)
             clips.append(_clip(kind, item.get(kind), path, f"audio:{item.get('id', i)}:{kind}", inputs))
             if path:
                 seen.add(path.resolve())
-        entries.append({"id": item.get("id", i), "text": item.get("text"), "clips": clips})
+        scores = [(k, fmt(item[k])) for k in ("hypothesis", "wer", "sim", "gt_wer", "codec_wer", "ended") if k in item]
+        entries.append({"id": item.get("id", i), "text": item.get("text"), "clips": clips, "scores": scores})
     for wav in sorted((paths.root / "eval" / "samples").glob("*.wav")):
         if wav.resolve() not in seen:
             entries.append({"id": wav.stem, "text": None,

@@ -5,6 +5,8 @@ rule report:
         predictions=P.predictions,
         audit=P.audit_summary,
         eval=P.eval_metrics,
+        generated=P.eval_generated,
+        audio=P.eval_audio,
         fixes=P.fixes,
     output:
         report(P.report, caption="../report/report.rst", category="higgs-tune"),
