@@ -133,7 +133,6 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
     speaker = speaker or S.SpeakerEncoder()
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = int(codec.sample_rate)
-    hashes_of = lambda row: (row.get("misc") or {}).get("audio_sha256", {})  # noqa: E731
     results = []
     for i, row in enumerate(rows):
         sid = D.sample_id(row)
@@ -146,7 +145,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         sf.write(gen_wav, wave, rate, subtype="FLOAT")
         gt, gt_rate = audio_io.load_audio(target["audio_url"])
         gt = gt.mean(axis=0)
-        recon = codec.decode(codes_of(hashes_of(row)[target["audio_url"]]).numpy())
+        recon = codec.decode(codes_of(row["misc"]["audio_sha256"][target["audio_url"]]).numpy())
         sf.write(codec_wav, recon, rate, subtype="FLOAT")
         if reference is not None:
             ref, ref_rate = audio_io.load_audio(reference["audio_url"])
