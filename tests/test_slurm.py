@@ -32,7 +32,8 @@ def _slurm_missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(bool(_slurm_missing()), reason=_slurm_missing() or "")
+_MISSING = _slurm_missing()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
 def local_profile(dest: Path) -> dict:

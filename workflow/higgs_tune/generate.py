@@ -57,11 +57,10 @@ def split_row(row: dict) -> tuple[dict, str, dict, dict | None]:
 @dataclass
 class Generated:
     """``codes``: int64 ``(8, T)`` in ``[0, codebook_size)``; ``ended``: the model closed the stream
-    (EOS 1025) before ``max_frames``; ``prompt_tokens``: prompt length in tokens."""
+    (EOS 1025) before ``max_frames``."""
 
     codes: np.ndarray
     ended: bool
-    prompt_tokens: int
 
 
 @torch.no_grad()
@@ -97,13 +96,13 @@ def generate_codes(model, text_tokenizer, row: dict, codes_of: Callable[[str], t
 
     streams = out[1]
     if not streams:
-        return Generated(np.zeros((num_codebooks, 0), np.int64), False, int(input_ids.numel()))
+        return Generated(np.zeros((num_codebooks, 0), np.int64), False)
     stream = streams[0].cpu()  # (8, L) with the delay pattern, BOS first
     ended = bool((stream[:, -1] == AUDIO_STREAM_EOS_ID).any())  # the stream was closed, not cut at max_frames
     size = int(model.config.audio_codebook_size)
     codes = revert_delay_pattern(stream).clip(0, size - 1)[:, 1:-1] if stream.shape[1] > num_codebooks else \
         torch.zeros((num_codebooks, 0), dtype=torch.long)
-    return Generated(codes.numpy().astype(np.int64), ended, int(input_ids.numel()))
+    return Generated(codes.numpy().astype(np.int64), ended)
 
 
 __all__ = ["ASSISTANT_AUDIO_PREFIX", "Generated", "generate_codes", "split_row"]

@@ -117,7 +117,11 @@ class SpeakerEncoder:
 
     def similarity(self, a: np.ndarray, rate_a: int, b: np.ndarray, rate_b: int) -> float | None:
         """Cosine similarity of the two waveforms' embeddings; ``None`` if either has no voiced audio."""
-        ea, eb = self.embed(a, rate_a), self.embed(b, rate_b)
-        if ea is None or eb is None:
-            return None
-        return float(np.dot(ea, eb) / (np.linalg.norm(ea) * np.linalg.norm(eb)))
+        return cosine(self.embed(a, rate_a), self.embed(b, rate_b))
+
+
+def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    """Cosine similarity of two embeddings (SIM); ``None`` if either is ``None`` (no voiced audio)."""
+    if a is None or b is None:
+        return None
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

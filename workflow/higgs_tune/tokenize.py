@@ -350,14 +350,13 @@ class HiggsCodec:
         init_seed: seed for :func:`init_codebooks`; ``None`` refuses un-initialised codebooks.
         max_batch_seconds: audio per encoder call (equal-length clips only; config ``batch_seconds``).
         max_batch_size: clips per encoder call.
-        tile_snakes: evaluate the encoder's Snake activations in cache-sized tiles (:func:`snake_tiled`).
 
     Raises:
         ValueError: un-initialised codebooks and ``init_seed is None``.
     """
 
     def __init__(self, tokenizer, *, init_seed: int | None = None, max_batch_seconds: float = 60.0,
-                 max_batch_size: int = 64, tile_snakes: bool = True):
+                 max_batch_size: int = 64):
         import torch
 
         self.tok = tokenizer.eval()
@@ -382,8 +381,7 @@ class HiggsCodec:
         for m in tokenizer.encoder.modules():
             if hasattr(m, "weight_g"):
                 torch.nn.utils.remove_weight_norm(m)
-        if tile_snakes:
-            _tile_snakes(tokenizer.encoder)
+        _tile_snakes(tokenizer.encoder)
         self._convs = [m for m in tokenizer.encoder.modules() if isinstance(m, torch.nn.Conv1d)]
         self._predict = self._check_length_model()
 
