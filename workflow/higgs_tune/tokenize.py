@@ -33,7 +33,10 @@ by the next run); the next run encodes what is missing. The index is written las
 A rerun with everything cached builds no model: it logs ``0 to encode, N cached`` and rewrites the index.
 
 Encoding (:class:`HiggsCodec`): upstream ``HiggsAudioTokenizer._xcodec_encode``, made batch-safe and
-without its redundant work; codes are bit-identical to upstream ``encode`` (the tests check this):
+without its redundant work and memory traffic. Its codes equal upstream ``encode``'s (the tests
+check this on real clips, ``bench/tokenize.py`` on all 32 LJSpeech clips); its fp32 activations
+agree with upstream's to rounding (relative 1e-6), as upstream's own do between one and two
+torch threads:
 
 * Batches hold clips of *identical* sample length only. The DAC acoustic encoder and the HuBERT
   semantic teacher are non-causal convolutional/attention stacks, so zero-padding a short clip to a
@@ -50,14 +53,20 @@ without its redundant work; codes are bit-identical to upstream ``encode`` (the 
   (``F.pad(x[:, 0, :], ...).unsqueeze(0)``); this one pads per clip.
 * Weight norm is folded into the encoder's convolution weights once (``remove_weight_norm``: the
   same ``_weight_norm`` op, so identical weights) instead of being recomputed on every call.
-* The encoder's Snake activations run in cache-sized time tiles, in place where their input is
-  not read again (:func:`snake_tiled`: the same ops per element, bit-identical on one thread).
+* Large activations (the first two encoder blocks: 64-128 channels at 3-24 kHz, tens of MB) are
+  processed in cache-sized time tiles: each ``ResidualUnit`` as one pass (:func:`residual_unit_tiled`:
+  Snake, 7-tap convolution, Snake, 1x1 convolution and residual add per tile), each block's
+  Snake + strided convolution as another (:func:`downsample_tiled`); the remaining Snakes in
+  tiles, in place where their input is not read again (:func:`snake_tiled`). Upstream's
+  whole-clip layers run at memory speed there (the 7-tap convolution at 59-79 GFLOP/s, the
+  strided one at 42, vs ~100 on tiles, one thread, measured here).
 * :func:`tune_malloc` stops glibc from ``mmap``/``munmap``-ing each large activation (1.5x on CPU).
 * Parallelism. CPU (``num_workers > 0``): each worker process decodes, resamples (24 kHz, soxr) and
   encodes whole clips with ``threads // num_workers`` torch threads; on 2 cores two 1-thread
   processes were 2.0x one 1-thread process where one 2-thread process was 1.8x, and, unlike
-  intra-op threads, degrade gracefully when other jobs share the cores. CUDA (or an injected
-  codec): workers decode and resample ahead; this process encodes.
+  intra-op threads, degrade gracefully when other jobs share the cores. Single-threaded workers
+  are forked on Linux (:func:`_start_method`), inheriting this process's imports. CUDA (or an
+  injected codec): workers decode and resample ahead; this process encodes.
 
 Frame count: for a clip of ``n`` samples at 24 kHz (n >= 632), ``T = ceil((n - 118) / 960)``; that is
 ``T`` is ``ceil(duration_s * 25)`` or one less (derived from the convolution arithmetic of the v2
@@ -338,12 +347,147 @@ def _tile_snakes(encoder, tile_elements: int = 1 << 17) -> int:
     return n
 
 
+def residual_unit_tiled(x, unit, tile: int):
+    """A DAC ``ResidualUnit``, ``x + conv_1x1(snake(conv_7(snake(x))))``, evaluated in time tiles.
+
+    Upstream evaluates each layer over the whole clip: at 64 channels x 24000 samples/s the
+    activations are tens of MB, so every Snake pass, the 1x1 convolution and the residual add run
+    at memory speed, and the 7-tap convolution runs at 59-79 GFLOP/s instead of the ~105 it reaches
+    on cache-sized inputs (measured here, one thread). Here each output tile ``[t0, t1)`` reads
+    ``x[t0 - p, t1 + p)`` (``p = 3 * dilation``, the convolution's zero padding; ``snake(0) = 0``,
+    so padding after the Snake equals padding before it) and everything it computes stays in
+    cache; the 1x1 convolution and the residual add are one GEMM accumulating into the output.
+
+    Numerics: the Snake ops per element are upstream's (``dac.nn.layers.snake``); the
+    convolutions are the same fp32 products summed in another order (other GEMM shapes), so
+    activations agree with upstream's to fp32 rounding, not bit for bit, as upstream's own do
+    between one and two torch threads (which change the 1x1 convolution's algorithm). The codes
+    (nearest codebook entries) are checked equal to upstream ``encode`` in the tests and by
+    ``bench/tokenize.py``.
+
+    Args:
+        x: float32 ``(B, C, n)`` contiguous CPU tensor.
+        unit: a ``ResidualUnit`` (``block = [Snake1d, Conv1d k=7, Snake1d, Conv1d k=1]``) whose
+            weight norm is folded (plain ``weight``/``bias``).
+        tile: output samples per tile.
+
+    Returns:
+        a new ``(B, C, n)`` tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    s1, c7, s2, c1 = unit.block
+    d, p = c7.dilation[0], c7.padding[0]
+    a1, a2 = s1.alpha[0], s2.alpha[0]  # (C, 1)
+    r1, r2 = (a1 + 1e-9).reciprocal(), (a2 + 1e-9).reciprocal()
+    w1, b1 = c1.weight[:, :, 0], c1.bias[:, None]
+    n = x.shape[2]
+    out = torch.empty_like(x)
+    for x2, o2 in zip(x, out):  # (C, n) each
+        for t0 in range(0, n, tile):
+            t1 = min(n, t0 + tile)
+            lo, hi = max(0, t0 - p), min(n, t1 + p)
+            h = x2[:, lo:hi].clone()
+            _snake_(h, a1, r1)
+            if lo > t0 - p or hi < t1 + p:
+                h = F.pad(h, (lo - (t0 - p), (t1 + p) - hi))
+            h = F.conv1d(h[None], c7.weight, c7.bias, dilation=d)[0]  # (C, t1 - t0)
+            _snake_(h, a2, r2)
+            o = o2[:, t0:t1]
+            torch.add(x2[:, t0:t1], b1, out=o)
+            o.addmm_(w1, h)
+    return out
+
+
+def _snake_(x, alpha, recip):
+    """In place: ``x + recip * sin(alpha * x) ** 2``, upstream's ops per element (see :func:`snake_tiled`)."""
+    import torch
+
+    b = torch.mul(alpha, x)
+    b.sin_().pow_(2).mul_(recip)
+    return x.add_(b)
+
+
+def downsample_tiled(x, snake, conv, tile: int):
+    """A DAC ``EncoderBlock``'s tail, ``conv(snake(x))`` with a strided convolution, in output tiles.
+
+    The strided convolution (kernel ``2 * stride``) over a whole first-block activation runs at
+    ~42 GFLOP/s here; on tiles of ``tile`` output samples (their inputs in cache) at ~83. Each
+    output tile ``[u0, u1)`` reads the padded input ``[u0 * stride, (u1 - 1) * stride + kernel)``;
+    the Snake is applied to that slice (its overlap with the next tile is recomputed) and zero
+    padding is added after it (``snake(0) = 0``). Numerics as :func:`residual_unit_tiled`.
+
+    Args:
+        x: float32 ``(B, C, n)`` contiguous CPU tensor; ``snake``: the ``Snake1d``; ``conv``: the
+            ``Conv1d`` with folded weight norm.
+        tile: output samples per tile.
+
+    Returns:
+        a new ``(B, C_out, T)`` tensor, ``T`` as ``conv(x)``'s.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    k, st, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    alpha = snake.alpha[0]
+    recip = (alpha + 1e-9).reciprocal()
+    n = x.shape[2]
+    n_out = _conv_out(n, conv)
+    out = torch.empty(x.shape[0], conv.out_channels, n_out, dtype=x.dtype, device=x.device)
+    for x2, o2 in zip(x, out):
+        for u0 in range(0, n_out, tile):
+            u1 = min(n_out, u0 + tile)
+            a, b = u0 * st - p, (u1 - 1) * st + k - p  # input range the tile reads
+            lo, hi = max(0, a), min(n, b)
+            h = _snake_(x2[:, lo:hi].clone(), alpha, recip)
+            if lo > a or hi < b:
+                h = F.pad(h, (lo - a, b - hi))
+            o2[:, u0:u1] = F.conv1d(h[None], conv.weight, conv.bias, stride=st)[0]
+    return out
+
+
+def _tile_encoder(encoder, tile_elements: int = 96_000, min_elements: int = 1 << 21) -> int:
+    """Make the DAC ``encoder``'s ``ResidualUnit`` s use :func:`residual_unit_tiled` and its
+    ``EncoderBlock`` s' tails use :func:`downsample_tiled`, for CPU inputs of at least
+    ``min_elements`` (``C * n``: 8 MiB; smaller ones fit in cache and upstream's forward is as fast),
+    with tiles of ``tile_elements // C`` samples (375 KiB per intermediate). Returns the number of
+    modules changed."""
+    import types
+
+    def big(x):
+        return x.dim() == 3 and x.device.type == "cpu" and x.is_contiguous() and x.shape[1] * x.shape[2] >= min_elements
+
+    def unit_forward(self, x):
+        if not big(x):
+            return self._upstream_forward(x)
+        return residual_unit_tiled(x, self, max(64, tile_elements // x.shape[1]))
+
+    def block_forward(self, x):
+        *units, snake, conv = self.block
+        for unit in units:
+            x = unit(x)
+        if not big(x):
+            return conv(snake(x))
+        return downsample_tiled(x, snake, conv, max(16, tile_elements // x.shape[1] // conv.stride[0]))
+
+    n = 0
+    for m in encoder.modules():
+        kind = type(m).__name__
+        if kind == "ResidualUnit" or (kind == "EncoderBlock" and len(m.block) == 5):
+            m._upstream_forward = m.forward
+            m.forward = types.MethodType(unit_forward if kind == "ResidualUnit" else block_forward, m)
+            n += 1
+    return n
+
+
 class HiggsCodec:
     """:class:`Codec` over a ``HiggsAudioTokenizer`` (boson-multimodal 0.1.1).
 
-    Takes ownership of ``tokenizer``: folds the encoder's weight norm into its weights, replaces its
-    Snake activations' forward (:func:`snake_tiled`) and, when ``init_seed`` is given, initialises
-    un-initialised codebooks (:func:`init_codebooks`).
+    Takes ownership of ``tokenizer``: folds the encoder's weight norm into its weights, replaces the
+    forward of its Snake activations, residual units and encoder blocks (:func:`snake_tiled`,
+    :func:`_tile_encoder`) and, when ``init_seed`` is given, initialises un-initialised codebooks
+    (:func:`init_codebooks`).
 
     Args:
         tokenizer: an eval-mode ``HiggsAudioTokenizer``.
@@ -382,6 +526,7 @@ class HiggsCodec:
             if hasattr(m, "weight_g"):
                 torch.nn.utils.remove_weight_norm(m)
         _tile_snakes(tokenizer.encoder)
+        _tile_encoder(tokenizer.encoder)
         self._convs = [m for m in tokenizer.encoder.modules() if isinstance(m, torch.nn.Conv1d)]
         self._predict = self._check_length_model()
 
@@ -773,15 +918,17 @@ def _encode_missing(todo: list[Clip], at_cfg: dict[str, Any], codec: Codec | Non
         bar.set_postfix_str(f"{done['n'] / el:.2f} clips/s, {done['audio_s'] / el:.1f} audio-s/s", refresh=False)
 
     pool = None
+    per = max(1, (threads or default_threads()) // num_workers) if num_workers > 0 else 0
     try:
         if num_workers > 0:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn, not fork: the parent holds torch/OpenMP state
-            pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("spawn"))
+            method = _start_method(mode, per)
+            if method == "fork":  # imported once here, inherited by the workers
+                import boson_multimodal.audio_processing.higgs_audio_tokenizer  # noqa: F401
+            pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(method))
         if mode == "workers":
-            per = max(1, (threads or default_threads()) // num_workers)
             log.info("encoding %d clips in %d worker processes x %d torch threads", len(order), num_workers, per)
             _run_workers(pool, order, at_cfg, per, rate, num_workers, finished)
         else:
@@ -799,8 +946,23 @@ def _encode_missing(todo: list[Clip], at_cfg: dict[str, Any], codec: Codec | Non
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        _WORKER.clear()
     return {"n_encoded": done["n"], "audio_s_encoded": done["audio_s"],
             "encode_wall_s": time.perf_counter() - t_start, "mode": mode}
+
+
+def _start_method(mode: str, threads_per_worker: int) -> str:
+    """``fork`` for single-threaded CPU encode workers on Linux, else ``spawn``.
+
+    A forked worker inherits the parent's imports (a spawned one first imports torch and
+    boson-multimodal: ~3 s). Forking a process that has used OpenMP is safe only while the child never enters a
+    parallel region (GNU libgomp's pool does not survive ``fork``): with one torch thread,
+    ATen's ``parallel_for``, oneDNN and MKL all run inline. Workers that decode for an in-process
+    (possibly CUDA) encoder, or that use several threads, are spawned.
+    """
+    if mode == "workers" and threads_per_worker == 1 and sys.platform.startswith("linux"):
+        return "fork"
+    return "spawn"
 
 
 def _check_hash(clip: Clip, sha: str) -> None:
@@ -844,22 +1006,31 @@ def _run_main(pool, order: list[Clip], codec: Codec, rate: int, batch_s: float, 
         flush()
 
 
+#: Encode-worker state: ``codec`` and the ``config`` it was built from, ``ready`` (threads and
+#: malloc set up). Filled on a worker's first task.
 _WORKER: dict[str, Any] = {}
+
+
+def _config_key(at_cfg: dict[str, Any]) -> str:
+    return json.dumps(at_cfg, sort_keys=True, default=str)
 
 
 def _worker_encode(clip: Clip, at_cfg: dict[str, Any], threads: int, rate: int) -> tuple[int, float]:
     """Worker process: decode, check the hash, encode, write the entry. Returns ``(n_frames, duration_s)``.
 
     The codec is built on the worker's first task (``build_codec`` is deterministic: same weights in
-    every worker) and kept for the next ones.
+    every worker) and kept for the next ones. (Building it once in the parent before forking was
+    measured slower: 38-42 s vs 33-38 s for the 32 demo clips, alternating runs.)
     """
-    if "codec" not in _WORKER:
+    if not _WORKER.get("ready"):
         import torch
 
         torch.set_num_threads(threads)
         tune_malloc()
         log.setLevel(logging.ERROR)  # the parent logs once
-        _WORKER["codec"] = build_codec(at_cfg)
+        _WORKER["ready"] = True
+    if _WORKER.get("config") != _config_key(at_cfg):
+        _WORKER.update(codec=build_codec(at_cfg), config=_config_key(at_cfg))
     sha, wave, sr, n = _load_clip(clip.path, rate)
     _check_hash(clip, sha)
     codes = _WORKER["codec"].encode([wave])[0]
