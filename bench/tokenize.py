@@ -196,7 +196,8 @@ def main() -> int:
             print(f"| {names[k]} | {w:.2f} | {len(clips) / w:.2f} | {audio_s / w:.1f} | {results['b'] / w:.2f}x |")
 
     cores = min(threads, T.default_threads())
-    lb = lower_bound(at, clips[0], fork=T._start_method("workers", max(1, threads // max(1, at["num_workers"]))) == "fork")
+    per_worker = max(1, threads // max(1, at["num_workers"]))
+    lb = lower_bound(at, clips[0], fork=T._start_method("workers", per_worker) == "fork")
     per_core = lb["conv_gflop"] / lb["gemm_gflops"] + lb["sin_s"]  # seconds of one core per audio second
     bound = lb["startup_s"] + audio_s * per_core / cores
     print(f"\nLower bound for (a) on this machine (fp32 direct convolution): {lb['conv_gflop']:.1f} GFLOP of "
@@ -261,20 +262,18 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    T.build_codec(at)
-    startup = time.perf_counter() - t0
+    if fork:  # the worker inherits the imports and builds the codec
+        t0 = time.perf_counter()
+        T.build_codec(at)
+        startup = time.perf_counter() - t0
+    else:  # a fresh process: Python, imports, build
+        code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
+                "from higgs_tune import tokenize as T; T.tune_malloc(); T.build_codec(json.loads(sys.argv[2]))")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, str(ROOT / "workflow"), _json.dumps(at)], check=True,
+                       capture_output=True)
+        startup = time.perf_counter() - t0
     torch.set_num_threads(saved)
-    if fork:
-        return {"conv_gflop": flops[0] / seconds / 1e9, "gemm_gflops": 2 * 1024 ** 3 / best / 1e9,
-                "sin_s": sin_s[0] / seconds, "startup_s": startup}
-    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-            "from higgs_tune import tokenize as T; T.tune_malloc(); T.build_codec(json.loads(sys.argv[2]))")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(ROOT / "workflow"), _json.dumps(at)], check=True,
-                   capture_output=True)
-    startup = time.perf_counter() - t0
     return {"conv_gflop": flops[0] / seconds / 1e9, "gemm_gflops": 2 * 1024 ** 3 / best / 1e9,
             "sin_s": sin_s[0] / seconds, "startup_s": startup}
 

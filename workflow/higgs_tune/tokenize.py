@@ -388,25 +388,24 @@ def residual_unit_tiled(x, unit, tile: int):
         for t0 in range(0, n, tile):
             t1 = min(n, t0 + tile)
             lo, hi = max(0, t0 - p), min(n, t1 + p)
-            h = x2[:, lo:hi].clone()
-            _snake_(h, a1, r1)
+            h = _snake(x2[:, lo:hi], a1, r1)
             if lo > t0 - p or hi < t1 + p:
                 h = F.pad(h, (lo - (t0 - p), (t1 + p) - hi))
             h = F.conv1d(h[None], c7.weight, c7.bias, dilation=d)[0]  # (C, t1 - t0)
-            _snake_(h, a2, r2)
+            h = _snake(h, a2, r2)
             o = o2[:, t0:t1]
             torch.add(x2[:, t0:t1], b1, out=o)
             o.addmm_(w1, h)
     return out
 
 
-def _snake_(x, alpha, recip):
-    """In place: ``x + recip * sin(alpha * x) ** 2``, upstream's ops per element (see :func:`snake_tiled`)."""
+def _snake(x, alpha, recip):
+    """New tensor ``x + recip * sin(alpha * x) ** 2``, upstream's ops per element (see :func:`snake_tiled`)."""
     import torch
 
     b = torch.mul(alpha, x)
     b.sin_().pow_(2).mul_(recip)
-    return x.add_(b)
+    return b.add_(x)  # q + x == x + q in IEEE arithmetic
 
 
 def downsample_tiled(x, snake, conv, tile: int):
@@ -440,7 +439,7 @@ def downsample_tiled(x, snake, conv, tile: int):
             u1 = min(n_out, u0 + tile)
             a, b = u0 * st - p, (u1 - 1) * st + k - p  # input range the tile reads
             lo, hi = max(0, a), min(n, b)
-            h = _snake_(x2[:, lo:hi].clone(), alpha, recip)
+            h = _snake(x2[:, lo:hi], alpha, recip)
             if lo > a or hi < b:
                 h = F.pad(h, (lo - a, b - hi))
             o2[:, u0:u1] = F.conv1d(h[None], conv.weight, conv.bias, stride=st)[0]
@@ -946,7 +945,6 @@ def _encode_missing(todo: list[Clip], at_cfg: dict[str, Any], codec: Codec | Non
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        _WORKER.clear()
     return {"n_encoded": done["n"], "audio_s_encoded": done["audio_s"],
             "encode_wall_s": time.perf_counter() - t_start, "mode": mode}
 
@@ -955,8 +953,8 @@ def _start_method(mode: str, threads_per_worker: int) -> str:
     """``fork`` for single-threaded CPU encode workers on Linux, else ``spawn``.
 
     A forked worker inherits the parent's imports (a spawned one first imports torch and
-    boson-multimodal: ~3 s). Forking a process that has used OpenMP is safe only while the child never enters a
-    parallel region (GNU libgomp's pool does not survive ``fork``): with one torch thread,
+    boson-multimodal: ~3 s). Forking a process that has used OpenMP is safe only while the child
+    never enters a parallel region (GNU libgomp's pool does not survive ``fork``): with one torch thread,
     ATen's ``parallel_for``, oneDNN and MKL all run inline. Workers that decode for an in-process
     (possibly CUDA) encoder, or that use several threads, are spawned.
     """
@@ -1006,13 +1004,7 @@ def _run_main(pool, order: list[Clip], codec: Codec, rate: int, batch_s: float, 
         flush()
 
 
-#: Encode-worker state: ``codec`` and the ``config`` it was built from, ``ready`` (threads and
-#: malloc set up). Filled on a worker's first task.
 _WORKER: dict[str, Any] = {}
-
-
-def _config_key(at_cfg: dict[str, Any]) -> str:
-    return json.dumps(at_cfg, sort_keys=True, default=str)
 
 
 def _worker_encode(clip: Clip, at_cfg: dict[str, Any], threads: int, rate: int) -> tuple[int, float]:
@@ -1022,15 +1014,13 @@ def _worker_encode(clip: Clip, at_cfg: dict[str, Any], threads: int, rate: int) 
     every worker) and kept for the next ones. (Building it once in the parent before forking was
     measured slower: 38-42 s vs 33-38 s for the 32 demo clips, alternating runs.)
     """
-    if not _WORKER.get("ready"):
+    if "codec" not in _WORKER:
         import torch
 
         torch.set_num_threads(threads)
         tune_malloc()
         log.setLevel(logging.ERROR)  # the parent logs once
-        _WORKER["ready"] = True
-    if _WORKER.get("config") != _config_key(at_cfg):
-        _WORKER.update(codec=build_codec(at_cfg), config=_config_key(at_cfg))
+        _WORKER["codec"] = build_codec(at_cfg)
     sha, wave, sr, n = _load_clip(clip.path, rate)
     _check_hash(clip, sha)
     codes = _WORKER["codec"].encode([wave])[0]
