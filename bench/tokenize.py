@@ -216,8 +216,8 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
       output_length`` per ``Conv1d`` call (forward hooks) while the codec encodes ``clip``.
     * ``gemm_gflops``: best of 20 single-thread 1024 x 1024 fp32 ``torch.mm`` (no convolution here
       runs faster than this).
-    * ``sin_s``: seconds per audio second of ``torch.sin`` alone on each Snake's real ``alpha * x``
-      (one thread): the one transcendental op, evaluated as upstream does.
+    * ``sin_s``: seconds per audio second of the sine alone on each Snake's real ``alpha * x``
+      (one thread): the one transcendental op, evaluated as the stage does (``tokenize._sin_``).
     * ``startup_s``: what each encode worker does before its first clip: with ``fork`` (imports
       inherited) build the codec, timed here; else also start Python and import, timed as a
       fresh process.
@@ -242,9 +242,9 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
 
     def snake_hook(m, inp):  # sin of cache-resident tiles of alpha * x: compute only
         for tile in (m.alpha * inp[0]).reshape(-1).split(1 << 16):
-            src, dst = tile.clone(), torch.empty_like(tile)
+            src = tile.clone()
             t0 = time.perf_counter()
-            torch.sin(src, out=dst)
+            T._sin_(src)
             sin_s[0] += time.perf_counter() - t0
 
     for m in codec.tok.encoder.modules():  # module-by-module forwards, so that hooks see every layer

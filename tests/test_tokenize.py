@@ -127,20 +127,27 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
         ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)
         np.testing.assert_array_equal(ref, c)
 
-    # The acoustic encoder's activations agree with upstream's modules to fp32 rounding (tiled
-    # residual units and downsampling, folded weight norm), on clips long enough to be tiled
-    # (64 channels x n samples >= 2**21), as upstream's own agree between 1 and 2 torch threads.
+    # The acoustic and semantic encoders' activations agree with upstream's modules to fp32 rounding
+    # (tiled residual units and downsampling, folded weight norm, NumPy's sine, oneDNN 1x1
+    # convolutions), on clips long enough to be tiled (64 channels x n samples >= 2**21), as
+    # upstream's own agree between 1 and 2 torch threads.
     import torch
 
     patched = [m for m in codec.tok.encoder.modules()  # 36 Snakes, 15 residual units, 5 blocks
                if type(m).__name__ in ("Snake1d", "ResidualUnit", "EncoderBlock")]
     assert len(patched) == 36 + 15 + 5 and all("forward" in vars(m) for m in patched)
+    pointwise = [m for part in (codec.tok.encoder, codec.tok.encoder_semantic) for m in part.modules()
+                 if isinstance(m, torch.nn.Conv1d) and "forward" in vars(m)]  # on oneDNN
+    assert len(pointwise) == 9 + 4 and all(m.kernel_size == (1,) and m.in_channels >= 256 for m in pointwise)
     with torch.inference_mode():
         for w in waves[:2]:
             assert 64 * len(w) >= 1 << 21
             x = torch.from_numpy(w)[None, None]
             got, ref = codec.tok.encoder(x), upstream.encoder(x)
             assert got.shape == ref.shape
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+            sem = upstream.get_regress_target(x).transpose(1, 2)
+            got, ref = codec.tok.encoder_semantic(sem), upstream.encoder_semantic(sem)
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -172,6 +179,25 @@ def test_tiled_layers_match_upstream_modules():
             for tile in (1, 13, 500):
                 got = T.downsample_tiled(x, snake, conv, tile)
                 assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (stride, tile)
+
+
+def test_numpy_sine_in_place_within_one_ulp_of_torch(lj_clips):
+    """``_sin_`` (the Snakes' sine) is in place, within 1 ULP of ``torch.sin`` on a real clip scaled as
+    the Snakes scale it, and leaves tensors NumPy cannot share (autograd, strided, float64) to torch."""
+    import torch
+
+    wave = torch.from_numpy(audio_io.to_mono_resampled(*audio_io.load_audio(lj_clips[0]), 24000))
+    x = torch.cat([wave * 40.0, torch.linspace(-30.0, 30.0, 100_001)])  # |alpha * x| up to ~30 rad
+    got = x.clone()
+    assert T._sin_(got) is got
+    ref = torch.sin(x)
+    ulp = torch.from_numpy(np.spacing(np.abs(ref.numpy())))
+    assert ((got - ref).abs() <= ulp).all()
+    assert not torch.equal(got, x)
+    in_graph = x.clone().requires_grad_() * 1.0  # a non-leaf tensor that autograd tracks
+    for t in (in_graph, x.clone()[::2], x.double()):
+        expected = torch.sin(t.detach())
+        assert torch.equal(T._sin_(t).detach(), expected)
 
 
 def test_resample_equals_librosa(lj_clips):
