@@ -2,6 +2,7 @@
 
     PYTHONPATH=workflow python bench/tokenize.py [--configfile config/demo.yaml] [--clips 32]
                                                  [--threads N] [--equal-length SECONDS] [--skip-main]
+                                                 [--rounds 3]
     PYTHONPATH=workflow python bench/tokenize.py --ablation 8     # where the speed comes from
 
 (a)  the stage: ``encode_all`` with the config's ``num_workers``. On CPU each worker process decodes,
@@ -10,9 +11,18 @@
      ``threads`` torch threads (the CUDA path; on CPU clip by clip).
 (b)  naive: what a user's script does: build the upstream ``HiggsAudioTokenizer``, then one file at a
      time ``librosa.load(path, sr=24000)``, ``tokenizer.encode``, ``np.save``; torch's default threads.
-     Timed like (a), model build included (also printed without it). Imports (torch,
-     boson-multimodal, librosa) are done before any timing, for (a) and (b) alike.
+     Timed like (a), model build included (also printed without it).
 (c)  rerun of (a): every clip is a cache hit.
+
+(a), (b) and (c) each run in a fresh Python process, as a user's script or a Snakemake rule does;
+its imports (torch, boson-multimodal, librosa, the stage) are done before its timer starts. (Run
+repeatedly in one process, the naive loop got faster each time, 91 -> 88 -> 83 s, likely because
+glibc raises its ``mmap`` threshold as large blocks are freed, so later runs page-fault less: one
+run would contaminate the next.)
+
+(b) then (a) are timed ``--rounds`` times (default 3), alternately, (a) with a fresh cache each
+time; each round's ratio and the medians are printed: this machine's speed drifts by +-10 %
+between minutes, so one round's ratio is a noisy sample.
 
 Last, a lower bound on (a)'s wall time here (:func:`lower_bound`): the convolution FLOPs at this
 machine's single-thread fp32 GEMM rate, plus the Snake activations' ``sin`` alone, over the cores,
@@ -38,7 +48,10 @@ sys.path.insert(0, str(ROOT / "workflow"))
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,23 +88,24 @@ def main() -> int:
     ap.add_argument("--equal-length", type=float, default=None,
                     help="crop every clip to this many seconds (all lengths equal: the batching case)")
     ap.add_argument("--skip-main", action="store_true", help="skip (a2)")
+    ap.add_argument("--rounds", type=int, default=3, help="time (b) then (a) this many times, alternately")
     ap.add_argument("--workdir", default=None, help="where caches/results go (default: a temp folder)")
+    ap.add_argument("--child", nargs=2, metavar=("RUN", "SPEC"), help=argparse.SUPPRESS)  # one timed run
     ap.add_argument("--ablation", type=int, default=0, metavar="N",
                     help="instead: one process, one torch thread, first N clips: upstream encode vs the stage's "
                          "codec, before and after tune_malloc (where the speed comes from)")
     args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
     if args.ablation:
         return ablation(args)
 
-    import boson_multimodal.audio_processing.higgs_audio_tokenizer  # noqa: F401  (imports: not timed)
-    import librosa
     import numpy as np
     import soundfile as sf
     import torch
 
     from higgs_tune import tokenize as T
     from higgs_tune.config import Paths, load_config
-    from higgs_tune.model import build_audio_tokenizer
 
     base = load_config([args.configfile])
     at = base["audio_tokenizer"]
@@ -126,24 +140,18 @@ def main() -> int:
     results: dict[str, float] = {}
     codes: dict[str, list[np.ndarray]] = {}
 
-    # (b) naive per-file loop with upstream encode
-    torch.set_num_threads(default_threads)
-    naive_dir = work / "naive"
-    naive_dir.mkdir(parents=True, exist_ok=True)
-    print(f"(b) naive   ... {loadavg()}", flush=True)
-    t0 = time.perf_counter()
-    tok = build_audio_tokenizer(at)
-    t_build = time.perf_counter() - t0
-    naive = []
-    for i, p in enumerate(clips):
-        wv, _ = librosa.load(str(p), sr=tok.sampling_rate)
-        naive.append(tok.encode(wv, tok.sampling_rate).numpy())
-        np.save(naive_dir / f"{i}.npy", naive[-1].astype(np.int16))
-    results["b"] = time.perf_counter() - t0
-    results["b0"] = results["b"] - t_build
-    codes["b"] = naive
-    del tok
-    print(f"(b) naive   {results['b']:7.1f} s  (tokenizer build {t_build:.1f} s)  {loadavg()}", flush=True)
+    def timed(run: str, spec: dict) -> dict:
+        """One timed run in a fresh process (see the module docstring); returns its JSON report."""
+        label = {"naive": "(b) naive  ", "stage": "(a) stage  ", "rerun": "(c) rerun  "}[run]
+        print(f"{label} ... {loadavg()}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", run, json.dumps(spec)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"{run} run failed (exit {proc.returncode})")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{label} {out['wall']:7.1f} s  {out.get('note', '')}  {loadavg()}", flush=True)
+        return out
 
     def entries(cfg: dict) -> list[np.ndarray]:
         import pandas as pd
@@ -151,27 +159,36 @@ def main() -> int:
         df = pd.read_parquet(Paths(cfg).tokens_index).set_index("audio_url")
         return [T.read_entry(df.loc[str(p.resolve()), "codes_path"]).astype(np.int64) for p in clips]
 
-    # (a) the stage
-    cfg_a = cfg_for("a")
-    print(f"(a) stage   ... {loadavg()}", flush=True)
-    t0 = time.perf_counter()
-    sa = T.encode_all(cfg_a, threads=threads, progress=False)
-    results["a"] = time.perf_counter() - t0
-    codes["a"] = entries(cfg_a)
-    print(f"(a) stage   {results['a']:7.1f} s  mode={sa['mode']} {loadavg()}", flush=True)
+    naive_dir = work / "naive"
+    rounds: list[tuple[float, float, float]] = []  # (b) wall, its build, (a) wall
+    for r in range(max(1, args.rounds)):
+        nb = timed("naive", {"at": at, "clips": [str(p) for p in clips], "out": str(naive_dir)})
+        codes["b"] = [np.load(naive_dir / f"{i}.npy").astype(np.int64) for i in range(len(clips))]
+        cfg_a = cfg_for(f"a{r}")
+        sa = timed("stage", {"cfg": cfg_a, "threads": threads})
+        codes["a"] = entries(cfg_a)
+        if not all(np.array_equal(x, y) for x, y in zip(codes["a"], codes["b"])):
+            print(f"round {r + 1}: codes (a) != codes (b)")
+            return 1
+        rounds.append((nb["wall"], nb["build"], sa["wall"]))
+    med = statistics.median
+    results["b"] = med(b for b, _, _ in rounds)
+    results["b0"] = med(b - build for b, build, _ in rounds)
+    results["a"] = med(a for _, _, a in rounds)
+    ratios = [b / a for b, _, a in rounds]
+    if len(rounds) > 1:
+        print(f"(b)/(a) per round: {', '.join(f'{x:.2f}x' for x in ratios)}; median {med(ratios):.2f}x "
+              f"(the table below: median wall times)")
 
     # (c) rerun: all cached
-    t0 = time.perf_counter()
-    sc = T.encode_all(cfg_a, threads=threads, progress=False)
-    results["c"] = time.perf_counter() - t0
-    assert sc["n_encoded"] == 0, sc
-    print(f"(c) rerun   {results['c']:7.1f} s  ({sc['n_cached']} cached)", flush=True)
+    sc = timed("rerun", {"cfg": cfg_a, "threads": threads})
+    results["c"] = sc["wall"]
 
     # (a2) in-process encoder, decode workers ahead
     if not args.skip_main:
         cfg_m = cfg_for("a2")
         codec = T.build_codec(at)  # injected: forces the in-process path (build not timed)
-        T.tune_malloc()  # as the stage's CLI process does (after (b): it would speed up (b) too)
+        T.tune_malloc()  # as the stage's CLI process does
         print(f"(a2) in-proc ... {loadavg()}", flush=True)
         t0 = time.perf_counter()
         sm = T.encode_all(cfg_m, codec=codec, threads=threads, progress=False)
@@ -209,12 +226,53 @@ def main() -> int:
     return 0
 
 
+def child(run: str, spec_json: str) -> int:
+    """One timed run, in this fresh process: imports first (not timed), then ``run``; prints a JSON line.
+
+    * ``naive``: build the upstream tokenizer, then per file ``librosa.load`` + ``encode`` + ``np.save``
+      into ``spec["out"]``; reports ``wall`` and ``build`` seconds.
+    * ``stage`` / ``rerun``: ``tokenize.encode_all(spec["cfg"], threads=spec["threads"])``; ``rerun``
+      asserts that nothing was encoded.
+    """
+    import boson_multimodal.audio_processing.higgs_audio_tokenizer  # noqa: F401
+    import librosa
+    import numpy as np
+    import torch
+
+    from higgs_tune import tokenize as T
+    from higgs_tune.model import build_audio_tokenizer
+
+    spec = json.loads(spec_json)
+    if run == "naive":
+        out = Path(spec["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        tok = build_audio_tokenizer(spec["at"])
+        build = time.perf_counter() - t0
+        for i, p in enumerate(spec["clips"]):
+            wv, _ = librosa.load(p, sr=tok.sampling_rate)
+            np.save(out / f"{i}.npy", tok.encode(wv, tok.sampling_rate).numpy().astype(np.int16))
+        wall = time.perf_counter() - t0
+        report = {"wall": wall, "build": build, "note": f"(tokenizer build {build:.1f} s, torch threads "
+                                                        f"{torch.get_num_threads()})"}
+    else:
+        t0 = time.perf_counter()
+        stats = T.encode_all(spec["cfg"], threads=spec["threads"], progress=False)
+        wall = time.perf_counter() - t0
+        if run == "rerun" and stats["n_encoded"]:
+            raise SystemExit(f"rerun encoded {stats['n_encoded']} clips")
+        report = {"wall": wall, "note": f"mode={stats['mode']}, {stats['n_encoded']} encoded, "
+                                        f"{stats['n_cached']} cached"}
+    print(json.dumps(report))
+    return 0
+
+
 def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
     """What no fp32 direct-convolution implementation of the stage can avoid, per core, measured here.
 
     * ``conv_gflop``: convolution GFLOP per audio second, ``2 * C_in * C_out / groups * kernel *
       output_length`` per ``Conv1d`` call (forward hooks) while the codec encodes ``clip``.
-    * ``gemm_gflops``: best of 20 single-thread 1024 x 1024 fp32 ``torch.mm`` (no convolution here
+    * ``gemm_gflops``: best of 50 single-thread 1024 x 1024 fp32 ``torch.mm`` (no convolution here
       runs faster than this).
     * ``sin_s``: seconds per audio second of the sine alone on each Snake's real ``alpha * x``
       (one thread): the one transcendental op, evaluated as the stage does (``tokenize._sin_``).
@@ -222,9 +280,6 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
       inherited) build the codec, timed here; else also start Python and import, timed as a
       fresh process.
     """
-    import json as _json
-    import subprocess
-
     import torch
 
     from higgs_tune import audio_io
@@ -258,7 +313,7 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
         h.remove()
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     best = float("inf")
-    for _ in range(20):
+    for _ in range(50):
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
@@ -270,7 +325,7 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
         code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
                 "from higgs_tune import tokenize as T; T.tune_malloc(); T.build_codec(json.loads(sys.argv[2]))")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code, str(ROOT / "workflow"), _json.dumps(at)], check=True,
+        subprocess.run([sys.executable, "-c", code, str(ROOT / "workflow"), json.dumps(at)], check=True,
                        capture_output=True)
         startup = time.perf_counter() - t0
     torch.set_num_threads(saved)
