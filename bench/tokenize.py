@@ -164,7 +164,7 @@ def main() -> int:
     for r in range(max(1, args.rounds)):
         nb = timed("naive", {"at": at, "clips": [str(p) for p in clips], "out": str(naive_dir)})
         codes["b"] = [np.load(naive_dir / f"{i}.npy").astype(np.int64) for i in range(len(clips))]
-        cfg_a = cfg_for(f"a{r}")
+        cfg_a = cfg_for(f"a-round{r + 1}")  # (a2) uses "a2"
         sa = timed("stage", {"cfg": cfg_a, "threads": threads})
         codes["a"] = entries(cfg_a)
         if not all(np.array_equal(x, y) for x, y in zip(codes["a"], codes["b"])):
