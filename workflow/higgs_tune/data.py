@@ -17,24 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .model import AUDIO_STREAM_BOS_ID, AUDIO_STREAM_EOS_ID
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write ``rows`` as JSONL atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+from .fileio import read_jsonl, write_jsonl  # noqa: F401  (re-exported: stages read manifests via data)
 
 
 def iter_contents(sample: dict) -> Iterator[tuple[int, str, dict | str]]:
@@ -200,9 +183,7 @@ def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: in
     return [[items[i] for i in order[j:j + batch_size]] for j in range(0, len(order), batch_size)]
 
 
-# re-exported for callers that only need the special ids
 __all__ = [
-    "AUDIO_STREAM_BOS_ID", "AUDIO_STREAM_EOS_ID", "CodesIndex", "audio_items", "batch_to_model_kwargs", "batches",
-    "build_dataset_sample", "collator_settings", "iter_contents", "make_collator", "read_jsonl", "sample_id",
-    "write_jsonl",
+    "CodesIndex", "audio_items", "batch_to_model_kwargs", "batches", "build_dataset_sample", "collator_settings",
+    "iter_contents", "make_collator", "read_jsonl", "sample_id", "write_jsonl",
 ]

@@ -26,70 +26,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from . import data as D
 from .config import Paths, add_config_args, config_from_args
-from .loss import forward_loss
+from .metrics import evaluate_batches
 
 log = logging.getLogger("higgs_tune.evaluate")
-
-
-class MetricSums:
-    """Target-weighted sums of CE and correct predictions, combined over batches."""
-
-    def __init__(self, k: int = 8):
-        self.text_sum = 0.0
-        self.text_n = 0
-        self.text_correct = 0
-        self.cb_sum = torch.zeros(k, dtype=torch.float64)
-        self.cb_n = torch.zeros(k, dtype=torch.long)
-        self.cb_correct = torch.zeros(k, dtype=torch.long)
-        self.n_samples = 0
-
-    def add(self, out, n_samples: int) -> None:
-        """Add one :class:`~higgs_tune.loss.HiggsLoss` (means times counts give sums)."""
-        self.text_sum += float(out.text_loss.detach()) * out.n_text_targets
-        self.text_n += out.n_text_targets
-        self.text_correct += out.text_correct
-        n = out.n_codebook_targets.cpu()
-        self.cb_sum += out.codebook_losses.detach().double().cpu() * n
-        self.cb_n += n
-        self.cb_correct += out.codebook_correct.cpu()
-        self.n_samples += n_samples
-
-    def result(self, text_weight: float = 1.0, audio_weight: float = 1.0) -> dict[str, Any]:
-        """Means over all targets: ``loss``, ``text_loss``, ``audio_loss`` (mean of codebook losses),
-        ``codebook_losses`` (8), ``codebook_acc`` (8), ``text_acc``, counts."""
-        cb_loss = (self.cb_sum / self.cb_n.clamp(min=1)).tolist()
-        text_loss = self.text_sum / max(self.text_n, 1)
-        audio_loss = sum(cb_loss) / len(cb_loss) if int(self.cb_n.sum()) else 0.0
-        return {
-            "loss": text_weight * text_loss + audio_weight * audio_loss,
-            "text_loss": text_loss,
-            "audio_loss": audio_loss,
-            "codebook_losses": cb_loss,
-            "codebook_acc": (self.cb_correct.double() / self.cb_n.clamp(min=1)).tolist(),
-            "text_acc": self.text_correct / max(self.text_n, 1),
-            "n_samples": self.n_samples,
-            "n_text_targets": self.text_n,
-            "n_audio_targets": int(self.cb_n.sum()),
-        }
-
-
-@torch.no_grad()
-def evaluate_batches(model, batches: Iterable, device, *, text_weight=1.0, audio_weight=1.0) -> dict[str, Any]:
-    """Teacher-forced metrics over collated ``batches`` (model switched to eval, then restored)."""
-    was_training = model.training
-    model.eval()
-    sums = MetricSums()
-    for batch in batches:
-        _, loss = forward_loss(model, batch, device)
-        sums.add(loss, int(batch.input_ids.shape[0]))
-    model.train(was_training)
-    return sums.result(text_weight, audio_weight)
 
 
 def load_trained(cfg: dict, adapter_dir: Path, device):

@@ -20,10 +20,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from .model import AUDIO_STREAM_EOS_ID
-
-ASSISTANT_AUDIO_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
-
+from .labels import ASSISTANT_AUDIO_PREFIX, AUDIO_STREAM_EOS_ID
 
 def split_row(row: dict) -> tuple[dict, str, dict, dict | None]:
     """A kept manifest row -> ``(prompt_row, target_text, target_audio, reference_audio)``.

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .labels import IGNORE_INDEX, has_audio_targets
+
 
 class TrainingHealthError(RuntimeError):
     """Base class: training stopped because a health check failed."""
@@ -82,10 +84,10 @@ def check_audio_outputs(audio_logits: torch.Tensor | None, label_audio_ids: torc
 
     ``audio_logits``: ``(N, K, C)`` or None; ``label_audio_ids``: ``(K, N)`` or None.
     """
-    has_labels = label_audio_ids is not None and bool((label_audio_ids != -100).any())
+    has_labels = has_audio_targets(label_audio_ids)
     if has_labels and (audio_logits is None or audio_logits.shape[0] == 0):
         raise AudioInputsDropped(f"label_audio_ids {tuple(label_audio_ids.shape)} has "
-                                 f"{int((label_audio_ids != -100).sum())} targets, audio_logits is "
+                                 f"{int((label_audio_ids != IGNORE_INDEX).sum())} targets, audio_logits is "
                                  f"{None if audio_logits is None else tuple(audio_logits.shape)}")
 
 

@@ -1,14 +1,9 @@
 """The Higgs Audio training loss: next-token cross-entropy on text and on each audio codebook.
 
-``HiggsAudioModel.forward`` returns no loss, and neither of its label tensors is shifted:
-
-* ``expanded_labels[b, t]`` is the label **of** position ``t`` (the token at ``t``), so the logits at
-  ``t`` predict ``expanded_labels[b, t + 1]``: ``CE(logits[:, :-1], expanded_labels[:, 1:])``.
-* ``audio_logits[i]`` is computed at the i-th audio-out position of the concatenated stream, and
-  ``label_audio_ids[:, i]`` is the label of that position, so ``audio_logits[i]`` predicts
-  ``label_audio_ids[:, i + 1]`` — but only when ``i`` and ``i + 1`` lie in the same audio segment.
-  Segments (one per ``<|AUDIO_OUT|>``, across all samples of the batch) start at
-  ``audio_out_ids_start``; the last row of a segment has no audio target.
+``HiggsAudioModel.forward`` returns no loss and its labels are not shifted: the shift (text
+``logits[:, t]`` -> ``expanded_labels[:, t + 1]``; audio ``audio_logits[i]`` ->
+``label_audio_ids[:, i + 1]`` inside one segment) is defined once in :mod:`higgs_tune.labels`
+and applied here.
 
 Skipping the shift (predicting the label of the input position itself) lets the model copy its
 input: the loss falls to ~0 and generation produces silence or noise. The audit stage's leak probe
@@ -27,7 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .labels import IGNORE_INDEX, NUM_CODEBOOKS, same_segment_mask, shifted_audio_targets, shifted_text_labels
+
+__all__ = ["HiggsLoss", "TargetCounts", "count_targets", "forward_loss", "higgs_loss", "same_segment_mask",
+           "shifted_audio_targets"]
 
 
 @dataclass
@@ -74,37 +72,8 @@ class HiggsLoss:
     n_audio_targets: int
 
 
-def same_segment_mask(n_rows: int, audio_out_ids_start: torch.Tensor, device=None) -> torch.Tensor:
-    """Bool ``(max(n_rows - 1, 0),)``: True at ``i`` when rows ``i`` and ``i + 1`` share a segment.
-
-    Args:
-        n_rows: length N of the concatenated audio-out stream.
-        audio_out_ids_start: long ``(S,)``, the first row of each segment (sorted, starting at 0).
-    """
-    if n_rows <= 1:
-        return torch.zeros(0, dtype=torch.bool, device=device)
-    boundary = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    starts = audio_out_ids_start.to(device=device, dtype=torch.long)
-    boundary[starts[(starts > 0) & (starts < n_rows)]] = True
-    return ~boundary[1:]  # pair (i, i+1) is valid unless i+1 starts a new segment
-
-
-def shifted_audio_targets(label_audio_ids: torch.Tensor, audio_out_ids_start: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with ``audio_logits`` rows: ``(N, K)`` long, ``-100`` where there is none.
-
-    Row ``i`` holds ``label_audio_ids[:, i + 1]`` when ``i + 1`` is in ``i``'s segment, else -100.
-    """
-    k, n = label_audio_ids.shape
-    out = torch.full((n, k), IGNORE_INDEX, dtype=torch.long, device=label_audio_ids.device)
-    if n > 1:
-        keep = same_segment_mask(n, audio_out_ids_start, label_audio_ids.device)
-        nxt = label_audio_ids[:, 1:].t()
-        out[:-1] = torch.where(keep[:, None], nxt, torch.full_like(nxt, IGNORE_INDEX))
-    return out
-
-
 def count_targets(label_ids: torch.Tensor, label_audio_ids: torch.Tensor | None,
-                  audio_out_ids_start: torch.Tensor | None, num_codebooks: int = 8) -> TargetCounts:
+                  audio_out_ids_start: torch.Tensor | None, num_codebooks: int = NUM_CODEBOOKS) -> TargetCounts:
     """Learnable-target counts of a collated batch, before any forward pass.
 
     ``label_ids (B, L)`` are the collator's text labels (the model only inserts -100 for audio
@@ -150,18 +119,20 @@ def higgs_loss(
     if expanded_labels.shape != logits.shape[:2]:
         raise ValueError(f"expanded_labels {tuple(expanded_labels.shape)} does not match logits {tuple(logits.shape)}")
     # text: logits at t predict the label of t + 1
-    t_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    t_labels = expanded_labels[:, 1:].reshape(-1)
+    # only target positions are gathered and cast to fp32 (never a copy of all B x L x V logits)
+    t_labels = shifted_text_labels(expanded_labels)
     valid = t_labels != IGNORE_INDEX
     n_text = int(valid.sum())
     if n_text:
-        text_sum = F.cross_entropy(t_logits[valid], t_labels[valid], reduction="sum")
-        text_correct = int((t_logits[valid].argmax(-1) == t_labels[valid]).sum())
+        t_logits = logits[:, :-1][valid].float()  # (n_text, V)
+        t_tgt = t_labels[valid]
+        text_sum = F.cross_entropy(t_logits, t_tgt, reduction="sum")
+        text_correct = int((t_logits.argmax(-1) == t_tgt).sum())
     else:  # keep the graph connected (zero gradients) so DDP and accumulation see every parameter
         text_sum, text_correct = logits.sum() * 0.0, 0
 
     k = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else (
-        audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else 8)
+        audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else NUM_CODEBOOKS)
     cb_sum = logits.new_zeros(k, dtype=torch.float32)
     cb_n = torch.zeros(k, dtype=torch.long, device=logits.device)
     cb_correct = torch.zeros(k, dtype=torch.long, device=logits.device)

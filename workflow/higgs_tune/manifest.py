@@ -53,7 +53,7 @@ import soundfile as sf
 
 from . import config as config_mod
 from .audio_io import AudioDecodeError, audio_sha256, load_audio
-from .data import write_jsonl
+from .fileio import write_jsonl
 
 log = logging.getLogger("higgs_tune.manifest")
 

@@ -27,22 +27,8 @@ from typing import Any
 import torch
 import torch.distributed.tensor  # noqa: F401
 
-#: Higgs special tokens and their ids in the Llama-3.2 vocabulary (Higgs Audio v2 tokenizer_config.json;
-#: these ids are ``<|reserved_special_token_N|>`` slots in the stock Llama-3.2 tokenizer).
-HIGGS_SPECIAL_TOKENS: dict[int, str] = {
-    128011: "<|audio_bos|>",
-    128012: "<|audio_eos|>",
-    128013: "<|audio_out_bos|>",
-    128015: "<|AUDIO|>",
-    128016: "<|AUDIO_OUT|>",
-    128017: "<|recipient|>",
-    128018: "<|scene_desc_start|>",
-    128019: "<|scene_desc_end|>",
-}
-PAD_TOKEN_ID = 128001  # <|end_of_text|>, Higgs' pad_token_id
-AUDIO_STREAM_BOS_ID = 1024  # audio_stream_bos_id in the Higgs config: codebook_size
-AUDIO_STREAM_EOS_ID = 1025  # audio_stream_eos_id: codebook_size + 1
-IGNORE_INDEX = -100  # label value ignored by the loss (torch.nn.CrossEntropyLoss default)
+from .labels import (AUDIO_STREAM_BOS_ID, AUDIO_STREAM_EOS_ID, CODEBOOK_SIZE, HIGGS_SPECIAL_TOKENS, NUM_CODEBOOKS,
+                     PAD_TOKEN_ID, VOCAB_SIZE)
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -230,7 +216,7 @@ def tiny_higgs_config(arch: dict[str, Any]):
     hidden = arch["hidden_size"]
     text = dict(
         model_type="llama",
-        vocab_size=128256,
+        vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
         intermediate_size=arch["intermediate_size"],
         num_hidden_layers=arch["num_layers"],
@@ -253,8 +239,8 @@ def tiny_higgs_config(arch: dict[str, Any]):
         encode_audio_in_tokens=True,
         skip_audio_tower=True,
         use_delay_pattern=True,
-        audio_num_codebooks=8,
-        audio_codebook_size=1024,
+        audio_num_codebooks=NUM_CODEBOOKS,
+        audio_codebook_size=CODEBOOK_SIZE,
         audio_stream_bos_id=AUDIO_STREAM_BOS_ID,
         audio_stream_eos_id=AUDIO_STREAM_EOS_ID,
         pad_token_id=PAD_TOKEN_ID,

@@ -33,7 +33,7 @@ import torch
 from . import data as D
 from . import health
 from .config import Paths, add_config_args, config_from_args
-from .evaluate import MetricSums, evaluate_batches
+from .metrics import MetricSums, evaluate_batches
 from .loss import count_targets, forward_loss, shifted_audio_targets
 
 log = logging.getLogger("higgs_tune.train")
