@@ -20,5 +20,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        P.report,
+        rules.report.output,
     default_target: True

@@ -1,16 +1,17 @@
 rule audit:
     """Build the exact training tensors and audit the labels; exits non-zero (and training never
-    starts) when any rule fails. Snakemake removes the outputs of a failed job: the failed summary
-    stays readable at results/{experiment}/logs/audit_summary.json."""
+    starts) when any rule fails. The profiles keep a failed job's outputs (keep-incomplete), so the
+    failed summary stays readable in place."""
     input:
-        train=P.train_manifest,
-        val=P.val_manifest,
-        index=P.tokens_index,
+        train=rules.manifest.output.train,
+        val=rules.manifest.output.val,
+        index=rules.tokenize.output.index,
     output:
-        summary=P.audit_summary,
-        samples=P.audit_samples,
+        summary=OUT / "audit" / "summary.json",
+        samples=OUT / "audit" / "samples.parquet",
     params:
-        sig=section_sig("model", "audit", "lora"),
+        cfg=stage_config("model", "audit", "lora"),
+        code=code_sig("audit"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
@@ -18,4 +19,5 @@ rule audit:
     benchmark:
         LOGS / "audit.benchmark.tsv"
     shell:
-        "python -m higgs_tune.audit > {log} 2>&1"
+        "python -m higgs_tune.audit --config-json {params.cfg:q} --train {input.train:q} --val {input.val:q}"
+        " --index {input.index:q} --summary {output.summary:q} --samples {output.samples:q} > {log:q} 2>&1"

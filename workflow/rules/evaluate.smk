@@ -2,18 +2,21 @@ rule evaluate:
     """Held-out (val split) losses and teacher-forced top-1 accuracy per codebook; generated audio
     for the first eval.generate.n_samples val rows, scored by ASR WER and speaker similarity."""
     input:
-        adapter=P.adapter,
-        val=P.val_manifest,
-        index=P.tokens_index,
+        adapter=rules.train.output.adapter,
+        val=rules.manifest.output.val,
+        index=rules.tokenize.output.index,
     output:
-        metrics=P.eval_metrics,
-        generated=P.eval_generated,
-        audio=directory(P.eval_audio),
+        metrics=OUT / "eval" / "metrics.json",
+        generated=OUT / "eval" / "generated.jsonl",
+        audio=directory(OUT / "eval" / "audio"),
     params:
-        sig=section_sig("model", "lora", "train", "eval", "audio_tokenizer"),
+        cfg=stage_config("model", "lora", "train", "eval", "audio_tokenizer"),
+        code=code_sig("evaluate"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
         LOGS / "evaluate.log",
     shell:
-        "python -m higgs_tune.evaluate > {log} 2>&1"
+        "python -m higgs_tune.evaluate --config-json {params.cfg:q} --adapter {input.adapter:q} --val {input.val:q}"
+        " --index {input.index:q} --metrics {output.metrics:q} --generated {output.generated:q}"
+        " --audio {output.audio:q} > {log:q} 2>&1"

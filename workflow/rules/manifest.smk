@@ -3,15 +3,18 @@ rule manifest:
     input:
         manifest=config["data"]["manifest"],
     output:
-        train=P.train_manifest,
-        val=P.val_manifest,
-        quarantine=P.quarantine,
-        fixes=P.fixes,
+        train=OUT / "manifest" / "train.jsonl",
+        val=OUT / "manifest" / "val.jsonl",
+        quarantine=OUT / "manifest" / "quarantine.jsonl",
+        fixes=OUT / "manifest" / "fixes.json",
     params:
-        sig=section_sig("data"),
+        cfg=stage_config("data", "cache_dir"),
+        code=code_sig("manifest"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
         LOGS / "manifest.log",
     shell:
-        "python -m higgs_tune.manifest > {log} 2>&1"
+        "python -m higgs_tune.manifest --config-json {params.cfg:q} --manifest {input.manifest:q}"
+        " --train {output.train:q} --val {output.val:q} --quarantine {output.quarantine:q}"
+        " --fixes {output.fixes:q} > {log:q} 2>&1"

@@ -1,12 +1,15 @@
 rule tokenize:
-    """Encode every kept clip once with the Higgs audio tokenizer (content-addressed cache)."""
+    """Encode every kept clip once with the Higgs audio tokenizer (content-addressed cache in
+    cache_dir, shared by experiments: a cache, not an output)."""
     input:
-        train=P.train_manifest,
-        val=P.val_manifest,
+        train=rules.manifest.output.train,
+        val=rules.manifest.output.val,
     output:
-        index=P.tokens_index,
+        index=OUT / "tokens" / "index.parquet",
+        stats=OUT / "tokens" / "stats.json",
     params:
-        sig=section_sig("audio_tokenizer", "cache_dir"),
+        cfg=stage_config("audio_tokenizer", "cache_dir"),
+        code=code_sig("tokenize"),
     threads: 2
     resources:
         mem_mb=8000,
@@ -17,4 +20,5 @@ rule tokenize:
     benchmark:
         LOGS / "tokenize.benchmark.tsv"
     shell:
-        "python -m higgs_tune.tokenize --threads {threads} > {log} 2>&1"
+        "python -m higgs_tune.tokenize --config-json {params.cfg:q} --train {input.train:q} --val {input.val:q}"
+        " --index {output.index:q} --stats {output.stats:q} --threads {threads} > {log:q} 2>&1"

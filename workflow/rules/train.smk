@@ -1,17 +1,25 @@
 rule train:
-    """LoRA fine-tuning with accelerate; starts only after a passed audit."""
+    """LoRA fine-tuning with accelerate; starts only after a passed audit. Resume checkpoints live
+    in RESUME (train.resume_dir/{experiment}), outside the declared outputs, so that a rerun of
+    this job (which first deletes its outputs) resumes instead of starting again."""
     input:
-        audit=P.audit_summary,
-        train=P.train_manifest,
-        val=P.val_manifest,
-        index=P.tokens_index,
+        audit=rules.audit.output.summary,
+        train=rules.manifest.output.train,
+        val=rules.manifest.output.val,
+        index=rules.tokenize.output.index,
+        accelerate="config/accelerate.yaml",
     output:
-        metrics=P.metrics,
-        predictions=P.predictions,
-        adapter=directory(P.adapter),
-        state=P.train_state,
+        metrics=OUT / "train" / "metrics.jsonl",
+        val_metrics=OUT / "train" / "val_metrics.jsonl",
+        predictions=OUT / "train" / "predictions.jsonl",
+        adapter=directory(OUT / "train" / "adapter"),
+        checkpoint=directory(OUT / "train" / "checkpoint"),
+        state=OUT / "train" / "state.json",
+        tensorboard=directory(OUT / "train" / "tensorboard"),
     params:
-        sig=section_sig("model", "lora", "train"),
+        cfg=stage_config("model", "lora", "train", "eval"),
+        code=code_sig("train"),
+        resume=RESUME,
         nproc=lambda wc, resources: max(1, int(resources.get("gpu", 0) or 0)),
     threads: 2
     resources:
@@ -23,5 +31,9 @@ rule train:
     benchmark:
         LOGS / "train.benchmark.tsv"
     shell:
-        "accelerate launch --num_processes {params.nproc} --num_machines 1 --mixed_precision no "
-        "--dynamo_backend no -m higgs_tune.train > {log} 2>&1"
+        "accelerate launch --config_file {input.accelerate:q} --num_processes {params.nproc} --num_machines 1"
+        " -m higgs_tune.train --config-json {params.cfg:q}"
+        " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
+        " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"
+        " --adapter {output.adapter:q} --checkpoint {output.checkpoint:q} --state {output.state:q}"
+        " --tensorboard {output.tensorboard:q} --resume-dir {params.resume:q} > {log:q} 2>&1"
