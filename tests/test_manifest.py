@@ -20,7 +20,6 @@ import yaml
 
 from higgs_tune import manifest as mf
 from higgs_tune.audio_io import audio_sha256, load_audio
-from higgs_tune.config import Paths
 from higgs_tune.data import audio_items, build_dataset_sample, make_collator, read_jsonl
 from higgs_tune.model import tiny_higgs_config
 
@@ -48,10 +47,21 @@ def with_data(cfg: dict, **data) -> dict:
     return cfg
 
 
+def out_paths(cfg: dict) -> dict[str, Path]:
+    """The manifest rule's four outputs, laid out as the rules lay them out under results/{experiment}."""
+    d = Path(cfg["results_dir"]) / cfg["experiment"] / "manifest"
+    return {"train_out": d / "train.jsonl", "val_out": d / "val.jsonl", "quarantine_out": d / "quarantine.jsonl",
+            "fixes_out": d / "fixes.json"}
+
+
+def run(cfg: dict) -> dict:
+    return mf.run_manifest(cfg, **out_paths(cfg))
+
+
 def outputs(cfg: dict) -> tuple[list[dict], list[dict], list[dict], dict]:
-    p = Paths(cfg)
-    return (read_jsonl(p.train_manifest), read_jsonl(p.val_manifest), read_jsonl(p.quarantine),
-            json.loads(p.fixes.read_text()))
+    p = out_paths(cfg)
+    return (read_jsonl(p["train_out"]), read_jsonl(p["val_out"]), read_jsonl(p["quarantine_out"]),
+            json.loads(p["fixes_out"].read_text()))
 
 
 def corpus_config(cfg: dict, corpus: Path, name: str = "manifest.jsonl", **data) -> dict:
@@ -93,7 +103,7 @@ def corpus(tmp_path, lj_dir) -> Path:
 
 # ----------------------------------------------------------------------------------------- the demo
 def test_demo_manifest_all_kept(tmp_config):
-    summary = mf.run_manifest(tmp_config)
+    summary = run(tmp_config)
     train, val, quarantine, fixes = outputs(tmp_config)
     assert fixes == summary
     assert (summary["rows_in"], summary["rows_kept"], summary["rows_quarantined"]) == (40, 40, 0)
@@ -128,13 +138,13 @@ def test_demo_manifest_all_kept(tmp_config):
 
 
 def test_split_deterministic_and_stable(tmp_config, tmp_path):
-    mf.run_manifest(tmp_config)
-    p = Paths(tmp_config)
-    first = (p.train_manifest.read_bytes(), p.val_manifest.read_bytes())
+    run(tmp_config)
+    p = out_paths(tmp_config)
+    first = (p["train_out"].read_bytes(), p["val_out"].read_bytes())
     again = copy.deepcopy(tmp_config)
     again["results_dir"] = str(tmp_path / "again")
-    mf.run_manifest(again)
-    assert (Paths(again).train_manifest.read_bytes(), Paths(again).val_manifest.read_bytes()) == first
+    run(again)
+    assert (out_paths(again)["train_out"].read_bytes(), out_paths(again)["val_out"].read_bytes()) == first
 
     # the stage's own output is a valid input (absolute paths inside data_root): dropping 10 train
     # rows changes no other row's split, and the messages come back unchanged
@@ -144,7 +154,7 @@ def test_split_deterministic_and_stable(tmp_config, tmp_path):
     sub_manifest.write_text("".join(json.dumps(r) + "\n" for r in subset))
     sub = with_data(tmp_config, manifest=sub_manifest)
     sub["results_dir"] = str(tmp_path / "subset")
-    summary = mf.run_manifest(sub)
+    summary = run(sub)
     assert summary["rows_kept"] == len(subset) and summary["rows_quarantined"] == 0
     s_train, s_val, _, _ = outputs(sub)
     before = {r["misc"]["id"]: r for r in subset}
@@ -166,7 +176,7 @@ def test_assign_splits_guarantees():
 # ------------------------------------------------------------------------------- the bad corpus
 def test_bad_corpus_jsonl(tmp_config, corpus):
     cfg = corpus_config(tmp_config, corpus)
-    summary = mf.run_manifest(cfg)
+    summary = run(cfg)
     train, val, quarantine, fixes = outputs(cfg)
     kept = train + val
     expected = readme_expectations("manifest.jsonl")
@@ -210,7 +220,7 @@ def test_bad_corpus_jsonl(tmp_config, corpus):
     # raw_audio: decoded, validated, stored content-addressed under the cache; rows only see audio_url
     raw = by_id["raw-audio-ok"]
     url = raw["messages"][2]["content"]["audio_url"]
-    assert Path(url).parent == (Paths(cfg).cache / "raw_audio").resolve()
+    assert Path(url).parent == (Path(cfg["cache_dir"]) / "raw_audio").resolve()
     assert raw["misc"]["audio_sha256"][url] == Path(url).stem == audio_sha256(*load_audio(url))
     for r in kept:
         for _, _, item in audio_items(r):
@@ -220,40 +230,41 @@ def test_bad_corpus_jsonl(tmp_config, corpus):
     # deterministic derived ids and outputs
     again = copy.deepcopy(cfg)
     again["results_dir"] = cfg["results_dir"] + "-again"
-    mf.run_manifest(again)
+    run(again)
     assert outputs(again)[:3] == (train, val, quarantine)
 
 
 def test_quarantine_fraction_limit(tmp_config, corpus, tmp_path):
     cfg = corpus_config(tmp_config, corpus, max_quarantine_fraction=0.05)
     with pytest.raises(mf.QuarantineTooLarge, match="quarantine.jsonl") as err:
-        mf.run_manifest(cfg)
+        run(cfg)
     assert err.value.fraction > 0.5
-    p = Paths(cfg)
-    assert all(f.exists() for f in (p.train_manifest, p.val_manifest, p.quarantine, p.fixes))
-    summary = json.loads(p.fixes.read_text())
-    assert summary["rows_quarantined"] == len(read_jsonl(p.quarantine)) == 30
+    p = out_paths(cfg)
+    assert all(f.exists() for f in p.values())
+    summary = json.loads(p["fixes_out"].read_text())
+    assert summary["rows_quarantined"] == len(read_jsonl(p["quarantine_out"])) == 30
 
-    overlay = {"experiment": "cli", "results_dir": str(tmp_path / "cli"), "cache_dir": str(tmp_path / "cache"),
-               "data": {**cfg["data"]}}
-    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    # the CLI as the manifest rule renders it: the config sections as JSON, every path explicit
+    cli = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "higgs_tune.manifest", "--configfile", "config/demo.yaml",
-         "--configfile", str(tmp_path / "overlay.yaml")],
+        [sys.executable, "-m", "higgs_tune.manifest",
+         "--config-json", json.dumps({"data": cfg["data"], "cache_dir": str(tmp_path / "cache")}),
+         "--train", str(cli / "train.jsonl"), "--val", str(cli / "val.jsonl"),
+         "--quarantine", str(cli / "quarantine.jsonl"), "--fixes", str(cli / "fixes.json")],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "workflow")}, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
-    cli_quarantine = tmp_path / "cli" / "cli" / "manifest" / "quarantine.jsonl"
-    assert "max_quarantine_fraction" in proc.stderr and str(cli_quarantine) in proc.stderr
-    assert (tmp_path / "cli" / "cli" / "manifest" / "train.jsonl").exists()
+    assert "max_quarantine_fraction" in proc.stderr and str(cli / "quarantine.jsonl") in proc.stderr
+    assert (cli / "train.jsonl").exists() and sorted(p.name for p in cli.iterdir()) == [
+        "fixes.json", "quarantine.jsonl", "train.jsonl", "val.jsonl"]
 
 
 # --------------------------------------------------------------------------- LJSpeech and CSV inputs
 def test_ljspeech_metadata_converges_to_demo(tmp_config, tmp_path, lj_dir):
-    mf.run_manifest(tmp_config)
+    run(tmp_config)
     demo = {r["misc"]["id"]: r for r in sum(outputs(tmp_config)[:2], [])}
     cfg = with_data(tmp_config, manifest=lj_dir / "metadata.csv", data_root=lj_dir)
     cfg["results_dir"] = str(tmp_path / "lj")
-    summary = mf.run_manifest(cfg)
+    summary = run(cfg)
     assert summary["format"] == "ljspeech" and summary["rows_kept"] == 32 and summary["rows_quarantined"] == 0
     train, val, _, _ = outputs(cfg)
     for row in train + val:
@@ -266,7 +277,7 @@ def test_bad_corpus_ljspeech_and_csv(tmp_config, corpus):
     for name, section in (("metadata.csv", "metadata.csv"), ("manifest.csv", "manifest.csv")):
         cfg = corpus_config(tmp_config, corpus, name)
         cfg["experiment"] = name.replace(".", "_")
-        summary = mf.run_manifest(cfg)
+        summary = run(cfg)
         train, val, quarantine, _ = outputs(cfg)
         check_outcomes(readme_expectations(section), train + val, quarantine, summary)
         assert summary["format"] == ("ljspeech" if name == "metadata.csv" else "csv")
@@ -292,7 +303,7 @@ def test_tsv_uses_data_root_and_json_list(tmp_config, corpus, tmp_path):
         "audio\ttext\tspeaker\nwavs/LJ001-0008.wav\thas never been surpassed.\tLJ\n\n"
         "wavs/LJ001-0013.wav\tthan in the same operations with ugly ones.\tLJ\n")
     cfg = with_data(tmp_config, manifest=elsewhere / "manifest.tsv", data_root=corpus, format="auto")
-    summary = mf.run_manifest(cfg)
+    summary = run(cfg)
     assert (summary["format"], summary["rows_kept"], summary["rows_in"]) == ("csv", 2, 2)
     rows = sum(outputs(cfg)[:2], [])
     assert {r["misc"]["source_line"] for r in rows} == {2, 4}
@@ -303,7 +314,7 @@ def test_tsv_uses_data_root_and_json_list(tmp_config, corpus, tmp_path):
     (corpus / "list.json").write_text(json.dumps(good[:2] + ["not a sample"] + good[2:]))
     cfg = corpus_config(tmp_config, corpus, "list.json")
     cfg["experiment"] = "json_list"
-    summary = mf.run_manifest(cfg)
+    summary = run(cfg)
     train, val, quarantine, _ = outputs(cfg)
     assert (summary["rows_in"], summary["rows_kept"]) == (5, 4)
     assert [(q["line"], q["reason"], q["row"]) for q in quarantine] == [(3, "schema_violation", "not a sample")]
@@ -314,21 +325,21 @@ def test_whole_file_errors(tmp_config, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"messages": []},')
     with pytest.raises(mf.ManifestError, match="not a valid JSON list"):
-        mf.run_manifest(with_data(tmp_config, manifest=bad, data_root=tmp_path))
+        run(with_data(tmp_config, manifest=bad, data_root=tmp_path))
     nohead = tmp_path / "m.csv"
     nohead.write_text("path,transcript\nx.wav,hello\n")
     with pytest.raises(mf.ManifestError, match="audio"):
-        mf.run_manifest(with_data(tmp_config, manifest=nohead, data_root=tmp_path, format="csv"))
+        run(with_data(tmp_config, manifest=nohead, data_root=tmp_path, format="csv"))
 
 
 # ----------------------------------------------------------------------- kept rows train downstream
 def test_kept_rows_build_dataset_samples_and_collate(tmp_config, corpus, text_tokenizer):
-    mf.run_manifest(tmp_config)
+    run(tmp_config)
     rows = sum(outputs(tmp_config)[:2], [])
     for name in ("manifest.jsonl", "manifest.csv"):
         cfg = corpus_config(tmp_config, corpus, name)
         cfg["experiment"] = name.replace(".", "_")
-        mf.run_manifest(cfg)
+        run(cfg)
         rows += sum(outputs(cfg)[:2], [])
     assert len(rows) == 40 + 16 + 4
 

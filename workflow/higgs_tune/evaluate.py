@@ -1,8 +1,9 @@
 """Held-out evaluation: text loss, audio loss, per-codebook loss and teacher-forced top-1 accuracy.
 
-CLI (stage ``evaluate``): ``python -m higgs_tune.evaluate --configfile config/demo.yaml`` loads the
-base model and the trained LoRA adapter (``results/{exp}/train/adapter``), runs the val split
-with teacher forcing, and writes ``results/{exp}/eval/metrics.json``.
+CLI (stage ``evaluate``, as ``workflow/rules/evaluate.smk`` renders it): ``python -m
+higgs_tune.evaluate --config-json ... --adapter A --val V --index I --metrics M --generated G --audio D``
+loads the base model and the trained LoRA adapter, runs the val split with teacher forcing, and
+writes the metrics JSON.
 
 Accuracies are teacher-forced: the argmax of ``audio_logits[i, k]`` against
 ``label_audio_ids[k, i + 1]`` (same segment), and of ``logits[b, t]`` against
@@ -22,7 +23,6 @@ Per-sample rows go to ``eval/generated.jsonl``; corpus WER, mean SIM, EOS rate t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from . import data as D
-from .config import Paths, add_config_args, config_from_args
+from .config import add_config_args, config_from_args
+from .fileio import write_json, write_jsonl
 from .metrics import evaluate_batches
 
 log = logging.getLogger("higgs_tune.evaluate")
@@ -135,22 +136,30 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
     return results, summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    paths = Paths(cfg)
+def run_evaluate(cfg: dict, *, adapter: str | Path, val: str | Path, index: str | Path, metrics_out: str | Path,
+                 generated_out: str | Path, audio_dir: str | Path) -> dict[str, Any]:
+    """The evaluate stage: val metrics to ``metrics_out`` (JSON), generated rows to ``generated_out``
+    (JSONL), WAVs to ``audio_dir``. Returns the metrics dict.
+
+    Args:
+        cfg: config with the ``model``, ``train`` (loss weights), ``eval`` and ``audio_tokenizer`` sections.
+        adapter: the LoRA adapter folder written by training.
+        val, index: the val manifest and the tokens index.
+
+    Raises:
+        SystemExit: the val manifest has no rows.
+    """
     from .model import device_and_dtype, load_text_tokenizer
 
+    audio_dir = Path(audio_dir)
     device, _ = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
     t0 = time.time()
-    model = load_trained(cfg, paths.adapter, device)
+    model = load_trained(cfg, Path(adapter), device)
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
-    codes = D.CodesIndex(paths.tokens_index)
-    rows = D.read_jsonl(paths.val_manifest)
+    codes = D.CodesIndex(index)
+    rows = D.read_jsonl(val)
     if not rows:
-        raise SystemExit(f"{paths.val_manifest} has no rows: raise data.val_fraction to evaluate")
+        raise SystemExit(f"{val} has no rows: raise data.val_fraction to evaluate")
     collator = D.make_collator(model.config)
     samples = [D.build_dataset_sample(r, tok, codes.get) for r in rows]
     batches = [collator(b) for b in D.batches(samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
@@ -158,22 +167,35 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate_batches(model, batches, device, text_weight=tw, audio_weight=aw)
     gen = cfg["eval"].get("generate") or {}
     generated: list[dict] = []
-    paths.eval_audio.mkdir(parents=True, exist_ok=True)
+    audio_dir.mkdir(parents=True, exist_ok=True)
     if gen.get("n_samples", 0) > 0:
         from .tokenize import build_codec
 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
         generated, metrics["generation"] = evaluate_generation(
-            model.get_base_model(), tok, rows[:gen["n_samples"]], codes.get, codec, paths.eval_audio, gen, device=device)
+            model.get_base_model(), tok, rows[:gen["n_samples"]], codes.get, codec, audio_dir, gen, device=device)
         metrics["audio"] = [{k: r[k] for k in ("id", "text", "generated", "codec", "reference", "hypothesis", "wer",
                                                "sim", "gt_wer", "codec_wer", "ended")} for r in generated]
-    D.write_jsonl(paths.eval_generated, generated)
-    metrics.update(split="val", adapter=str(paths.adapter), model_source=cfg["model"]["source"],
+    write_jsonl(generated_out, generated)
+    metrics.update(split="val", adapter=str(adapter), model_source=cfg["model"]["source"],
                    elapsed_s=round(time.time() - t0, 2))
-    paths.eval_metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.eval_metrics.write_text(json.dumps(metrics, indent=2))
+    write_json(metrics_out, metrics)
     log.info("val: loss %.4f text %.4f audio %.4f codebook acc %s", metrics["loss"], metrics["text_loss"],
              metrics["audio_loss"], [round(a, 3) for a in metrics["codebook_acc"]])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m higgs_tune.evaluate", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    for name, what in (("adapter", "input: the trained LoRA adapter folder"), ("val", "input: val manifest"),
+                       ("index", "input: tokens index"), ("metrics", "output: metrics.json"),
+                       ("generated", "output: generated.jsonl"), ("audio", "output: folder of WAVs")):
+        parser.add_argument(f"--{name}", required=True, help=what)
+    args = parser.parse_args(argv)
+    run_evaluate(config_from_args(args), adapter=args.adapter, val=args.val, index=args.index,
+                 metrics_out=args.metrics, generated_out=args.generated, audio_dir=args.audio)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ Fix kinds (``misc.fixes[*].kind``): ``path_resolved``, ``windows_path``, ``role_
 Quarantine reasons: see :data:`REASONS`. Warning kinds (kept rows, ``misc.warnings``):
 ``silent_audio`` (peak below -60 dBFS; kept because silence is valid audio, the audit decides).
 
-CLI: ``python -m higgs_tune.manifest --configfile config/demo.yaml`` (exit 1 when the quarantined
-fraction exceeds ``data.max_quarantine_fraction``; all outputs are written first).
+CLI (as ``workflow/rules/manifest.smk`` renders it)::
+
+    python -m higgs_tune.manifest --configfile config/demo.yaml --train T.jsonl --val V.jsonl \
+        --quarantine Q.jsonl --fixes fixes.json
+
+exits 1 when the quarantined fraction exceeds ``data.max_quarantine_fraction`` (all outputs are
+written first).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import soundfile as sf
 
 from . import config as config_mod
 from .audio_io import AudioDecodeError, audio_sha256, load_audio
-from .fileio import write_jsonl
+from .fileio import write_json, write_jsonl
 
 log = logging.getLogger("higgs_tune.manifest")
 
@@ -680,8 +685,15 @@ def read_rows(path: Path, fmt: str) -> list[SourceRow]:
     return readers[fmt](path)
 
 
-def run_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the stage for a validated config; write the four outputs of ``config.Paths(cfg)``.
+def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | Path, quarantine_out: str | Path,
+                 fixes_out: str | Path, manifest: str | Path | None = None) -> dict[str, Any]:
+    """Run the stage; write the four outputs (kept train/val rows, quarantine JSONL, ``fixes.json``).
+
+    Args:
+        cfg: config with the ``data`` section (and ``cache_dir``: base64 ``raw_audio`` is extracted
+            to ``{cache_dir}/raw_audio``).
+        train_out, val_out, quarantine_out, fixes_out: output paths (the manifest rule's outputs).
+        manifest: the input manifest; default ``data.manifest``.
 
     Returns:
         The ``fixes.json`` dict: ``rows_in``, ``rows_kept``, ``rows_quarantined``, ``rows_train``,
@@ -695,8 +707,9 @@ def run_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
         RuntimeError: rows_in != kept + quarantined (a bug; never expected).
     """
     data = cfg["data"]
-    paths = config_mod.Paths(cfg)
-    manifest = Path(data["manifest"])
+    cache = Path(cfg.get("cache_dir") or ".cache/higgs-tune")
+    quarantine_out = Path(quarantine_out)
+    manifest = Path(manifest or data["manifest"])
     if not manifest.is_file():
         raise FileNotFoundError(f"data.manifest {manifest} does not exist")
     manifest_dir = manifest.resolve().parent
@@ -723,7 +736,7 @@ def run_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
                     b64 = item.pop("raw_audio")
                     key = hashlib.sha256(b64.encode()).hexdigest()
                     if key not in raw_done:  # the same inline bytes in several rows: decoded once
-                        raw_done[key] = extract_raw_audio(b64, paths.cache, where)
+                        raw_done[key] = extract_raw_audio(b64, cache, where)
                     path, probe = raw_done[key]
                     probes[os.path.realpath(path)] = probe
                     _fix(src.fixes, "raw_audio_extracted", where, f"-> {path}")
@@ -827,19 +840,17 @@ def run_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
     if summary["rows_in"] != summary["rows_kept"] + summary["rows_quarantined"]:
         raise RuntimeError(f"manifest invariant broken: {summary['rows_in']} rows in != {summary['rows_kept']} kept + "
                            f"{summary['rows_quarantined']} quarantined")
-    write_jsonl(paths.train_manifest, train)
-    write_jsonl(paths.val_manifest, val)
-    write_jsonl(paths.quarantine, quarantine)
-    tmp = paths.fixes.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(paths.fixes)
+    write_jsonl(train_out, train)
+    write_jsonl(val_out, val)
+    write_jsonl(quarantine_out, quarantine)
+    write_json(fixes_out, summary)
 
     log.info("%d rows in: %d kept (%d train, %d val), %d quarantined %s; fixes %s", len(rows), len(kept), len(train),
              len(val), len(quarantine), reason_counts, fix_counts)
     for q in quarantine[:20]:
         log.warning("line %d quarantined (%s): %s", q["line"], q["reason"], q["message"])
     if len(quarantine) > 20:
-        log.warning("... and %d more in %s", len(quarantine) - 20, paths.quarantine)
+        log.warning("... and %d more in %s", len(quarantine) - 20, quarantine_out)
     if not rows:
         raise ManifestError(f"{manifest} has no rows")
     fraction = len(quarantine) / len(rows)
@@ -847,10 +858,10 @@ def run_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
     if fraction > limit:
         raise QuarantineTooLarge(
             f"{len(quarantine)} of {len(rows)} rows ({fraction:.1%}) quarantined, above data.max_quarantine_fraction="
-            f"{limit}: read {paths.quarantine} (each line has a reason and what to do), fix the data or raise the "
-            "limit", fraction, paths.quarantine)
+            f"{limit}: read {quarantine_out} (each line has a reason and what to do), fix the data or raise the "
+            "limit", fraction, quarantine_out)
     if not kept:
-        raise ManifestError(f"no row of {manifest} survived; see {paths.quarantine}")
+        raise ManifestError(f"no row of {manifest} survived; see {quarantine_out}")
     return summary
 
 
@@ -858,11 +869,15 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (1 on a too-large quarantine or an unusable input)."""
     parser = argparse.ArgumentParser(prog="python -m higgs_tune.manifest", description=__doc__.split("\n\n")[0])
     config_mod.add_config_args(parser)
+    parser.add_argument("--manifest", default=None, help="input manifest (default: data.manifest)")
+    for name in ("train", "val", "quarantine", "fixes"):
+        parser.add_argument(f"--{name}", required=True, help=f"output: the {name} file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_mod.config_from_args(args)
     try:
-        run_manifest(cfg)
+        run_manifest(cfg, manifest=args.manifest, train_out=args.train, val_out=args.val,
+                     quarantine_out=args.quarantine, fixes_out=args.fixes)
     except (ManifestError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -247,20 +247,24 @@ def tiny_higgs_config(arch: dict[str, Any]):
     )
 
 
-def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32):
-    """Return a ``HiggsAudioModel`` (train mode off) from the ``model`` config section.
+def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Return a ``HiggsAudioModel`` (train mode off) on ``device`` in ``dtype``, loaded once.
 
-    ``source: random_init`` seeds torch with ``seed`` and builds :func:`tiny_higgs_config`;
-    ``source: pretrained`` loads ``path`` with ``from_pretrained``.
+    ``source: random_init`` seeds torch with ``seed`` and builds :func:`tiny_higgs_config` directly on
+    ``device``; ``source: pretrained`` loads ``path`` (hub id or folder) with ``from_pretrained``
+    straight to ``device`` (``device_map``), never as a second full copy on the CPU first.
     """
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
+    device = torch.device(device)
     if cfg["source"] == "random_init":
         torch.manual_seed(cfg["seed"])
-        model = HiggsAudioModel(tiny_higgs_config(cfg["arch"]))
+        with device:
+            model = HiggsAudioModel(tiny_higgs_config(cfg["arch"]))
         model.config._attn_implementation = "eager"
         return model.to(dtype).eval()
-    return HiggsAudioModel.from_pretrained(cfg["path"], torch_dtype=dtype).eval()
+    return HiggsAudioModel.from_pretrained(cfg["path"], torch_dtype=dtype, device_map={"": device},
+                                           low_cpu_mem_usage=True).eval()
 
 
 def apply_lora(model, lora: dict[str, Any]):

@@ -1,11 +1,14 @@
-"""Report stage: one self-contained HTML file (``Paths.report``) summarising an experiment.
+"""Report stage: one self-contained HTML file summarising an experiment.
 
 Reads the training curves, the label audit, the eval metrics, the manifest fixes/quarantine, the
 prediction snapshots and any eval audio; embeds every plot (base64 PNG) and audio clip (base64 WAV
 data URI) so the file can be mailed around. Every figure's caption names the exact input files it
 was drawn from (path + short sha256) plus the experiment name and the config hash.
 
-    python -m higgs_tune.report --configfile config/demo.yaml
+    python -m higgs_tune.report --config-json CONFIG --inputs '{"metrics": "...", ...}' --out report.html
+
+(as ``workflow/rules/report.smk`` renders it: ``--inputs`` maps each input role of that rule to its
+path; the report reads nothing else).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -31,10 +33,10 @@ import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 from jinja2 import Environment, FileSystemLoader  # noqa: E402
 
-from higgs_tune.config import Paths, add_config_args, config_from_args  # noqa: E402
+from higgs_tune.config import add_config_args, config_from_args  # noqa: E402
+from higgs_tune.fileio import git_revision, read_jsonl, sha256_file, write_text  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["torch", "transformers", "peft", "boson-multimodal", "pandas", "seaborn", "matplotlib"]
 MAX_TABLE_ROWS = 200
 MAX_AUDIO_BYTES = 8 * 1024 * 1024
@@ -42,29 +44,29 @@ SHORT = 12  # hex chars of sha256 shown in captions
 
 
 # ----------------------------------------------------------------------------- small helpers
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:SHORT]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+#: input role -> the rule that writes it (for the error naming what to run)
+PRODUCER = {"metrics": "train", "val_metrics": "train", "predictions": "train", "train_state": "train",
+            "adapter": "train", "audit_summary": "audit", "audit_samples": "audit", "eval_metrics": "evaluate",
+            "generated": "evaluate", "audio": "evaluate", "fixes": "manifest", "quarantine": "manifest",
+            "train_manifest": "manifest", "val_manifest": "manifest", "tokens_index": "tokenize"}
 
 
-def require(path: Path, stage: str) -> Path:
-    if not path.is_file():
+def require(inputs: dict[str, str], role: str) -> Path:
+    """The path of input ``role``.
+
+    Raises:
+        FileNotFoundError: naming the file and the Snakemake rule that writes it, when it is absent.
+    """
+    path = Path(inputs[role]) if inputs.get(role) else None
+    if path is None or not path.exists():
+        rule = PRODUCER.get(role, role)
         raise FileNotFoundError(
-            f"{path} is missing: it is written by the '{stage}' stage "
-            f"(python -m higgs_tune.{stage} --configfile ...); run that stage first"
-        )
+            f"{path or role} is missing: it is written by the '{rule}' rule; run the workflow "
+            f"(snakemake --profile profiles/default --configfile YOUR.yaml), which runs '{rule}' first")
     return path
 
 
@@ -112,19 +114,6 @@ def records(rows: list[dict], max_rows: int = MAX_TABLE_ROWS) -> dict | None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return {"columns": columns, "rows": [[fmt(r.get(c)) for c in columns] for r in rows[:max_rows]],
             "total": len(rows)}
-
-
-def git_revision(cwd: Path = REPO_ROOT) -> str:
-    """``<sha>`` or ``<sha> (dirty)``; a plain explanation when git or the repository is absent."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown (not a git repository)"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + (" (dirty)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
 
 
 def package_versions() -> dict[str, str]:
@@ -366,32 +355,32 @@ def manifest_section(fixes: Path | None, quarantine: Path | None, inputs: Inputs
     return sec
 
 
-def _resolve_audio(ref: str | None, cfg: dict, paths: Paths) -> Path | None:
+def _resolve_audio(ref: str | None, audio_dir: Path | None) -> Path | None:
+    """An eval audio reference: absolute, or relative to the working directory or the eval audio folder."""
     if not ref:
         return None
     p = Path(ref)
-    for cand in ([p] if p.is_absolute() else
-                 [p, paths.root / p, paths.root / "eval" / p, Path(cfg["data"].get("data_root", ".")) / p]):
+    for cand in [p] if p.is_absolute() else [p] + ([audio_dir / p.name] if audio_dir else []):
         if cand.is_file():
             return cand
     return None
 
 
-def audio_section(cfg: dict, paths: Paths, eval_metrics: dict, inputs: Inputs) -> list[dict]:
-    """Players for eval/metrics.json ``audio`` entries, then any unlisted eval/samples/*.wav."""
+def audio_section(audio_dir: Path | None, eval_metrics: dict, inputs: Inputs) -> list[dict]:
+    """Players for eval/metrics.json ``audio`` entries, then any unlisted WAV of the eval audio folder."""
     entries, seen = [], set()
     for i, item in enumerate(eval_metrics.get("audio") or []):
         clips = []
         for kind in ("generated", "codec", "reference"):
             if kind not in item:
                 continue
-            path = _resolve_audio(item.get(kind), cfg, paths)
+            path = _resolve_audio(item.get(kind), audio_dir)
             clips.append(_clip(kind, item.get(kind), path, f"audio:{item.get('id', i)}:{kind}", inputs))
             if path:
                 seen.add(path.resolve())
         scores = [(k, fmt(item[k])) for k in ("hypothesis", "wer", "sim", "gt_wer", "codec_wer", "ended") if k in item]
         entries.append({"id": item.get("id", i), "text": item.get("text"), "clips": clips, "scores": scores})
-    for wav in sorted((paths.root / "eval" / "samples").glob("*.wav")):
+    for wav in sorted(audio_dir.glob("*.wav")) if audio_dir and audio_dir.is_dir() else []:
         if wav.resolve() not in seen:
             entries.append({"id": wav.stem, "text": None,
                             "clips": [_clip("generated", str(wav), wav, f"audio:{wav.stem}", inputs)]})
@@ -409,33 +398,39 @@ def _clip(kind: str, ref: str | None, path: Path | None, role: str, inputs: Inpu
 
 
 # ----------------------------------------------------------------------------- main
-def build_report(cfg: dict) -> Path:
-    """Render ``Paths(cfg).report``; raise FileNotFoundError if a required input is missing."""
-    paths = Paths(cfg)
-    require(paths.metrics, "train")
-    require(paths.audit_summary, "audit")
-    require(paths.eval_metrics, "eval")
+#: input roles read as files (besides the folders ``adapter`` and ``audio``), in report order
+FILE_ROLES = ("manifest", "train_manifest", "val_manifest", "fixes", "quarantine", "tokens_index", "audit_summary",
+              "audit_samples", "metrics", "val_metrics", "predictions", "train_state", "eval_metrics", "generated")
+
+
+def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> Path:
+    """Render the report to ``out`` from the files named in ``inputs_by_role`` (role -> path: the
+    report rule's inputs, see :data:`FILE_ROLES`; ``adapter`` and ``audio`` are folders).
+
+    Raises:
+        FileNotFoundError: ``metrics``, ``audit_summary`` or ``eval_metrics`` is missing (naming the rule to run).
+        ValueError: the metrics file holds no step rows.
+    """
+    metrics_path = require(inputs_by_role, "metrics")
+    audit_path = require(inputs_by_role, "audit_summary")
+    eval_path = require(inputs_by_role, "eval_metrics")
     inputs = Inputs(cfg)
-    for role, path in [("manifest_input", Path(cfg["data"]["manifest"])),
-                       ("train_manifest", paths.train_manifest), ("val_manifest", paths.val_manifest),
-                       ("fixes", paths.fixes), ("quarantine", paths.quarantine),
-                       ("tokens_index", paths.tokens_index), ("audit_summary", paths.audit_summary),
-                       ("audit_samples", paths.audit_samples), ("metrics", paths.metrics),
-                       ("val_metrics", paths.train_dir / "val_metrics.jsonl"),
-                       ("predictions", paths.predictions), ("train_state", paths.train_state),
-                       ("eval_metrics", paths.eval_metrics)]:
-        inputs.add(role, path)
-    if paths.adapter.is_dir():
-        for f in sorted(p for p in paths.adapter.rglob("*") if p.is_file()):
-            inputs.add(f"adapter:{f.relative_to(paths.adapter)}", f)
+    for role in FILE_ROLES:
+        if inputs_by_role.get(role):
+            inputs.add(role, Path(inputs_by_role[role]))
+    adapter = Path(inputs_by_role["adapter"]) if inputs_by_role.get("adapter") else None
+    if adapter and adapter.is_dir():
+        for f in sorted(p for p in adapter.rglob("*") if p.is_file()):
+            inputs.add(f"adapter:{f.relative_to(adapter)}", f)
+    audio_dir = Path(inputs_by_role["audio"]) if inputs_by_role.get("audio") else None
     present = {r: Path(f["path"]) for r, f in inputs.files.items() if f["sha256"]}
 
     sns.set_theme(style="whitegrid", context="notebook")
-    metrics = pd.DataFrame(read_jsonl(paths.metrics))
+    metrics = pd.DataFrame(read_jsonl(metrics_path))
     val = pd.DataFrame(read_jsonl(present["val_metrics"])) if "val_metrics" in present else pd.DataFrame()
     if metrics.empty or "step" not in metrics:
-        raise ValueError(f"{paths.metrics} holds no step rows")
-    eval_metrics = json.loads(paths.eval_metrics.read_text())
+        raise ValueError(f"{metrics_path} holds no step rows")
+    eval_metrics = json.loads(eval_path.read_text())
     state = json.loads(present["train_state"].read_text()) if "train_state" in present else {}
     sources = {"model (config)": cfg["model"].get("source"),
                "audio_tokenizer (config)": cfg["audio_tokenizer"].get("source"),
@@ -456,12 +451,12 @@ def build_report(cfg: dict) -> Path:
                                          for k in ("loss", "text_acc") if k in eval_metrics],
         "train_figures": training_figures(metrics, val, inputs),
         "val_missing": val.empty,
-        "audit": audit_section(json.loads(paths.audit_summary.read_text()), present.get("audit_samples"), inputs),
+        "audit": audit_section(json.loads(audit_path.read_text()), present.get("audit_samples"), inputs),
         "eval": eval_section(eval_metrics, inputs),
         "predictions": predictions_section(read_jsonl(present["predictions"]) if "predictions" in present else [],
                                            inputs),
         "manifest": manifest_section(present.get("fixes"), present.get("quarantine"), inputs),
-        "audio": audio_section(cfg, paths, eval_metrics, inputs),
+        "audio": audio_section(audio_dir, eval_metrics, inputs),
         "state": [(k, fmt(v)) for k, v in flatten(state)],
         "git": git_revision(), "train_git": state.get("git_revision"),
         "packages": package_versions(),
@@ -471,17 +466,17 @@ def build_report(cfg: dict) -> Path:
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     html = env.get_template("report.html.j2").render(**context)
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.report.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(paths.report)
-    return paths.report
+    write_text(out, html)
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m higgs_tune.report", description=__doc__.split("\n")[0])
     add_config_args(parser)
-    out = build_report(config_from_args(parser.parse_args(argv)))
+    parser.add_argument("--inputs", required=True, help="JSON object: input role -> path (the report rule's inputs)")
+    parser.add_argument("--out", required=True, help="output: the HTML file")
+    args = parser.parse_args(argv)
+    out = build_report(config_from_args(args), json.loads(args.inputs), args.out)
     print(f"report: {out}")
 
 

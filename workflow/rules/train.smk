@@ -20,7 +20,8 @@ rule train:
         cfg=stage_config("model", "lora", "train", "eval"),
         code=code_sig("train"),
         resume=RESUME,
-        nproc=lambda wc, resources: max(1, int(resources.get("gpu", 0) or 0)),
+        # processes per node: the GPUs granted on a GPU node, else train.processes (CPU, gloo)
+        nproc=lambda wc, resources: int(resources.get("gpu", 0) or 0) or config["train"]["processes"],
     threads: 2
     resources:
         mem_mb=16000,
@@ -31,8 +32,8 @@ rule train:
     benchmark:
         LOGS / "train.benchmark.tsv"
     shell:
-        "accelerate launch --config_file {input.accelerate:q} --num_processes {params.nproc} --num_machines 1"
-        " -m higgs_tune.train --config-json {params.cfg:q}"
+        "python -m higgs_tune.launch --processes-per-node {params.nproc} --config-file {input.accelerate:q} --"
+        " --config-json {params.cfg:q}"
         " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
         " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"
         " --adapter {output.adapter:q} --checkpoint {output.checkpoint:q} --state {output.state:q}"
