@@ -4,6 +4,7 @@ random-init Higgs audio tokenizer and model (built once per test session)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,3 +74,91 @@ def tiny_model(demo_config):
     from higgs_tune.model import build_model
 
     return build_model(demo_config["model"])
+
+
+# ----------------------------------------------------------------------- training inputs, staged
+SHORT = ["LJ001-0002", "LJ001-0024", "LJ001-0030"]  # 1.9 s, 1.8 s, 2.6 s
+
+
+@pytest.fixture(scope="session")
+def short_codes(audio_tokenizer, lj_dir):
+    """Real codes (8, T) of three short LJSpeech clips from the demo's random-init Higgs tokenizer."""
+    from higgs_tune import audio_io
+
+    out = {}
+    for cid in SHORT:
+        wv, sr = audio_io.load_audio(lj_dir / "wavs" / f"{cid}.wav")
+        out[cid] = (audio_io.audio_sha256(wv, sr), audio_tokenizer.encode(
+            audio_io.to_mono_resampled(wv, sr, 24000), sr=24000).long())
+    return out
+
+
+@pytest.fixture(scope="session")
+def transcripts(lj_dir):
+    return dict(line.rstrip("\n").split("|", 1) for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
+
+
+def tts_row(cid: str, text: str, sha: str, lj_dir, sample_id: str | None = None) -> dict:
+    url = str(lj_dir / "wavs" / f"{cid}.wav")
+    return {"messages": [{"role": "system", "content": "Generate audio following instruction."},
+                         {"role": "user", "content": text},
+                         {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
+            "misc": {"id": sample_id or f"tts-{cid}", "audio_sha256": {url: sha}}}
+
+
+def train_io(root: Path):
+    """The train rule's paths, laid out under ``root`` as the rules lay them out under results/{exp}."""
+    from higgs_tune.train import TrainIO
+
+    t = root / "train"
+    return TrainIO(audit=root / "audit" / "summary.json", train=root / "manifest" / "train.jsonl",
+                   val=root / "manifest" / "val.jsonl", index=root / "tokens" / "index.parquet",
+                   metrics=t / "metrics.jsonl", val_metrics=t / "val_metrics.jsonl", predictions=t / "predictions.jsonl",
+                   adapter=t / "adapter", checkpoint=t / "checkpoint", state=t / "state.json",
+                   tensorboard=t / "tensorboard", resume_dir=root / "resume")
+
+
+def stage_train_inputs(root: Path, short_codes, transcripts, lj_dir, n_train: int = 2, audit_passed: bool | None = None):
+    """Write the manifest, tokens and (optionally) audit outputs training reads, under ``root``.
+
+    Train rows cycle over the short clips with distinct ids and transcripts (``n_train`` of them);
+    the val row is the last short clip. Returns the :class:`~higgs_tune.train.TrainIO`.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from higgs_tune import data as D
+
+    io = train_io(root)
+    index, code_dir = [], root / "codes"
+    code_dir.mkdir(parents=True, exist_ok=True)
+    for cid in SHORT:
+        sha, codes = short_codes[cid]
+        np.save(code_dir / f"{sha}.npy", codes.numpy())
+        index.append({"audio_sha256": sha, "codes_path": str(code_dir / f"{sha}.npy"), "n_frames": codes.shape[1],
+                      "sample_rate": 24000, "duration_s": codes.shape[1] / 25})
+    texts = list(transcripts.values())
+    rows = [tts_row(SHORT[i % 2], transcripts[SHORT[i % 2]] if i < 2 else texts[i], short_codes[SHORT[i % 2]][0],
+                    lj_dir, sample_id=f"tts-{SHORT[i % 2]}" if i < 2 else f"tts-{i}") for i in range(n_train)]
+    D.write_jsonl(io.train, rows)
+    D.write_jsonl(io.val, [tts_row(SHORT[2], transcripts[SHORT[2]], short_codes[SHORT[2]][0], lj_dir)])
+    io.index.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(index).to_parquet(io.index)
+    io.audit.parent.mkdir(parents=True, exist_ok=True)
+    if audit_passed is not None:
+        io.audit.write_text(json.dumps({"passed": audit_passed}))
+    return io
+
+
+@pytest.fixture
+def real_batch_factory(short_codes, transcripts, text_tokenizer, lj_dir):
+    """``make(model)`` -> a collated batch of two real short clips for that model's config."""
+    from higgs_tune import data as D
+
+    def make(model):
+        rows = [tts_row(c, transcripts[c], short_codes[c][0], lj_dir) for c in SHORT[:2]]
+        by_sha = {sha: codes for sha, codes in short_codes.values()}
+        return D.make_collator(model.config)([D.build_dataset_sample(r, text_tokenizer, by_sha.__getitem__)
+                                              for r in rows])
+
+    return make

@@ -5,41 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from higgs_tune import audio_io, health
+from higgs_tune import health
 from higgs_tune import data as D
 from higgs_tune.loss import count_targets, forward_loss, higgs_loss, shifted_audio_targets
 from higgs_tune.model import apply_lora
 
-SHORT = ["LJ001-0002", "LJ001-0024", "LJ001-0030"]  # 1.9 s, 1.8 s, 2.6 s
-
-
-@pytest.fixture(scope="module")
-def short_codes(audio_tokenizer, lj_dir):
-    """Real codes (8, T) of three short LJSpeech clips from the demo's random-init Higgs tokenizer."""
-    out = {}
-    for cid in SHORT:
-        wv, sr = audio_io.load_audio(lj_dir / "wavs" / f"{cid}.wav")
-        out[cid] = (audio_io.audio_sha256(wv, sr), audio_tokenizer.encode(
-            audio_io.to_mono_resampled(wv, sr, 24000), sr=24000).long())
-    return out
-
-
-def tts_row(cid: str, text: str, sha: str, lj_dir) -> dict:
-    url = str(lj_dir / "wavs" / f"{cid}.wav")
-    return {"messages": [{"role": "system", "content": "Generate audio following instruction."},
-                         {"role": "user", "content": text},
-                         {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
-            "misc": {"id": f"tts-{cid}", "audio_sha256": {url: sha}}}
-
-
-@pytest.fixture(scope="module")
-def transcripts(lj_dir):
-    return dict(line.rstrip("\n").split("|", 1) for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
+from conftest import SHORT, stage_train_inputs, tts_row
 
 
 @pytest.fixture
@@ -153,40 +127,13 @@ def test_overfit_one_sample_learns_next_code_not_copy(short_codes, transcripts, 
 
 
 # ------------------------------------------------------------------------------ the entry point
-def train_io(root) -> "TrainIO":
-    """The train rule's paths, laid out under ``root`` as the rules lay them out under results/{exp}."""
-    from higgs_tune.train import TrainIO
-
-    t = root / "train"
-    return TrainIO(audit=root / "audit" / "summary.json", train=root / "manifest" / "train.jsonl",
-                   val=root / "manifest" / "val.jsonl", index=root / "tokens" / "index.parquet",
-                   metrics=t / "metrics.jsonl", val_metrics=t / "val_metrics.jsonl", predictions=t / "predictions.jsonl",
-                   adapter=t / "adapter", checkpoint=t / "checkpoint", state=t / "state.json",
-                   tensorboard=t / "tensorboard", resume_dir=root / "resume")
-
-
 @pytest.fixture
 def staged(tmp_config, tmp_path, short_codes, transcripts, lj_dir):
     """Manifest + tokens outputs for 3 short clips (train 2, val 1), written where train() reads."""
     cfg = tmp_config
     cfg["train"].update(max_steps=4, batch_size=1, grad_accum_steps=2, warmup_steps=1, eval_interval=2,
                         predictions_interval=2, save_interval=2, log_interval=1)
-    io = train_io(tmp_path / "exp")
-    rows, index = [], []
-    code_dir = tmp_path / "codes"
-    code_dir.mkdir(parents=True)
-    for cid in SHORT:
-        sha, codes = short_codes[cid]
-        np.save(code_dir / f"{sha}.npy", codes.numpy())
-        index.append({"audio_sha256": sha, "codes_path": str(code_dir / f"{sha}.npy"), "n_frames": codes.shape[1],
-                      "sample_rate": 24000, "duration_s": codes.shape[1] / 25})
-        rows.append(tts_row(cid, transcripts[cid], sha, lj_dir))
-    D.write_jsonl(io.train, rows[:2])
-    D.write_jsonl(io.val, rows[2:])
-    io.index.parent.mkdir(parents=True)
-    pd.DataFrame(index).to_parquet(io.index)
-    io.audit.parent.mkdir(parents=True)
-    return cfg, io
+    return cfg, stage_train_inputs(tmp_path / "exp", short_codes, transcripts, lj_dir)
 
 
 def test_train_refuses_failed_or_missing_audit(staged):
