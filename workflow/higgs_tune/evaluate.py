@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     generated: list[dict] = []
     paths.eval_audio.mkdir(parents=True, exist_ok=True)
     if gen.get("n_samples", 0) > 0:
-        from .tokenize import build_codec
+        from .codec import build_codec
 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
         generated, metrics["generation"] = evaluate_generation(
