@@ -63,7 +63,7 @@ def text_tokenizer():
 
 @pytest.fixture(scope="session")
 def audio_tokenizer(demo_config):
-    from higgs_tune.model import build_audio_tokenizer
+    from higgs_tune.codec import build_audio_tokenizer
 
     return build_audio_tokenizer(demo_config["audio_tokenizer"])
 

@@ -1,13 +1,16 @@
-"""The tokenize stage on real LJSpeech audio with the demo config's random-init Higgs audio tokenizer.
+"""The audio codec (higgs_tune.codec, higgs_tune.codec_fast) and the tokenize stage on real LJSpeech
+audio with the demo config's random-init Higgs audio tokenizer.
 
-Short real clips (and crops of real clips, written to tmp) keep this file well under a minute on
-two cores. Torch runs one intra-op thread here (restored afterwards): on a loaded 2-core machine
-two threads are several times slower than one (see bench/tokenize.py).
+Short real clips and crops of real clips (written to tmp) keep most of this file fast; the
+fast-vs-reference codes check also encodes the longest clips (the tiled encoder path). Torch runs
+one intra-op thread here (restored afterwards): on a loaded 2-core machine two threads are several
+times slower than one (see bench/bench_tokenize.py).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -22,10 +25,12 @@ import pytest
 import soundfile as sf
 import yaml
 
-from higgs_tune import audio_io
+from higgs_tune import audio_io, fileio
+from higgs_tune import codec as C
+from higgs_tune import codec_fast as CF
 from higgs_tune import tokenize as T
-from higgs_tune.config import Paths
-from higgs_tune.data import CodesIndex, write_jsonl
+from higgs_tune.data import CodesIndex
+from higgs_tune.fileio import write_jsonl
 
 RATE = 24000
 HOP = 960  # prod(ratios) of the v2 tokenizer: 24000 / 960 = 25 frames/s
@@ -43,8 +48,14 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def codec(demo_config):
-    """A HiggsCodec of the demo tokenizer (built here: the codec modifies the tokenizer it owns)."""
-    return T.build_codec(demo_config["audio_tokenizer"])
+    """A HiggsCodec of the demo tokenizer, fast path (built here: the codec modifies the tokenizer it owns)."""
+    return C.build_codec(demo_config["audio_tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def reference_codec(demo_config):
+    """The same tokenizer with ``fast_encode: false``: upstream ``HiggsAudioTokenizer.encode``, built separately."""
+    return C.build_codec({**demo_config["audio_tokenizer"], "fast_encode": False})
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +92,16 @@ def row(sid: str, path: Path) -> dict:
     }
 
 
-def write_manifests(cfg: dict, train: list[Path], val: list[Path]) -> None:
-    p = Paths(cfg)
-    write_jsonl(p.train_manifest, [row(f"t{i}", c) for i, c in enumerate(train)])
-    write_jsonl(p.val_manifest, [row(f"v{i}", c) for i, c in enumerate(val)])
+def write_manifests(folder: Path, train: list[Path], val: list[Path]) -> list[Path]:
+    """``folder/manifest/{train,val}.jsonl`` with rows for these clips; returns the two paths."""
+    paths = [folder / "manifest" / "train.jsonl", folder / "manifest" / "val.jsonl"]
+    write_jsonl(paths[0], [row(f"t{i}", c) for i, c in enumerate(train)])
+    write_jsonl(paths[1], [row(f"v{i}", c) for i, c in enumerate(val)])
+    return paths
+
+
+def index_of(folder: Path) -> Path:
+    return folder / "tokens" / "index.parquet"
 
 
 def cache_entries(cfg: dict) -> list[Path]:
@@ -97,32 +114,31 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
     codes equal a *separately built* upstream tokenizer's own ``encode`` (determinism across builds),
     on full clips and on crops hitting both of upstream's branches (acoustic/semantic frame counts
     equal, or not: the re-run on padded input that this stage predicts instead)."""
-    from higgs_tune.model import _vq_layers, audio_tokenizer_identity, build_audio_tokenizer, init_codebooks
-
     short = sorted(lj_clips, key=lambda p: sf.info(p).frames)[:2]
     waves = [wave24k(p) for p in short]
     waves += [waves[0][:24000], waves[0][:24480], waves[1][:700]]  # match branch, mismatch branch, < 1 hop
-    branches = {codec.acoustic_frames(len(w)) == math.ceil((len(w) - 118) / 960) for w in waves[:4]}
+    branches = {codec.fast.acoustic_frames(len(w)) == math.ceil((len(w) - 118) / 960) for w in waves[:4]}
     assert branches == {True, False}, "want both upstream branches covered"
 
     codes = codec.encode(waves)
     for w, c in zip(waves, codes):
         n = len(w)
         assert c.dtype.kind == "i" and c.shape[0] == 8
-        assert c.shape[1] == (1 if n < HOP else math.ceil((n - 118) / HOP)) == T.HiggsCodec.expected_frames(n)
+        assert c.shape[1] == (1 if n < HOP else math.ceil((n - 118) / HOP)) == C.HiggsCodec.expected_frames(n)
         assert abs(c.shape[1] - n / RATE * 25) < 1
         assert 0 <= c.min() and c.max() < 1024
     assert len(np.unique(codes[0][0])) > 5, "codes are not constant (codebooks are initialised)"
 
     at = demo_config["audio_tokenizer"]
-    assert audio_tokenizer_identity(at) == audio_tokenizer_identity(copy.deepcopy(at))
-    upstream = build_audio_tokenizer(at)  # random_init: codebooks drawn from the seed, never k-means
-    assert init_codebooks(upstream, at["seed"]) == 0
-    for layer in _vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
+    assert C.audio_tokenizer_identity(at) == C.audio_tokenizer_identity(copy.deepcopy(at))
+    assert C.audio_tokenizer_identity(at) == C.audio_tokenizer_identity({**at, "fast_encode": False})  # same codes
+    upstream = C.build_audio_tokenizer(at)  # random_init: codebooks drawn from the seed, never k-means
+    assert C.init_codebooks(upstream, at["seed"]) == 0
+    for layer in C.vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
         layer._codebook.inited.fill_(0)
     with pytest.raises(ValueError, match="un-initialised"):
-        T.HiggsCodec(upstream)
-    assert init_codebooks(upstream, at["seed"]) == 8
+        C.HiggsCodec(upstream)
+    assert C.init_codebooks(upstream, at["seed"]) == 8
     for w, c in zip(waves[:4], codes[:4]):
         ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)
         np.testing.assert_array_equal(ref, c)
@@ -136,6 +152,7 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
     patched = [m for m in codec.tok.encoder.modules()  # 36 Snakes, 15 residual units, 5 blocks
                if type(m).__name__ in ("Snake1d", "ResidualUnit", "EncoderBlock")]
     assert len(patched) == 36 + 15 + 5 and all("forward" in vars(m) for m in patched)
+    assert codec.fast.patched == {"weight_norm": 37, "snakes": 36, "tiled": 15 + 5, "onednn": 9 + 4}
     pointwise = [m for part in (codec.tok.encoder, codec.tok.encoder_semantic) for m in part.modules()
                  if isinstance(m, torch.nn.Conv1d) and "forward" in vars(m)]  # on oneDNN
     assert len(pointwise) == 9 + 4 and all(m.kernel_size == (1,) and m.in_channels >= 256 for m in pointwise)
@@ -149,6 +166,37 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
             sem = upstream.get_regress_target(x).transpose(1, 2)
             got, ref = codec.tok.encoder_semantic(sem), upstream.encoder_semantic(sem)
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fast_encode_equals_reference_on_longest_clips(codec, reference_codec, lj_clips, monkeypatch):
+    """``fast_encode: true`` (codec_fast) and ``false`` (upstream ``HiggsAudioTokenizer.encode``) give
+    IDENTICAL codes on the longest real clips, where the encoder runs its tiled layers (residual units,
+    downsampling, Snakes, NumPy sine, oneDNN 1x1 convolutions), one clip per upstream branch (acoustic
+    and semantic frame counts equal, or not); ``encode`` and ``encode_equal_length`` alike."""
+    assert reference_codec.fast is None and codec.fast is not None
+    assert not any("forward" in vars(m) for m in reference_codec.tok.modules())  # upstream's modules, untouched
+    longest = sorted(lj_clips, key=lambda p: sf.info(p).frames, reverse=True)
+    waves = [wave24k(p) for p in longest[:4]]
+    match = [codec.fast.acoustic_frames(len(w)) == C.HiggsCodec.expected_frames(len(w)) for w in waves]
+    waves = [waves[match.index(True)], waves[match.index(False)]]  # the longest clip of each branch
+    tiled = {"units": 0, "blocks": 0}
+
+    def counting(fn, key):
+        def wrapped(*a, **k):
+            tiled[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(CF, "residual_unit_tiled", counting(CF.residual_unit_tiled, "units"))
+    monkeypatch.setattr(CF, "downsample_tiled", counting(CF.downsample_tiled, "blocks"))
+    fast = codec.encode(waves)
+    assert tiled == {"units": 2 * 6, "blocks": 2 * 2}, tiled  # blocks 1-2 (64, 128 channels) on each clip
+    ref = reference_codec.encode(waves)
+    for w, f, r in zip(waves, fast, ref):
+        assert len(w) > 9 * RATE and f.shape == (8, C.HiggsCodec.expected_frames(len(w)))
+        np.testing.assert_array_equal(f, r)
+    x = np.stack([w[:RATE] for w in waves])  # a batch of two equal-length clips, both paths
+    np.testing.assert_array_equal(codec.encode_equal_length(x), reference_codec.encode_equal_length(x))
 
 
 def test_tiled_layers_match_upstream_modules():
@@ -171,13 +219,13 @@ def test_tiled_layers_match_upstream_modules():
             for unit in block.block[:3]:
                 ref = unit(x)
                 for tile in (7, 64, 1000, 5000):
-                    got = T.residual_unit_tiled(x, unit, tile)
+                    got = CF.residual_unit_tiled(x, unit, tile)
                     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (dim, unit.block[1].dilation, tile)
                 x = ref
             snake, conv = block.block[3], block.block[4]
             ref = conv(snake(x))
             for tile in (1, 13, 500):
-                got = T.downsample_tiled(x, snake, conv, tile)
+                got = CF.downsample_tiled(x, snake, conv, tile)
                 assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (stride, tile)
 
 
@@ -189,7 +237,7 @@ def test_numpy_sine_in_place_within_one_ulp_of_torch(lj_clips):
     wave = torch.from_numpy(audio_io.to_mono_resampled(*audio_io.load_audio(lj_clips[0]), 24000))
     x = torch.cat([wave * 40.0, torch.linspace(-30.0, 30.0, 100_001)])  # |alpha * x| up to ~30 rad
     got = x.clone()
-    assert T._sin_(got) is got
+    assert CF._sin_(got) is got
     ref = torch.sin(x)
     ulp = torch.from_numpy(np.spacing(np.abs(ref.numpy())))
     assert ((got - ref).abs() <= ulp).all()
@@ -197,7 +245,7 @@ def test_numpy_sine_in_place_within_one_ulp_of_torch(lj_clips):
     in_graph = x.clone().requires_grad_() * 1.0  # a non-leaf tensor that autograd tracks
     for t in (in_graph, x.clone()[::2], x.double()):
         expected = torch.sin(t.detach())
-        assert torch.equal(T._sin_(t).detach(), expected)
+        assert torch.equal(CF._sin_(t).detach(), expected)
 
 
 def test_resample_equals_librosa(lj_clips):
@@ -232,42 +280,44 @@ def test_equal_length_batch_equals_single(codec, crops):
     got = codec.encode(mixed)  # groups equal lengths internally, returns in input order
     np.testing.assert_array_equal(got[0], codec.encode_equal_length(mixed[0][None])[0])
     np.testing.assert_array_equal(got[2], codec.encode_equal_length(mixed[2][None])[0])
-    assert got[1].shape == (8, T.HiggsCodec.expected_frames(24480))
+    assert got[1].shape == (8, C.HiggsCodec.expected_frames(24480))
 
 
 # --------------------------------------------------------------------------------------------- cache
-def test_cache_rerun_shared_clips_and_index(codec, tmp_config, crops, caplog):
+def test_cache_rerun_shared_clips_and_index(codec, tmp_config, crops, tmp_path, caplog):
     cfg = tmp_config
     a, b, c, d = crops[:4]
-    write_manifests(cfg, train=[a, b, a], val=[c, b])  # a used twice, b in both splits
-    s1 = T.encode_all(cfg, codec=codec)
+    exp = tmp_path / "results" / "demo"
+    manifests = write_manifests(exp, train=[a, b, a], val=[c, b])  # a used twice, b in both splits
+    index, stats = index_of(exp), tmp_path / "elsewhere" / "stats.json"
+    s1 = T.encode_all(cfg, manifests, index, stats, codec=codec)
     assert (s1["n_rows"], s1["n_clips"], s1["n_encoded"], s1["n_cached"]) == (5, 3, 3, 0)
     assert len(cache_entries(cfg)) == 3
+    written = json.loads(stats.read_text())  # stats go to the given path only
+    assert (written["n_encoded"], written["index"]) == (3, str(index)) and written["wall_s"] > 0
+    assert sorted(p.name for p in index.parent.iterdir()) == ["index.parquet"]
 
     with caplog.at_level(logging.INFO, logger="higgs_tune.tokenize"):
-        s2 = T.encode_all(cfg, codec=codec)
+        s2 = T.encode_all(cfg, manifests, index, codec=codec)
     assert (s2["n_encoded"], s2["n_cached"]) == (0, 3)
     assert "0 to encode, 3 cached" in caplog.text
 
     import pandas as pd
 
-    df = pd.read_parquet(Paths(cfg).tokens_index)
-    assert {"audio_sha256", "codes_path", "n_frames", "sample_rate", "duration_s", "cache_key",
-            "tokenizer_id"} <= set(df.columns)
+    df = pd.read_parquet(index)
+    assert list(df.columns) == T.INDEX_COLUMNS
     assert len(df) == 3 and (df.sample_rate == RATE).all()
-    index = CodesIndex(Paths(cfg).tokens_index)
+    codes_index = CodesIndex(index)
     for r in df.itertuples():
-        codes = index.get(r.audio_sha256)
+        codes = codes_index.get(r.audio_sha256)
         assert tuple(codes.shape) == (8, r.n_frames)
         assert abs(r.n_frames - r.duration_s * 25) < 1
         assert abs(r.duration_s - sf.info(r.audio_url).duration) < 1e-9
         assert r.cache_key == T.cache_key(r.audio_sha256, r.tokenizer_id, RATE)
 
     # a second experiment sharing the cache: only the clip it does not share is encoded
-    cfg2 = copy.deepcopy(cfg)
-    cfg2["experiment"] = "other"
-    write_manifests(cfg2, train=[a, d], val=[])
-    s3 = T.encode_all(cfg2, codec=codec)
+    other = tmp_path / "results" / "other"
+    s3 = T.encode_all(cfg, write_manifests(other, train=[a, d], val=[]), index_of(other), codec=codec)
     assert (s3["n_clips"], s3["n_encoded"], s3["n_cached"]) == (2, 1, 1)
     assert len(cache_entries(cfg)) == 4
 
@@ -275,24 +325,26 @@ def test_cache_rerun_shared_clips_and_index(codec, tmp_config, crops, caplog):
     victim = T.entry_path(cfg["cache_dir"], df.cache_key.iloc[0])
     good = np.load(victim)
     victim.write_bytes(victim.read_bytes()[:100])
-    s4 = T.encode_all(cfg, codec=codec)
+    s4 = T.encode_all(cfg, manifests, index, codec=codec)
     assert (s4["n_corrupt"], s4["n_encoded"], s4["n_cached"]) == (1, 1, 2)
     np.testing.assert_array_equal(T.read_entry(victim), good)
 
 
-def test_hash_mismatch_and_missing_hash_raise(codec, tmp_config, crops):
+def test_hash_mismatch_and_missing_hash_raise(codec, tmp_config, crops, tmp_path):
     cfg = tmp_config
     bad = row("x", crops[0])
     url = bad["messages"][1]["content"]["audio_url"]
     bad["misc"]["audio_sha256"][url] = "0" * 64
-    write_jsonl(Paths(cfg).train_manifest, [bad])
-    write_jsonl(Paths(cfg).val_manifest, [])
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    write_jsonl(train, [bad])
+    write_jsonl(val, [])
     with pytest.raises(ValueError, match="differs from the manifest"):
-        T.encode_all(cfg, codec=codec)
+        T.encode_all(cfg, [train, val], index_of(tmp_path), codec=codec)
     del bad["misc"]["audio_sha256"][url]
-    write_jsonl(Paths(cfg).train_manifest, [bad])
+    write_jsonl(train, [bad])
     with pytest.raises(ValueError, match="no misc.audio_sha256"):
-        T.encode_all(cfg, codec=codec)
+        T.encode_all(cfg, [train, val], index_of(tmp_path), codec=codec)
+    assert not index_of(tmp_path).exists()
 
 
 def test_entry_io_is_atomic_and_validated(tmp_path):
@@ -304,23 +356,26 @@ def test_entry_io_is_atomic_and_validated(tmp_path):
         with pytest.raises(T.CorruptEntryError):
             T.read_entry(p)
     # an abandoned temp file of a dead writer on this host is swept; a live writer's is kept
-    dead = p.parent / f".{'ab' + '1' * 62}.{T._tmp_owner().rsplit('-', 1)[0]}-999999.x1y2z3.tmp"
-    live = p.parent / f".{'ab' + '2' * 62}.{T._tmp_owner()}.q.tmp"
+    dead = p.parent / f".{'ab' + '1' * 62}.{fileio.tmp_owner().rsplit('-', 1)[0]}-999999.x1y2z3.tmp"
+    live = p.parent / f".{'ab' + '2' * 62}.{fileio.tmp_owner()}.q.tmp"
     dead.write_bytes(b"partial")
     live.write_bytes(b"partial")
-    assert T.clean_stale_temps(p.parent) == 1 and live.exists() and not dead.exists()
+    assert fileio.clean_stale_temps(p.parent) == 1 and live.exists() and not dead.exists()
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL
 def test_sigkill_mid_run_then_resume(codec, tmp_config, crops, repo_root, tmp_path):
-    """kill -9 the CLI once entries appear; the rerun encodes exactly the missing clips."""
+    """kill -9 the CLI (run as the Snakemake rule runs it) once entries appear; the rerun encodes
+    exactly the missing clips."""
     cfg = tmp_config
     clips = crops[2:8]  # six clips, 1.1 .. 1.6 s
-    write_manifests(cfg, train=clips[:5], val=clips[5:])
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
+    exp = tmp_path / "results" / "demo"
+    train, val = write_manifests(exp, train=clips[:5], val=clips[5:])
+    index, stats = index_of(exp), exp / "tokens" / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HIGGS_TUNE_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "higgs_tune.tokenize", "--configfile", str(cfg_file),
+    cfg_json = json.dumps({"audio_tokenizer": cfg["audio_tokenizer"], "cache_dir": cfg["cache_dir"]})
+    proc = subprocess.Popen([sys.executable, "-m", "higgs_tune.tokenize", "--config-json", cfg_json,
+                             "--train", str(train), "--val", str(val), "--index", str(index), "--stats", str(stats),
                              "--no-progress"], cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
@@ -336,36 +391,43 @@ def test_sigkill_mid_run_then_resume(codec, tmp_config, crops, repo_root, tmp_pa
     written = cache_entries(cfg)
     print(f"{len(written)} of 6 entries written before the kill")
     assert 1 <= len(written) < 6, "the run finished before the kill: make the clips longer"
-    assert not Paths(cfg).tokens_index.exists(), "the index is written only at the end"
+    assert not index.exists() and not stats.exists(), "the index and stats are written only at the end"
     for p in written:
         T.read_entry(p)  # whole, valid entries only
 
-    stats = T.encode_all(cfg, codec=codec)
-    assert stats["n_cached"] == len(written)
-    assert stats["n_encoded"] == 6 - len(written)
-    assert stats["n_corrupt"] == 0
+    out = T.encode_all(cfg, [train, val], index, stats, codec=codec)
+    assert out["n_cached"] == len(written)
+    assert out["n_encoded"] == 6 - len(written)
+    assert out["n_corrupt"] == 0
     assert not list(Path(cfg["cache_dir"]).rglob("*.tmp")), "no temp files left behind"
-    index = CodesIndex(Paths(cfg).tokens_index)
-    assert all(tuple(index.get(sha_of(p)).shape)[0] == 8 for p in clips)
+    codes_index = CodesIndex(index)
+    assert all(tuple(codes_index.get(sha_of(p)).shape)[0] == 8 for p in clips)
     assert len(cache_entries(cfg)) == 6
     # what the killed CLI process wrote equals what this process computes
     killed_sha = next(s for s in map(sha_of, clips) if str(T.entry_path(cfg["cache_dir"], T.cache_key(
-        s, stats["tokenizer_id"], RATE))) in map(str, written))
+        s, out["tokenizer_id"], RATE))) in map(str, written))
     killed_clip = next(p for p in clips if sha_of(p) == killed_sha)
-    np.testing.assert_array_equal(index.get(killed_sha).numpy(), codec.encode([wave24k(killed_clip)])[0])
+    np.testing.assert_array_equal(codes_index.get(killed_sha).numpy(), codec.encode([wave24k(killed_clip)])[0])
 
 
 # ------------------------------------------------------------------------------------------- decode
 def test_decode_cli_writes_24k_wav_of_clip_duration(codec, tmp_config, crops, tmp_path):
     cfg = tmp_config
-    write_manifests(cfg, train=[crops[1]], val=[])
-    T.encode_all(cfg, codec=codec)
+    exp = tmp_path / "results" / "demo"
+    T.encode_all(cfg, write_manifests(exp, train=[crops[1]], val=[]), index_of(exp), codec=codec)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "x.wav"
-    assert T.main(["decode", "--configfile", str(cfg_file), "--sha256", sha_of(crops[1]), "--out", str(out)]) == 0
+    assert T.main(["decode", "--configfile", str(cfg_file), "--index", str(index_of(exp)),
+                   "--sha256", sha_of(crops[1]), "--out", str(out)]) == 0
     info = sf.info(out)
     assert info.samplerate == RATE
     assert abs(info.duration - sf.info(crops[1]).duration) < 0.05  # T * 40 ms vs the clip
     wav, _ = sf.read(out)
     assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+    # without --index the cache is looked up by key: same codes, same WAV
+    out2 = tmp_path / "y.wav"
+    assert T.main(["decode", "--configfile", str(cfg_file), "--sha256", sha_of(crops[1]), "--out", str(out2)]) == 0
+    np.testing.assert_array_equal(sf.read(out2)[0], wav)
+    with pytest.raises(SystemExit, match="no codes"):
+        T.main(["decode", "--configfile", str(cfg_file), "--sha256", "f" * 64, "--out", str(out2)])

@@ -169,7 +169,7 @@ def run_evaluate(cfg: dict, *, adapter: str | Path, val: str | Path, index: str 
     generated: list[dict] = []
     audio_dir.mkdir(parents=True, exist_ok=True)
     if gen.get("n_samples", 0) > 0:
-        from .tokenize import build_codec
+        from .codec import build_codec
 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
         generated, metrics["generation"] = evaluate_generation(

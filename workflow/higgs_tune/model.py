@@ -1,24 +1,18 @@
-"""Build the three models higgs-tune needs: text tokenizer, audio tokenizer, Higgs Audio LLM (+ LoRA).
+"""Build the models higgs-tune trains: text tokenizer, Higgs Audio LLM (+ LoRA).
 
 Two sources, chosen by config:
 
 * ``source: random_init`` (the local demo): a tiny Higgs Audio v2 of the real architecture
   (DualFFN ``dual_ffn_fast_forward`` layers, delay pattern on, 8 codebooks x 1024 codes, the real
-  Llama-3.2 128256-token vocabulary) and a small Higgs audio tokenizer (DAC acoustic encoder +
-  semantic branch, 24 kHz, 25 frames/s, 8 codebooks), both from a seed. Nothing touches a hub.
-* ``source: pretrained`` (clusters): ``bosonai/higgs-audio-v2-generation-3B-base`` and
-  ``bosonai/higgs-audio-v2-tokenizer`` (hub ids or local folders).
+  Llama-3.2 128256-token vocabulary), from a seed. Nothing touches a hub.
+* ``source: pretrained`` (clusters): ``bosonai/higgs-audio-v2-generation-3B-base`` (hub id or local folder).
 
-The Higgs audio tokenizer always loads its semantic teacher (``bosonai/hubert_base``) from a hub
-inside ``__init__``; :func:`build_audio_tokenizer` injects the semantic model instead.
+The audio tokenizer (build, identity, encode, decode) lives in :mod:`higgs_tune.codec`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,134 +67,6 @@ def load_text_tokenizer(name_or_path: str | None = None):
         if got != tid:
             raise ValueError(f"text tokenizer {name_or_path!r}: {text} has id {got}, Higgs expects {tid}")
     return tok
-
-
-# -------------------------------------------------------------------------------------------- audio
-class _InjectedAutoModel:
-    """Stands in for ``transformers.AutoModel`` inside the tokenizer's ``__init__``."""
-
-    def __init__(self, model: torch.nn.Module):
-        self._model = model
-
-    def from_pretrained(self, *args, **kwargs):  # noqa: D401 - mimics AutoModel
-        return self._model
-
-
-@contextlib.contextmanager
-def inject_semantic_model(model: torch.nn.Module):
-    """Make ``HiggsAudioTokenizer(...)`` use ``model`` as its semantic teacher (no hub call)."""
-    from boson_multimodal.audio_processing import higgs_audio_tokenizer as hat
-
-    saved = hat.AutoModel
-    hat.AutoModel = _InjectedAutoModel(model)
-    try:
-        yield
-    finally:
-        hat.AutoModel = saved
-
-
-def tiny_semantic_model(seed: int, num_layers: int = 1) -> torch.nn.Module:
-    """Random-init HuBERT with the real teacher's 768-d hidden states (the tokenizer hard-codes 768)."""
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(seed)
-    cfg = HubertConfig(
-        hidden_size=768,
-        num_hidden_layers=num_layers,
-        num_attention_heads=12,
-        intermediate_size=512,
-        conv_dim=(128,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-    )
-    return HubertModel(cfg).eval()
-
-
-def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
-    """Return a ``HiggsAudioTokenizer`` in eval mode on ``device``.
-
-    Args:
-        cfg: the ``audio_tokenizer`` config section. ``source: random_init`` builds from
-            ``arch`` (HiggsAudioTokenizer kwargs) and ``seed``; ``source: pretrained`` loads
-            ``path`` (hub id or folder with ``config.json`` + ``model.pth``), with the semantic
-            teacher from ``semantic_model`` (hub id or folder) instead of the hard-coded hub id.
-    """
-    from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer
-
-    if cfg["source"] == "random_init":
-        semantic = tiny_semantic_model(cfg["seed"])
-        torch.manual_seed(cfg["seed"])
-        with inject_semantic_model(semantic):
-            model = HiggsAudioTokenizer(**cfg["arch"], device=device)
-        init_codebooks(model, cfg["seed"])
-        return model.to(device).eval()
-    path = cfg["path"]
-    if not os.path.exists(path):
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path)
-    arch = json.loads((Path(path) / "config.json").read_text())
-    from transformers import AutoModel
-
-    semantic = AutoModel.from_pretrained(cfg.get("semantic_model", "bosonai/hubert_base"), trust_remote_code=True)
-    with inject_semantic_model(semantic):
-        model = HiggsAudioTokenizer(**arch, device=device)
-    state = torch.load(Path(path) / "model.pth", map_location=device)
-    model.load_state_dict(state, strict=False)
-    return model.to(device).eval()
-
-
-def init_codebooks(tokenizer, seed: int) -> int:
-    """Initialise every un-initialised RVQ codebook of ``tokenizer`` deterministically; return how many.
-
-    A freshly constructed ``HiggsAudioTokenizer`` has ``kmeans_init=True`` codebooks: zeros with
-    ``inited == 0`` (``quantization/core_vq.py``). Its ``forward`` then runs k-means on the *first*
-    batch it sees and overwrites them, so upstream codes of a random-init tokenizer depend on which
-    clip was encoded first -- useless for a content-addressed cache. This draws each codebook as
-    ``uniform_init`` does (``kaiming_uniform_``) from a generator seeded with ``seed`` + layer index,
-    and marks it initialised. Pretrained checkpoints carry initialised codebooks and are not touched.
-    """
-    import torch
-
-    n = 0
-    for i, layer in enumerate(_vq_layers(tokenizer)):
-        cb = layer._codebook
-        if bool(cb.inited.item()):
-            continue
-        gen = torch.Generator().manual_seed(int(seed) * 1009 + i)
-        embed = torch.empty(cb.embed.shape, dtype=cb.embed.dtype)
-        torch.nn.init.kaiming_uniform_(embed, generator=gen)
-        with torch.no_grad():
-            cb.embed.copy_(embed)
-            cb.embed_avg.copy_(embed)
-            cb.inited.fill_(1)
-        n += 1
-    return n
-
-
-def _vq_layers(tokenizer) -> list:
-    if getattr(tokenizer, "quantizer_type", "RVQ") != "RVQ":
-        return []
-    return list(tokenizer.quantizer.vq.layers)
-
-
-def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
-    """Short stable id of the audio tokenizer: a sha256 of what determines its weights.
-
-    ``random_init``: the architecture, the seed and the torch version (the init's RNG stream).
-    ``pretrained``: the weights file's bytes when ``path`` is a folder, else the hub id.
-    """
-    if cfg["source"] == "random_init":
-        blob = json.dumps({"arch": cfg["arch"], "seed": cfg["seed"], "torch": torch.__version__}, sort_keys=True)
-    elif os.path.isdir(cfg["path"]):
-        h = hashlib.sha256()
-        with open(Path(cfg["path"]) / "model.pth", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        blob = h.hexdigest()
-    else:
-        blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -1,9 +1,12 @@
 """Benchmark the tokenize stage against a naive per-file loop, on the same clips, in one run.
 
-    PYTHONPATH=workflow python bench/tokenize.py [--configfile config/demo.yaml] [--clips 32]
-                                                 [--threads N] [--equal-length SECONDS] [--skip-main]
-                                                 [--rounds 3]
-    PYTHONPATH=workflow python bench/tokenize.py --ablation 8     # where the speed comes from
+    .venv/bin/python bench/bench_tokenize.py [--configfile config/demo.yaml] [--clips 32] [--threads N]
+                                             [--equal-length SECONDS] [--skip-main] [--rounds 3]
+    .venv/bin/python bench/bench_tokenize.py --ablation 8      # where the speed comes from
+    .venv/bin/python bench/bench_tokenize.py --clips 1 --rounds 1 --skip-main   # smallest run
+
+(The file is not named ``tokenize.py``: a script's folder is first on ``sys.path``, and a
+``tokenize.py`` there shadows the standard library's, which ``linecache`` and torch import.)
 
 (a)  the stage: ``encode_all`` with the config's ``num_workers``. On CPU each worker process decodes,
      resamples and encodes whole clips with ``threads // num_workers`` torch threads.
@@ -11,6 +14,7 @@
      ``threads`` torch threads (the CUDA path; on CPU clip by clip).
 (b)  naive: what a user's script does: build the upstream ``HiggsAudioTokenizer``, then one file at a
      time ``librosa.load(path, sr=24000)``, ``tokenizer.encode``, ``np.save``; torch's default threads.
+     (``HiggsAudioTokenizer.encode`` is also the codec's reference path, ``fast_encode: false``.)
      Timed like (a), model build included (also printed without it).
 (c)  rerun of (a): every clip is a cache hit.
 
@@ -36,24 +40,19 @@ shared machine, other processes change every number here.
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# This file is named like the stdlib ``tokenize`` module (which linecache/torch import): keep its
-# folder off sys.path so ``import tokenize`` still finds the stdlib.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-ROOT = _HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -64,10 +63,11 @@ def loadavg() -> str:
         return "load ?"
 
 
-def write_manifest(cfg: dict, clips: list[Path]) -> None:
+def write_manifests(folder: Path, clips: list[Path]) -> list[str]:
+    """``folder/manifest/train.jsonl`` (one TTS row per clip, with its audio hash) and an empty
+    ``val.jsonl``; returns the two paths."""
     from higgs_tune import audio_io
-    from higgs_tune.config import Paths
-    from higgs_tune.data import write_jsonl
+    from higgs_tune.fileio import write_jsonl
 
     rows = []
     for i, p in enumerate(clips):
@@ -76,19 +76,21 @@ def write_manifest(cfg: dict, clips: list[Path]) -> None:
         rows.append({"messages": [{"role": "user", "content": f"clip {i}"},
                                   {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
                      "misc": {"id": f"b{i}", "audio_sha256": {url: sha}}})
-    write_jsonl(Paths(cfg).train_manifest, rows)
-    write_jsonl(Paths(cfg).val_manifest, [])
+    train, val = folder / "manifest" / "train.jsonl", folder / "manifest" / "val.jsonl"
+    write_jsonl(train, rows)
+    write_jsonl(val, [])
+    return [str(train), str(val)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", default=str(ROOT / "config" / "demo.yaml"))
-    ap.add_argument("--clips", type=int, default=32, help="first N LJSpeech clips of data/ljspeech32")
+    ap.add_argument("--clips", type=int, default=32, help="first N LJSpeech clips of data/ljspeech32 (1 to 32)")
     ap.add_argument("--threads", type=int, default=None, help="torch thread budget of (a)/(a2) (default: all CPUs)")
     ap.add_argument("--equal-length", type=float, default=None,
                     help="crop every clip to this many seconds (all lengths equal: the batching case)")
     ap.add_argument("--skip-main", action="store_true", help="skip (a2)")
-    ap.add_argument("--rounds", type=int, default=3, help="time (b) then (a) this many times, alternately")
+    ap.add_argument("--rounds", type=int, default=3, help="time (b) then (a) this many times, alternately (>= 1)")
     ap.add_argument("--workdir", default=None, help="where caches/results go (default: a temp folder)")
     ap.add_argument("--child", nargs=2, metavar=("RUN", "SPEC"), help=argparse.SUPPRESS)  # one timed run
     ap.add_argument("--ablation", type=int, default=0, metavar="N",
@@ -104,8 +106,10 @@ def main() -> int:
     import soundfile as sf
     import torch
 
+    from higgs_tune import codec as C
+    from higgs_tune import codec_fast as CF
     from higgs_tune import tokenize as T
-    from higgs_tune.config import Paths, load_config
+    from higgs_tune.config import load_config
 
     base = load_config([args.configfile])
     at = base["audio_tokenizer"]
@@ -129,13 +133,14 @@ def main() -> int:
           f"num_workers {at['num_workers']}, thread budget {threads}, torch default threads {default_threads}; "
           f"device {at.get('device', 'cpu')}; work dir {work}", flush=True)
 
-    def cfg_for(name: str) -> dict:
+    def stage_for(name: str) -> dict:
+        """An experiment with its own (empty) cache: ``{"cfg", "manifests", "index", "stats"}``."""
         cfg = copy.deepcopy(base)
         cfg["experiment"] = name
-        cfg["results_dir"] = str(work / "results")
         cfg["cache_dir"] = str(work / f"cache-{name}")
-        write_manifest(cfg, clips)
-        return cfg
+        exp = work / "results" / name
+        return {"cfg": cfg, "manifests": write_manifests(exp, clips), "index": str(exp / "tokens" / "index.parquet"),
+                "stats": str(exp / "tokens" / "stats.json")}
 
     results: dict[str, float] = {}
     codes: dict[str, list[np.ndarray]] = {}
@@ -153,10 +158,10 @@ def main() -> int:
         print(f"{label} {out['wall']:7.1f} s  {out.get('note', '')}  {loadavg()}", flush=True)
         return out
 
-    def entries(cfg: dict) -> list[np.ndarray]:
+    def entries(stage: dict) -> list[np.ndarray]:
         import pandas as pd
 
-        df = pd.read_parquet(Paths(cfg).tokens_index).set_index("audio_url")
+        df = pd.read_parquet(stage["index"]).set_index("audio_url")
         return [T.read_entry(df.loc[str(p.resolve()), "codes_path"]).astype(np.int64) for p in clips]
 
     naive_dir = work / "naive"
@@ -164,9 +169,9 @@ def main() -> int:
     for r in range(max(1, args.rounds)):
         nb = timed("naive", {"at": at, "clips": [str(p) for p in clips], "out": str(naive_dir)})
         codes["b"] = [np.load(naive_dir / f"{i}.npy").astype(np.int64) for i in range(len(clips))]
-        cfg_a = cfg_for(f"a-round{r + 1}")  # (a2) uses "a2"
-        sa = timed("stage", {"cfg": cfg_a, "threads": threads})
-        codes["a"] = entries(cfg_a)
+        stage_a = stage_for(f"a-round{r + 1}")  # (a2) uses "a2"
+        sa = timed("stage", {**stage_a, "threads": threads})
+        codes["a"] = entries(stage_a)
         if not all(np.array_equal(x, y) for x, y in zip(codes["a"], codes["b"])):
             print(f"round {r + 1}: codes (a) != codes (b)")
             return 1
@@ -181,19 +186,21 @@ def main() -> int:
               f"(the table below: median wall times)")
 
     # (c) rerun: all cached
-    sc = timed("rerun", {"cfg": cfg_a, "threads": threads})
+    sc = timed("rerun", {**stage_a, "threads": threads})
     results["c"] = sc["wall"]
 
     # (a2) in-process encoder, decode workers ahead
     if not args.skip_main:
-        cfg_m = cfg_for("a2")
-        codec = T.build_codec(at)  # injected: forces the in-process path (build not timed)
-        T.tune_malloc()  # as the stage's CLI process does
+        stage_m = stage_for("a2")
+        codec = C.build_codec(at)  # injected: forces the in-process path (build not timed)
+        if at["fast_encode"]:
+            CF.tune_malloc()  # as the stage's CLI process does
         print(f"(a2) in-proc ... {loadavg()}", flush=True)
         t0 = time.perf_counter()
-        sm = T.encode_all(cfg_m, codec=codec, threads=threads, progress=False)
+        sm = T.encode_all(stage_m["cfg"], stage_m["manifests"], stage_m["index"], stage_m["stats"], codec=codec,
+                          threads=threads, progress=False)
         results["a2"] = time.perf_counter() - t0
-        codes["a2"] = entries(cfg_m)
+        codes["a2"] = entries(stage_m)
         print(f"(a2) in-proc {results['a2']:7.1f} s  mode={sm['mode']} {loadavg()}", flush=True)
 
     for k in ("a", "a2"):
@@ -231,8 +238,8 @@ def child(run: str, spec_json: str) -> int:
 
     * ``naive``: build the upstream tokenizer, then per file ``librosa.load`` + ``encode`` + ``np.save``
       into ``spec["out"]``; reports ``wall`` and ``build`` seconds.
-    * ``stage`` / ``rerun``: ``tokenize.encode_all(spec["cfg"], threads=spec["threads"])``; ``rerun``
-      asserts that nothing was encoded.
+    * ``stage`` / ``rerun``: ``tokenize.encode_all`` of ``spec``'s config, manifests, index and stats
+      with ``spec["threads"]``; ``rerun`` asserts that nothing was encoded.
     """
     import boson_multimodal.audio_processing.higgs_audio_tokenizer  # noqa: F401
     import librosa
@@ -240,7 +247,7 @@ def child(run: str, spec_json: str) -> int:
     import torch
 
     from higgs_tune import tokenize as T
-    from higgs_tune.model import build_audio_tokenizer
+    from higgs_tune.codec import build_audio_tokenizer
 
     spec = json.loads(spec_json)
     if run == "naive":
@@ -257,7 +264,8 @@ def child(run: str, spec_json: str) -> int:
                                                         f"{torch.get_num_threads()})"}
     else:
         t0 = time.perf_counter()
-        stats = T.encode_all(spec["cfg"], threads=spec["threads"], progress=False)
+        stats = T.encode_all(spec["cfg"], spec["manifests"], spec["index"], spec["stats"], threads=spec["threads"],
+                             progress=False)
         wall = time.perf_counter() - t0
         if run == "rerun" and stats["n_encoded"]:
             raise SystemExit(f"rerun encoded {stats['n_encoded']} clips")
@@ -275,7 +283,7 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
     * ``gemm_gflops``: best of 50 single-thread 1024 x 1024 fp32 ``torch.mm`` (no convolution here
       runs faster than this).
     * ``sin_s``: seconds per audio second of the sine alone on each Snake's real ``alpha * x``
-      (one thread): the one transcendental op, evaluated as the stage does (``tokenize._sin_``).
+      (one thread): the one transcendental op, evaluated as the stage does (``codec_fast._sin_``).
     * ``startup_s``: what each encode worker does before its first clip: with ``fork`` (imports
       inherited) build the codec, timed here; else also start Python and import, timed as a
       fresh process.
@@ -283,11 +291,12 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
     import torch
 
     from higgs_tune import audio_io
-    from higgs_tune import tokenize as T
+    from higgs_tune import codec as C
+    from higgs_tune import codec_fast as CF
 
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    codec = T.build_codec(at)
+    codec = C.build_codec({**at, "fast_encode": True})
     wave = audio_io.to_mono_resampled(*audio_io.load_audio(clip), codec.sample_rate)
     seconds = len(wave) / codec.sample_rate
     flops, sin_s = [0], [0.0]
@@ -299,7 +308,7 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
         for tile in (m.alpha * inp[0]).reshape(-1).split(1 << 16):
             src = tile.clone()
             t0 = time.perf_counter()
-            T._sin_(src)
+            CF._sin_(src)
             sin_s[0] += time.perf_counter() - t0
 
     for m in codec.tok.encoder.modules():  # module-by-module forwards, so that hooks see every layer
@@ -319,11 +328,12 @@ def lower_bound(at: dict, clip: Path, fork: bool = True) -> dict[str, float]:
         best = min(best, time.perf_counter() - t0)
     if fork:  # the worker inherits the imports and builds the codec
         t0 = time.perf_counter()
-        T.build_codec(at)
+        C.build_codec(at)
         startup = time.perf_counter() - t0
     else:  # a fresh process: Python, imports, build
         code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1); "
-                "from higgs_tune import tokenize as T; T.tune_malloc(); T.build_codec(json.loads(sys.argv[2]))")
+                "from higgs_tune import codec as C, codec_fast as CF; CF.tune_malloc(); "
+                "C.build_codec(json.loads(sys.argv[2]))")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code, str(ROOT / "workflow"), json.dumps(at)], check=True,
                        capture_output=True)
@@ -340,18 +350,18 @@ def ablation(args) -> int:
     import torch
 
     from higgs_tune import audio_io
-    from higgs_tune import tokenize as T
+    from higgs_tune import codec as C
+    from higgs_tune import codec_fast as CF
     from higgs_tune.config import load_config
-    from higgs_tune.model import build_audio_tokenizer
 
     torch.set_num_threads(1)
     at = load_config([args.configfile])["audio_tokenizer"]
     clips = sorted((ROOT / "data" / "ljspeech32" / "wavs").glob("*.wav"))[:args.ablation]
     waves = [audio_io.to_mono_resampled(*audio_io.load_audio(p), 24000) for p in clips]
     audio_s = sum(sf.info(p).duration for p in clips)
-    upstream = build_audio_tokenizer(at)
-    codec = T.build_codec(at)
-    n_rerun = sum(codec.acoustic_frames(len(w)) != T.HiggsCodec.expected_frames(len(w)) for w in waves)
+    reference = C.build_codec({**at, "fast_encode": False})  # upstream HiggsAudioTokenizer.encode
+    codec = C.build_codec({**at, "fast_encode": True})
+    n_rerun = sum(codec.fast.acoustic_frames(len(w)) != C.HiggsCodec.expected_frames(len(w)) for w in waves)
     print(f"# ablation: {len(clips)} clips, {audio_s:.1f} s, 1 torch thread, {n_rerun} clips hit upstream's "
           f"acoustic re-run; {loadavg()}")
 
@@ -363,11 +373,11 @@ def ablation(args) -> int:
         return out, dt
 
     print("| variant | wall s | audio-s/s |\n|---|---:|---:|")
-    ref, t_up = run("upstream HiggsAudioTokenizer.encode", lambda w: upstream.encode(w, 24000).numpy())
-    ours, t_c = run("stage codec (one acoustic pass, folded weight norm)", lambda w: codec.encode([w])[0])
-    print(f"| tune_malloc() -> {T.tune_malloc()} | | |")
-    ours2, t_ct = run("stage codec + tune_malloc", lambda w: codec.encode([w])[0])
-    _, t_upt = run("upstream encode + tune_malloc", lambda w: upstream.encode(w, 24000).numpy())
+    ref, t_up = run("fast_encode: false (upstream HiggsAudioTokenizer.encode)", lambda w: reference.encode([w])[0])
+    ours, t_c = run("fast_encode: true (codec_fast, before tune_malloc)", lambda w: codec.encode([w])[0])
+    print(f"| tune_malloc() -> {CF.tune_malloc()} | | |")
+    ours2, t_ct = run("fast_encode: true + tune_malloc", lambda w: codec.encode([w])[0])
+    _, t_upt = run("upstream encode + tune_malloc", lambda w: reference.encode([w])[0])
     same = all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ref, ours, ours2))
     print(f"codes identical: {same}; codec {t_up / t_c:.2f}x, +malloc {t_up / t_ct:.2f}x over upstream "
           f"(malloc alone on upstream: {t_up / t_upt:.2f}x); {loadavg()}")
