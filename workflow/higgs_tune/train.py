@@ -191,7 +191,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     the layer's class, so the layer's bound ``forward`` is wrapped in place. Active only while
     gradients are enabled and the KV cache is off (training); generation is unchanged.
     """
-    from torch.utils.checkpoint import checkpoint
+    import torch.utils.checkpoint as tuc
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = 0
@@ -201,7 +201,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
         @functools.wraps(inner)
         def forward(*args, _inner=inner, **kwargs):
             if torch.is_grad_enabled() and not kwargs.get("use_cache"):
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return tuc.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
 
         layer.forward = forward
