@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from higgs_tune.loss import IGNORE_INDEX, count_targets, higgs_loss, shifted_audio_targets
+from higgs_tune.labels import IGNORE_INDEX, shifted_audio_targets
+from higgs_tune.loss import count_targets, higgs_loss
 
 
 def ref_ce(logit_row: torch.Tensor, target: int) -> float:
@@ -54,17 +56,19 @@ def delay_labels(codes: torch.Tensor) -> torch.Tensor:
     return build_delay_pattern_mask(lab[None], bos_token_id=IGNORE_INDEX, pad_token_id=IGNORE_INDEX)[0][0]
 
 
-@st.composite
-def batches(draw):
-    seed = draw(st.integers(0, 10_000))
-    g = torch.Generator().manual_seed(seed)
-    b, length, v = draw(st.integers(1, 3)), draw(st.integers(2, 12)), 7
-    k, c = draw(st.integers(1, 4)), 6
+def draw_batch(draw, g, *, b, length, k, v=7, c=6, no_text=False, no_audio=None):
+    """One collated batch: text ``(B, L)`` logits/labels and K-codebook audio segments.
+
+    ``no_text``: every text label is -100. ``no_audio``: None (random), "none" (no segment at all) or
+    "ignored" (segments whose labels are all -100)."""
     delay = draw(st.booleans())
     logits = torch.randn(b, length, v, generator=g) * 3
     labels = torch.randint(0, v, (b, length), generator=g)
     labels[torch.rand(b, length, generator=g) < draw(st.floats(0, 1))] = IGNORE_INDEX
-    seg_lens = draw(st.lists(st.integers(1, 6), min_size=0, max_size=4))
+    if no_text:
+        labels[:] = IGNORE_INDEX
+    seg_lens = [] if no_audio == "none" else draw(
+        st.lists(st.integers(1, 6), min_size=1 if no_audio == "ignored" else 0, max_size=4))
     segs = []
     for n in seg_lens:
         codes = torch.randint(0, c - 2, (k, n), generator=g)
@@ -75,11 +79,34 @@ def batches(draw):
             seg[torch.rand(seg.shape, generator=g) < 0.3] = IGNORE_INDEX
         if draw(st.booleans()):  # whatever the first column holds, nothing crosses a boundary
             seg[:, 0] = torch.randint(0, c, (k,), generator=g)
+        if no_audio == "ignored":
+            seg[:] = IGNORE_INDEX
         segs.append(seg)
     label_audio = torch.cat(segs, dim=1) if segs else torch.zeros((k, 0), dtype=torch.long)
     starts = torch.tensor([0] + [s.shape[1] for s in segs[:-1]]).cumsum(0) if segs else torch.zeros(0, dtype=torch.long)
     audio_logits = torch.randn(label_audio.shape[1], k, c, generator=g) * 3
     return logits, labels, audio_logits, label_audio, starts
+
+
+@st.composite
+def batches(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    return draw_batch(draw, g, b=draw(st.integers(1, 3)), length=draw(st.integers(2, 12)), k=draw(st.integers(1, 4)))
+
+
+@st.composite
+def windows(draw):
+    """A gradient-accumulation window: 2-4 micro-batches sharing K, each with its own batch size,
+    sequence length and segments (so their target counts differ); one micro-batch has no text
+    targets and one (possibly the same) has no audio targets."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    k, n_micro = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    empty_text = draw(st.integers(0, n_micro - 1))
+    empty_audio = draw(st.integers(0, n_micro - 1))
+    return [draw_batch(draw, g, b=draw(st.integers(1, 3)), length=draw(st.integers(2, 12)), k=k,
+                       no_text=i == empty_text,
+                       no_audio=draw(st.sampled_from(["none", "ignored"])) if i == empty_audio else None)
+            for i in range(n_micro)]
 
 
 @settings(max_examples=150, deadline=None)
@@ -99,31 +126,45 @@ def test_matches_reference(batch, tw, aw):
     assert counts.text == n_text and counts.codebooks.tolist() == n_cb
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(batches(), min_size=2, max_size=4))
-def test_grad_accumulation_equals_one_batch(micro):
-    """Micro-batch losses normalized by the window's counts sum to the loss of the joined batch,
-    and so do their gradients (4 x 1 == 1 x 4)."""
-    k = micro[0][3].shape[0]
-    micro = [m for m in micro if m[3].shape[0] == k and m[0].shape[1] == micro[0][0].shape[1]]
-    counts = None
-    for logits, labels, _, la, st_ in micro:
-        c = count_targets(labels, la, st_, num_codebooks=k)
-        counts = c if counts is None else counts + c
-    leaves = [(m[0].clone().requires_grad_(), m[2].clone().requires_grad_()) for m in micro]
-    total = sum(higgs_loss(lg, m[1], al, m[3], m[4], normalizer=counts).loss for (lg, al), m in zip(leaves, micro))
-    total.backward()
-    # the joined batch: text rows stacked, audio streams concatenated with shifted segment starts
-    logits = torch.cat([lg.detach() for lg, _ in leaves]).requires_grad_()
-    audio = torch.cat([al.detach() for _, al in leaves]).requires_grad_()
-    labels = torch.cat([m[1] for m in micro])
+def join(micro, logits_list, audio_list, pad_value=0.0):
+    """The window as one batch: text rows stacked (right-padded to the longest with -100 labels),
+    audio streams concatenated with shifted segment starts."""
+    length = max(m[1].shape[1] for m in micro)
+    logits = torch.cat([F.pad(lg, (0, 0, 0, length - lg.shape[1]), value=pad_value) for lg in logits_list])
+    labels = torch.cat([F.pad(m[1], (0, length - m[1].shape[1]), value=IGNORE_INDEX) for m in micro])
+    audio = torch.cat(audio_list)
     la = torch.cat([m[3] for m in micro], dim=1)
     offsets = torch.tensor([0] + [m[3].shape[1] for m in micro[:-1]]).cumsum(0)
     starts = torch.cat([m[4] + o for m, o in zip(micro, offsets)])
-    joined = higgs_loss(logits, labels, audio, la, starts)
+    return logits, labels, audio, la, starts
+
+
+@settings(max_examples=60, deadline=None)
+@given(windows(), st.floats(0.1, 2.0), st.floats(0.1, 2.0))
+def test_grad_accumulation_equals_one_batch(micro, tw, aw):
+    """Micro-batch losses normalized by the window's counts sum to the loss of the joined batch,
+    and so do their gradients (n x 1 == 1 x n), whatever the micro-batches' sizes and counts."""
+    k = micro[0][3].shape[0]
+    per_micro = [count_targets(m[1], m[3], m[4], num_codebooks=k) for m in micro]
+    assert min(c.text for c in per_micro) == 0 and min(c.audio for c in per_micro) == 0  # the strategy's promise
+    counts = per_micro[0]
+    for c in per_micro[1:]:
+        counts = counts + c
+    leaves = [(m[0].clone().requires_grad_(), m[2].clone().requires_grad_()) for m in micro]
+    total = sum(higgs_loss(lg, m[1], al, m[3], m[4], text_weight=tw, audio_weight=aw, normalizer=counts).loss
+                for (lg, al), m in zip(leaves, micro))
+    total.backward()
+    logits, labels, audio, la, starts = join(micro, [lg.detach() for lg, _ in leaves], [al.detach() for _, al in leaves])
+    logits.requires_grad_()
+    audio.requires_grad_()
+    joined_counts = count_targets(labels, la, starts, num_codebooks=k)
+    assert counts.text == joined_counts.text and counts.codebooks.tolist() == joined_counts.codebooks.tolist()
+    joined = higgs_loss(logits, labels, audio, la, starts, text_weight=tw, audio_weight=aw)
     joined.loss.backward()
     assert float(total) == pytest.approx(float(joined.loss), abs=1e-5, rel=1e-5)
-    assert torch.allclose(torch.cat([lg.grad for lg, _ in leaves]), logits.grad, atol=1e-6)
+    # each micro-batch's gradient is its slice of the joined batch's gradient (padding rows get none)
+    text_grad = join(micro, [lg.grad for lg, _ in leaves], [al.grad for _, al in leaves])[0]
+    assert torch.allclose(text_grad, logits.grad, atol=1e-6)
     assert torch.allclose(torch.cat([al.grad for _, al in leaves]), audio.grad, atol=1e-6)
 
 
