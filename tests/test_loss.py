@@ -23,15 +23,17 @@ def ref_ce(logit_row: torch.Tensor, target: int) -> float:
 
 def reference_loss(logits, labels, audio_logits, label_audio, starts, tw=1.0, aw=1.0):
     """Loop version: text target of position t is labels[b, t+1]; audio row i of segment s predicts
-    label_audio[:, i+1] only if i+1 is still inside s."""
-    text = []
+    label_audio[:, i+1] only if i+1 is still inside s. Also counts argmax hits (text, per codebook)."""
+    text, text_hits = [], 0
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1] - 1):
             y = int(labels[b, t + 1])
             if y != IGNORE_INDEX:
                 text.append(ref_ce(logits[b, t], y))
+                text_hits += int(logits[b, t].argmax()) == y
     k = label_audio.shape[0]
     per_cb = [[] for _ in range(k)]
+    cb_hits = [0] * k
     n = label_audio.shape[1]
     bounds = [int(s) for s in starts] + [n]
     for s in range(len(bounds) - 1):
@@ -40,10 +42,12 @@ def reference_loss(logits, labels, audio_logits, label_audio, starts, tw=1.0, aw
                 y = int(label_audio[c, i + 1])
                 if y != IGNORE_INDEX:
                     per_cb[c].append(ref_ce(audio_logits[i, c], y))
+                    cb_hits[c] += int(audio_logits[i, c].argmax()) == y
     text_loss = sum(text) / len(text) if text else 0.0
     cb = [sum(v) / len(v) if v else 0.0 for v in per_cb]
     audio_loss = sum(cb) / k if n else 0.0
-    return tw * text_loss + aw * audio_loss, text_loss, audio_loss, cb, len(text), [len(v) for v in per_cb]
+    return (tw * text_loss + aw * audio_loss, text_loss, audio_loss, cb, len(text), [len(v) for v in per_cb],
+            text_hits, cb_hits)
 
 
 def delay_labels(codes: torch.Tensor) -> torch.Tensor:
@@ -114,14 +118,14 @@ def windows(draw):
 def test_matches_reference(batch, tw, aw):
     logits, labels, audio_logits, label_audio, starts = batch
     out = higgs_loss(logits, labels, audio_logits, label_audio, starts, text_weight=tw, audio_weight=aw)
-    loss, text_loss, audio_loss, cb, n_text, n_cb = reference_loss(logits, labels, audio_logits, label_audio,
-                                                                   starts, tw, aw)
+    loss, text_loss, audio_loss, cb, n_text, n_cb, text_hits, cb_hits = reference_loss(
+        logits, labels, audio_logits, label_audio, starts, tw, aw)
     assert float(out.loss) == pytest.approx(loss, abs=1e-5, rel=1e-5)
     assert float(out.text_loss) == pytest.approx(text_loss, abs=1e-5, rel=1e-5)
     assert float(out.audio_loss) == pytest.approx(audio_loss, abs=1e-5, rel=1e-5)
     assert out.codebook_losses.tolist() == pytest.approx(cb, abs=1e-5, rel=1e-5)
     assert out.n_text_targets == n_text and out.n_codebook_targets.tolist() == n_cb
-    assert math.isfinite(float(out.loss))
+    assert out.text_correct == text_hits and out.codebook_correct.tolist() == cb_hits
     counts = count_targets(labels, label_audio, starts, num_codebooks=label_audio.shape[0])
     assert counts.text == n_text and counts.codebooks.tolist() == n_cb
 
@@ -203,7 +207,10 @@ def test_empty_modalities_are_zero_not_nan():
     out = higgs_loss(logits, labels, torch.zeros((0, 8, 1026)), torch.zeros((8, 0), dtype=torch.long),
                      torch.zeros(0, dtype=torch.long))
     assert float(out.loss) == 0.0 and out.n_text_targets == 0 and out.n_audio_targets == 0
-    assert not torch.isnan(out.codebook_losses).any()
+    assert out.codebook_losses.tolist() == [0.0] * 8 and out.n_codebook_targets.tolist() == [0] * 8
+    # the zero loss stays connected to the graph (DDP and accumulation see every parameter): zero gradients
+    out.loss.backward()
+    assert logits.grad is not None and not logits.grad.any()
 
 
 def test_shape_mismatch_raises():
