@@ -25,6 +25,14 @@ def shortest(lj_clips, n):
     return sorted(lj_clips, key=lambda p: sf.info(p).frames)[:n]
 
 
+def frames_fit(gen, max_frames: int) -> bool:
+    """Either the model closed the stream before ``max_frames``, or it ran the whole budget: then
+    ``max_frames - 1`` frames (the serve engine's ``[:, 1:-1]`` drops the last column even when it
+    is not an EOS) or ``max_frames``."""
+    t = gen.codes.shape[1]
+    return t < max_frames if gen.ended else max_frames - 1 <= t <= max_frames
+
+
 def test_wer_normalizes_then_counts_word_edits():
     assert S.normalize_text("Hello, World!  It’s  fine_") == "hello world it's fine"
     assert S.word_error_rate(["The cat sat."], ["the cat sat"]) == 0.0
@@ -65,8 +73,10 @@ def test_speaker_similarity_separates_voices(lj_clips):
 
 def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny_model, text_tokenizer,
                                                                  audio_tokenizer, demo_config):
-    """The prompt is the row minus its target turn; generation gives (8, T <= max_frames) codes in
-    [0, 1024), the same for the same seed; a cloning prompt carries its reference's real codes."""
+    """The prompt is the row minus its target turn; generation gives (8, T) int64 codes in [0, 1024),
+    T = max_frames - 1 (or max_frames) unless the model ended the stream, the same for the same seed,
+    others for another seed, a prefix of the same sample for a smaller max_frames; a cloning prompt
+    carries its reference's real codes; T frames decode to T x 960 samples at 24 kHz."""
     from higgs_tune.tokenize import HiggsCodec
 
     rows = [json.loads(line) for line in open(repo_root / "data" / "demo" / "manifest.jsonl")]
@@ -90,12 +100,28 @@ def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny
 
     clone = {**clone, "misc": {**clone["misc"], "audio_sha256": {ref["audio_url"]: "ref-sha"}}}
     tiny_model.eval()
-    for row in (tts, clone):
-        a = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=20, seed=3)
-        b = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=20, seed=3)
-        assert a.codes.shape[0] == 8 and 0 <= a.codes.shape[1] <= 20
-        assert a.codes.size == 0 or (a.codes.min() >= 0 and a.codes.max() < 1024)
-        np.testing.assert_array_equal(a.codes, b.codes)
+    max_frames = 20
+    gen = {}
+    for name, row in (("tts", tts), ("clone", clone)):
+        a = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3)
+        b = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3)
+        assert a.codes.dtype == np.int64 and a.codes.shape[0] == 8 and a.codes.shape[1] > 0, a.codes.shape
+        assert frames_fit(a, max_frames), (a.codes.shape, a.ended)
+        assert a.codes.min() >= 0 and a.codes.max() < 1024  # BOS 1024 / EOS 1025 never reach the decoder
+        np.testing.assert_array_equal(a.codes, b.codes)  # same seed, same codes
+        assert a.ended == b.ended
+        gen[name] = a
     assert seen == ["ref-sha", "ref-sha"]  # the reference's codes went into the cloning prompt
-    wave = codec.decode(a.codes) if a.codes.shape[1] else np.zeros(0, np.float32)
-    assert wave.shape == (a.codes.shape[1] * 960,)
+    other = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=max_frames, seed=4)
+    a = gen["tts"]
+    assert frames_fit(other, max_frames), (other.codes.shape, other.ended)
+    assert other.codes.shape != a.codes.shape or (other.codes != a.codes).any()  # another seed, other codes
+    # max_frames only cuts the stream: a shorter budget gives a prefix of the same sample
+    short = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=5, seed=3)
+    assert frames_fit(short, 5), (short.codes.shape, short.ended)
+    np.testing.assert_array_equal(short.codes, a.codes[:, :short.codes.shape[1]])
+    # the decoder turns T frames into T hops of 960 samples at 24 kHz
+    assert (codec.sample_rate, codec.hop_length) == (24000, 960)
+    wave = codec.decode(a.codes)
+    assert wave.shape == (a.codes.shape[1] * 960,) and wave.dtype == np.float32
+    assert np.isfinite(wave).all() and np.abs(wave).max() > 0
