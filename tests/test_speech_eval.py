@@ -77,7 +77,7 @@ def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny
     T = max_frames - 1 (or max_frames) unless the model ended the stream, the same for the same seed,
     others for another seed, a prefix of the same sample for a smaller max_frames; a cloning prompt
     carries its reference's real codes; T frames decode to T x 960 samples at 24 kHz."""
-    from higgs_tune.tokenize import HiggsCodec
+    from higgs_tune.codec import HiggsCodec
 
     rows = [json.loads(line) for line in open(repo_root / "data" / "demo" / "manifest.jsonl")]
     tts = next(r for r in rows if len(r["messages"]) == 3)
