@@ -92,8 +92,10 @@ def test_two_processes_equal_one_process_with_twice_the_batch(train_cfg, tmp_pat
     w1 = load_file(one.adapter / "adapter_model.safetensors")
     w2 = load_file(two.adapter / "adapter_model.safetensors")
     assert w1.keys() == w2.keys() and len(w1) > 10
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-7)
+    for k in w1:  # AdamW divides by sqrt(v): a gradient near 0 that differs in its last bits (the
+        # all-reduce sums in another order) moves a weight by up to ~1e-6 over 4 steps at lr 3e-3
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5 < max(w1[k].abs().max().item() for k in w1)
     v1, v2 = rows(one.val_metrics), rows(two.val_metrics)
     assert [v["step"] for v in v2] == [2, 4] and all(close(a["loss"], b["loss"]) for a, b in zip(v1, v2))
     assert [p["step"] for p in rows(two.predictions)] == [1, 2, 4]
