@@ -68,7 +68,7 @@ def test_workflow_runs_through_the_slurm_profile(tmp_path):
         "experiment": "slurm", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
         "data": {"val_fraction": 0.25},
         "train": {"max_steps": 2, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 2,
-                  "save_interval": 2, "predictions_interval": 2},
+                  "save_interval": 2, "predictions_interval": 2, "resume_dir": str(tmp_path / "resume")},
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -36,6 +36,16 @@ def stage_config(*keys):
     return json.dumps({k: config.get(k) for k in keys}, sort_keys=True)
 
 
+def processes_per_node(resources):
+    """Training processes per node: the GPUs granted (``gpu``: GPUs of a one-node job; ``gres``
+    ``gpu[:type]:N``: GPUs per node), else ``train.processes`` (CPU processes, gloo)."""
+    gres = str(resources.get("gres", "") or "")
+    if gres.startswith("gpu"):
+        return int(gres.rsplit(":", 1)[-1]) if gres.count(":") else 1
+    nodes = int(resources.get("nodes", 1) or 1)
+    return max(1, int(resources.get("gpu", 0) or 0) // nodes) if resources.get("gpu") else config["train"]["processes"]
+
+
 def _imports(path):
     """higgs_tune modules a module imports (anywhere in it, lazy imports included)."""
     found = set()

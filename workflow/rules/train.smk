@@ -20,8 +20,7 @@ rule train:
         cfg=stage_config("model", "lora", "train", "eval"),
         code=code_sig("train"),
         resume=RESUME,
-        # processes per node: the GPUs granted on a GPU node, else train.processes (CPU, gloo)
-        nproc=lambda wc, resources: int(resources.get("gpu", 0) or 0) or config["train"]["processes"],
+        nproc=lambda wc, resources: processes_per_node(resources),
     threads: 2
     resources:
         mem_mb=16000,
