@@ -10,6 +10,7 @@ collator, a loss wiring, a model wrapper, cached codes) and asserts the gate fai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from higgs_tune import audit as A
 from higgs_tune import data as D
 from higgs_tune import loss as L
-from higgs_tune.config import Paths
 
 ENCODED = ("LJ001-0008.wav", "LJ001-0002.wav")  # the two shortest clips go through the real audio tokenizer
 
@@ -68,25 +68,69 @@ def demo_codes(repo_root, demo_rows, audio_tokenizer) -> dict[str, np.ndarray]:
     return codes
 
 
+@dataclasses.dataclass
+class Experiment:
+    """A config and the files of one experiment under ``root`` (what the audit rule renders as paths)."""
+
+    cfg: dict
+    root: Path
+
+    @property
+    def train(self) -> Path:
+        return self.root / "manifest" / "train.jsonl"
+
+    @property
+    def val(self) -> Path:
+        return self.root / "manifest" / "val.jsonl"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "tokens" / "index.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "audit" / "summary.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "audit" / "samples.parquet"
+
+    def with_audit(self, **audit) -> "Experiment":
+        """The same files with other ``audit:`` keys."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg["audit"].update(audit)
+        return Experiment(cfg, self.root)
+
+    def cli_paths(self) -> list[str]:
+        return ["--train", str(self.train), "--val", str(self.val), "--index", str(self.index),
+                "--summary", str(self.summary), "--samples", str(self.samples)]
+
+
+def run_audit(exp: Experiment, *, write: bool = False, **kw) -> dict:
+    """``A.run_audit`` on the experiment's files; ``write`` also writes its summary and samples."""
+    out = {"summary_path": exp.summary, "samples_path": exp.samples} if write else {}
+    return A.run_audit(exp.cfg, train_manifest=exp.train, val_manifest=exp.val, tokens_index=exp.index, **out, **kw)
+
+
 @pytest.fixture(scope="module")
-def base_cfg(demo_config, tmp_path_factory) -> dict:
-    cfg = copy.deepcopy(demo_config)
-    root = tmp_path_factory.mktemp("audit")
-    cfg["results_dir"] = str(root / "results")
-    cfg["cache_dir"] = str(root / "cache")
-    return cfg
+def base_cfg(demo_config) -> dict:
+    return copy.deepcopy(demo_config)
 
 
-def make_experiment(cfg: dict, name: str, rows: list[dict], codes: dict[str, np.ndarray], *, n_val: int = 5,
-                    **audit) -> dict:
-    """Write kept manifests + a tokens index (audio_sha256, codes_path) for experiment ``name``; its config."""
+@pytest.fixture(scope="module")
+def exp_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audit")
+
+
+def make_experiment(cfg: dict, root: Path, rows: list[dict], codes: dict[str, np.ndarray], *, n_val: int = 5,
+                    **audit) -> Experiment:
+    """Write kept manifests + a tokens index (audio_sha256, codes_path) under ``root``; the experiment."""
     cfg = copy.deepcopy(cfg)
-    cfg["experiment"] = name
     cfg["audit"] = {**cfg.get("audit", {}), **audit}
-    paths = Paths(cfg)
-    D.write_jsonl(paths.train_manifest, rows[:-n_val] if n_val else rows)
-    D.write_jsonl(paths.val_manifest, rows[-n_val:] if n_val else [])
-    code_dir = paths.tokens_index.parent / "codes"
+    exp = Experiment(cfg, root)
+    D.write_jsonl(exp.train, rows[:-n_val] if n_val else rows)
+    D.write_jsonl(exp.val, rows[-n_val:] if n_val else [])
+    code_dir = exp.index.parent / "codes"
     code_dir.mkdir(parents=True, exist_ok=True)
     recs = []
     for sha, c in codes.items():
@@ -95,21 +139,19 @@ def make_experiment(cfg: dict, name: str, rows: list[dict], codes: dict[str, np.
         recs.append({"audio_sha256": sha, "codes_path": str(p), "n_frames": int(c.shape[1])})
     import pandas as pd
 
-    pd.DataFrame(recs).to_parquet(paths.tokens_index, index=False)
-    return cfg
+    pd.DataFrame(recs).to_parquet(exp.index, index=False)
+    return exp
 
 
 @pytest.fixture(scope="module")
-def demo_cfg(base_cfg, demo_rows, demo_codes) -> dict:
-    return make_experiment(base_cfg, "demo", demo_rows, demo_codes)
+def demo_cfg(base_cfg, exp_root, demo_rows, demo_codes) -> Experiment:
+    return make_experiment(base_cfg, exp_root / "demo", demo_rows, demo_codes)
 
 
 @pytest.fixture(scope="module")
-def data_cfg(demo_cfg) -> dict:
+def data_cfg(demo_cfg) -> Experiment:
     """The demo experiment with the leak probe off: for faults in the data tensors (the probe is tested apart)."""
-    cfg = copy.deepcopy(demo_cfg)
-    cfg["audit"]["leak_probe"] = False
-    return cfg
+    return demo_cfg.with_audit(leak_probe=False)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +196,7 @@ def collator_with(model_config, fault, **overrides):
 
 def audit_with_fault(data_cfg, model, text_tokenizer, fault) -> dict:
     """The audit summary when the collated batches pass through ``fault`` (no files written)."""
-    return A.run_audit(data_cfg, collator=collator_with(model.config, fault), model=model,
-                       text_tokenizer=text_tokenizer, write=False)
+    return run_audit(data_cfg, collator=collator_with(model.config, fault), model=model, text_tokenizer=text_tokenizer)
 
 
 def _segments(batch):
@@ -210,7 +251,7 @@ def make_wiring(text_shift: int, audio_shift: int, respect_segments: bool = True
 @pytest.fixture(scope="module")
 def good_summary(demo_cfg, text_tokenizer):
     """The production pipeline (model built and LoRA-wrapped by run_audit itself) on the demo data."""
-    return A.run_audit(demo_cfg, text_tokenizer=text_tokenizer)
+    return run_audit(demo_cfg, text_tokenizer=text_tokenizer, write=True)
 
 
 def test_correct_pipeline_passes_every_rule(good_summary, demo_cfg):
@@ -235,13 +276,15 @@ def test_correct_pipeline_passes_every_rule(good_summary, demo_cfg):
     assert s["collator_settings"]["mismatches"] == []
     assert s["model_settings"]["use_delay_pattern"] is True
     assert set(s["timing"]) >= {"build_samples_s", "tensor_checks_s", "tensor_checks_samples_per_s", "leak_probe_s"}
-    # outputs on disk
-    paths = Paths(demo_cfg)
-    on_disk = json.loads(Path(paths.audit_summary).read_text())
+    assert s["config"] == demo_cfg.cfg["audit"]  # the schema's audit keys, as used
+    assert s["inputs"] == {"train_manifest": str(demo_cfg.train), "val_manifest": str(demo_cfg.val),
+                           "tokens_index": str(demo_cfg.index)}
+    # outputs on disk, at the paths given
+    on_disk = json.loads(demo_cfg.summary.read_text())
     assert on_disk["passed"] is True and on_disk["n_samples"] == 40
     import pandas as pd
 
-    df = pd.read_parquet(paths.audit_samples)
+    df = pd.read_parquet(demo_cfg.samples)
     assert len(df) == 40 and df["passed"].all() and df["bos_eos_ok"].all() and df["codes_in_range"].all()
     clone = df[df["id"].str.startswith("clone-")]
     assert len(clone) == 8 and (clone["n_audio_segments"] == 2).all() and (clone["n_reference_segments"] == 1).all()
@@ -253,7 +296,7 @@ def test_correct_pipeline_passes_every_rule(good_summary, demo_cfg):
 def test_per_codebook_target_counts(good_summary, demo_cfg, demo_codes, demo_rows):
     import pandas as pd
 
-    df = pd.read_parquet(Paths(demo_cfg).audit_samples).set_index("id")
+    df = pd.read_parquet(demo_cfg.samples).set_index("id")
     for r in demo_rows:
         sid = r["misc"]["id"]
         items = D.audio_items(r)
@@ -263,29 +306,57 @@ def test_per_codebook_target_counts(good_summary, demo_cfg, demo_codes, demo_row
             assert df.loc[sid, f"n_audio_targets_cb{k}"] == T + 1
 
 
-def test_cli_writes_outputs_and_exit_code(demo_cfg, tmp_path):
+def test_cli_writes_outputs_and_exit_code(data_cfg, tmp_path, capsys):
+    import pandas as pd
     import yaml
 
-    cfg = copy.deepcopy(demo_cfg)
-    cfg["audit"]["leak_probe"] = False
-    f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump(cfg))
-    assert A.main(["--configfile", str(f)]) == 0
-    # a failing gate exits 1 after writing the summary
-    rows = D.read_jsonl(Paths(cfg).train_manifest)
+    # as the rule calls it: only the sections it passes (model, audit, lora), every path explicit
+    exp = Experiment(data_cfg.cfg, tmp_path / "ok")
+    sections = json.dumps({k: exp.cfg[k] for k in ("model", "audit", "lora")})
+    cli_paths = ["--train", str(data_cfg.train), "--val", str(data_cfg.val), "--index", str(data_cfg.index),
+                 "--summary", str(exp.summary), "--samples", str(exp.samples)]
+    assert A.main(["--config-json", sections, *cli_paths]) == 0
+    assert json.loads(exp.summary.read_text())["passed"] is True
+    assert len(pd.read_parquet(exp.samples)) == 40
+    assert "audit PASSED" in capsys.readouterr().out
+    # a failing gate exits 1 after writing the summary and the samples (run by hand: --configfile)
+    rows = D.read_jsonl(data_cfg.train)
     rows[0]["start_index"] = 99  # every turn becomes prompt: no targets
-    cfg2 = copy.deepcopy(cfg)
-    cfg2["experiment"] = "cli_fail"
-    p2 = Paths(cfg2)
-    D.write_jsonl(p2.train_manifest, rows)
-    D.write_jsonl(p2.val_manifest, [])
-    p2.tokens_index.parent.mkdir(parents=True, exist_ok=True)
-    p2.tokens_index.write_bytes(Paths(cfg).tokens_index.read_bytes())
-    f.write_text(yaml.safe_dump(cfg2))
-    assert A.main(["--configfile", str(f)]) == 1
-    s = json.loads(p2.audit_summary.read_text())
+    fail = Experiment(data_cfg.cfg, tmp_path / "cli_fail")
+    D.write_jsonl(fail.train, rows)
+    D.write_jsonl(fail.val, [])
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data_cfg.cfg))
+    argv = ["--configfile", str(f), *fail.cli_paths()]
+    argv[argv.index("--index") + 1] = str(data_cfg.index)
+    assert A.main(argv) == 1
+    s = json.loads(fail.summary.read_text())
     assert s["passed"] is False and "has_targets" in failed_rules(s)
-    assert Path(p2.audit_samples).exists()
+    assert fail.samples.exists()
+    err = capsys.readouterr().err
+    assert "audit FAILED" in err and f"audit gate FAILED: training must not start; see {fail.summary}" in err
+
+
+def test_module_entry_point(repo_root):
+    """``python -m higgs_tune.audit`` (as the rule runs it) reaches main: its usage names the rule's options."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow")}
+    proc = subprocess.run([sys.executable, "-m", "higgs_tune.audit", "--help"], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m higgs_tune.audit")
+    for opt in ("--config-json", "--configfile", "--train", "--val", "--index", "--summary", "--samples"):
+        assert opt in proc.stdout, opt
+
+
+def test_cli_requires_every_path(capsys):
+    with pytest.raises(SystemExit):
+        A.main(["--config-json", "{}", "--train", "a.jsonl"])
+    err = capsys.readouterr().err
+    assert all(opt in err for opt in ("--val", "--index", "--summary", "--samples"))
 
 
 # ------------------------------------------------------------------------------- text label faults
@@ -376,12 +447,12 @@ def test_wrong_delay_offsets(data_cfg, shared_model, text_tokenizer):
 
 
 @pytest.mark.parametrize("bad_code", [1024, 2000])
-def test_codes_out_of_range(base_cfg, demo_rows, demo_codes, shared_model, text_tokenizer, bad_code):
+def test_codes_out_of_range(base_cfg, exp_root, demo_rows, demo_codes, shared_model, text_tokenizer, bad_code):
     codes = {k: v.copy() for k, v in demo_codes.items()}
     target = demo_rows[0]["misc"]["audio_sha256"][D.audio_items(demo_rows[0])[-1][2]["audio_url"]]
     codes[target][3, 5] = bad_code
-    cfg = make_experiment(base_cfg, f"oob{bad_code}", demo_rows, codes, leak_probe=False)
-    s = A.run_audit(cfg, model=shared_model, text_tokenizer=text_tokenizer, write=False)
+    exp = make_experiment(base_cfg, exp_root / f"oob{bad_code}", demo_rows, codes, leak_probe=False)
+    s = run_audit(exp, model=shared_model, text_tokenizer=text_tokenizer)
     assert_fires(s, "audio_codes_in_range")
     assert_fires(s, "audio_label_codes_in_range")
     users = {r["misc"]["id"] for r in demo_rows if D.audio_items(r)[-1][2]["audio_url"] ==
@@ -401,13 +472,12 @@ def test_reference_audio_trained(data_cfg, shared_model, text_tokenizer):
     s = audit_with_fault(data_cfg, shared_model, text_tokenizer, fault)
     assert_fires(s, "audio_label_reference_masked")
     assert {f["sample_id"] for f in s["failures"] if f["rule"] == "audio_label_reference_masked"} == {
-        r["misc"]["id"] for r in D.read_jsonl(Paths(data_cfg).train_manifest) + D.read_jsonl(
-            Paths(data_cfg).val_manifest) if r.get("start_index")}
+        r["misc"]["id"] for r in D.read_jsonl(data_cfg.train) + D.read_jsonl(data_cfg.val) if r.get("start_index")}
 
 
 def test_collator_model_delay_mismatch(data_cfg, shared_model, text_tokenizer):
     collator = D.make_collator(shared_model.config, use_delay_pattern=False)
-    s = A.run_audit(data_cfg, collator=collator, model=shared_model, text_tokenizer=text_tokenizer, write=False)
+    s = run_audit(data_cfg, collator=collator, model=shared_model, text_tokenizer=text_tokenizer)
     assert_fires(s, "collator_settings", cause_contains="delay pattern")
     assert "use_delay_pattern" in s["collator_settings"]["mismatches"]
     assert_fires(s, "audio_segment_length")
@@ -434,7 +504,7 @@ def _no_delay_model(model):
 def test_no_delay_pattern_layout(data_cfg, shared_model, text_tokenizer):
     """Without the delay pattern: labels -100, T codes, EOS; inputs BOS, T codes, EOS."""
     model = _no_delay_model(shared_model)
-    s = A.run_audit(data_cfg, model=model, text_tokenizer=text_tokenizer, write=False)
+    s = run_audit(data_cfg, model=model, text_tokenizer=text_tokenizer)
     assert s["passed"], s["failures"][:3]
     assert s["model_settings"]["use_delay_pattern"] is False
 
@@ -442,12 +512,10 @@ def test_no_delay_pattern_layout(data_cfg, shared_model, text_tokenizer):
         la = batch.label_audio_ids
         la[la == 1025] = -100
 
-    s = A.run_audit(data_cfg, model=model, collator=collator_with(model.config, fault), text_tokenizer=text_tokenizer,
-                    write=False)
+    s = run_audit(data_cfg, model=model, collator=collator_with(model.config, fault), text_tokenizer=text_tokenizer)
     assert_fires(s, "audio_label_eos")
     # a delay-pattern collator against this model
-    s = A.run_audit(data_cfg, model=model, collator=D.make_collator(shared_model.config), text_tokenizer=text_tokenizer,
-                    write=False)
+    s = run_audit(data_cfg, model=model, collator=D.make_collator(shared_model.config), text_tokenizer=text_tokenizer)
     assert_fires(s, "collator_settings")
     assert_fires(s, "audio_segment_length")
 
@@ -459,7 +527,7 @@ def test_no_delay_pattern_layout(data_cfg, shared_model, text_tokenizer):
     (make_wiring(1, 1, respect_segments=False), {"probe_audio_segment_boundary"}),  # cross-segment shift
 ], ids=["unshifted", "double_shift", "cross_segment"])
 def test_faulty_loss_wiring(demo_cfg, shared_model, text_tokenizer, wiring, rules):
-    s = A.run_audit(demo_cfg, loss_wiring=wiring, model=shared_model, text_tokenizer=text_tokenizer, write=False)
+    s = run_audit(demo_cfg, loss_wiring=wiring, model=shared_model, text_tokenizer=text_tokenizer)
     for rule in rules:
         assert_fires(s, rule)
     assert all(r["scope"] == "probe" for r in s["rules"] if not r["passed"])  # the data are fine
@@ -467,8 +535,7 @@ def test_faulty_loss_wiring(demo_cfg, shared_model, text_tokenizer, wiring, rule
 
 def test_reference_wiring_of_this_file_is_correct(demo_cfg, shared_model, text_tokenizer):
     """The fault wirings above differ from a correct one only by their shift."""
-    s = A.run_audit(demo_cfg, loss_wiring=make_wiring(1, 1), model=shared_model, text_tokenizer=text_tokenizer,
-                    write=False)
+    s = run_audit(demo_cfg, loss_wiring=make_wiring(1, 1), model=shared_model, text_tokenizer=text_tokenizer)
     assert s["passed"], s["failures"][:3]
 
 
@@ -488,7 +555,7 @@ class DropAudioKwargs(torch.nn.Module):
 
 
 def test_wrapper_dropping_audio_kwargs(demo_cfg, shared_model, text_tokenizer):
-    s = A.run_audit(demo_cfg, model=DropAudioKwargs(shared_model), text_tokenizer=text_tokenizer, write=False)
+    s = run_audit(demo_cfg, model=DropAudioKwargs(shared_model), text_tokenizer=text_tokenizer)
     assert_fires(s, "shapes_audio")
     assert not any(c["rule"] == "probe_audio_no_leak" and c["passed"] for c in s["leak_probe"]["checks"])
 
@@ -501,7 +568,7 @@ def test_peft_causal_lm_task_type(demo_cfg, demo_config, text_tokenizer):
     model = get_peft_model(build_model(demo_config["model"]),
                            LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
                                       target_modules=["self_attn.q_proj", "self_attn.v_proj"]))
-    s = A.run_audit(demo_cfg, model=model, text_tokenizer=text_tokenizer, write=False)
+    s = run_audit(demo_cfg, model=model, text_tokenizer=text_tokenizer)
     assert not s["passed"]
     fired = failed_rules(s) & {"probe_model_forward", "shapes_audio"}
     assert fired, failed_rules(s)
@@ -509,22 +576,22 @@ def test_peft_causal_lm_task_type(demo_cfg, demo_config, text_tokenizer):
     assert any("CAUSAL_LM" in c for c in causes), causes
 
 
-def test_probe_handles_batch_of_one(base_cfg, demo_rows, demo_codes, shared_model, text_tokenizer):
+def test_probe_handles_batch_of_one(demo_cfg, shared_model, text_tokenizer):
     """forward left-pads a batch of 1; the probe maps positions through the model's own expansion."""
-    cfg = make_experiment(base_cfg, "b1", demo_rows, demo_codes, leak_probe_samples=1)
-    s = A.run_audit(cfg, model=shared_model, text_tokenizer=text_tokenizer, write=False)
+    exp = demo_cfg.with_audit(leak_probe_samples=1)
+    s = run_audit(exp, model=shared_model, text_tokenizer=text_tokenizer)
     assert s["passed"], s["failures"][:3]
     assert s["leak_probe"]["batch_size"] == 1
-    s = A.run_audit(cfg, model=shared_model, text_tokenizer=text_tokenizer, write=False, loss_wiring=make_wiring(0, 0))
+    s = run_audit(exp, model=shared_model, text_tokenizer=text_tokenizer, loss_wiring=make_wiring(0, 0))
     assert_fires(s, "probe_text_no_leak")
 
 
-def test_missing_codes_is_a_named_failure(base_cfg, demo_rows, demo_codes, shared_model, text_tokenizer):
+def test_missing_codes_is_a_named_failure(base_cfg, exp_root, demo_rows, demo_codes, shared_model, text_tokenizer):
     codes = dict(demo_codes)
     gone = demo_rows[3]["misc"]["audio_sha256"][D.audio_items(demo_rows[3])[-1][2]["audio_url"]]
     del codes[gone]
-    cfg = make_experiment(base_cfg, "nocodes", demo_rows, codes, leak_probe=False)
-    s = A.run_audit(cfg, model=shared_model, text_tokenizer=text_tokenizer, write=False)
+    exp = make_experiment(base_cfg, exp_root / "nocodes", demo_rows, codes, leak_probe=False)
+    s = run_audit(exp, model=shared_model, text_tokenizer=text_tokenizer)
     assert_fires(s, "sample_build", cause_contains="tokenize")
     users = {r["misc"]["id"] for r in demo_rows if gone in r["misc"]["audio_sha256"].values()}
     assert demo_rows[3]["misc"]["id"] in users

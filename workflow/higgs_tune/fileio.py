@@ -57,6 +57,9 @@ def atomic_file(path: str | Path, prefix: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.{tmp_owner()}.", suffix=TMP_SUFFIX)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared (cluster groups, DVC)
     try:
         yield tmp
         with open(tmp, "rb") as f:

@@ -56,8 +56,11 @@ def _imports(path):
                     found.add(node.module.split(".")[0])
                 else:
                     found.update(a.name for a in node.names)
-            elif node.level == 2 and node.module:  # from ..x import y (inside a subpackage)
-                found.add(node.module.split(".")[0])
+            elif node.level == 2:  # inside a subpackage: from ..x import y / from .. import x
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(a.name for a in node.names)
             elif (node.module or "").startswith("higgs_tune."):
                 found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
