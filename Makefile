@@ -44,4 +44,4 @@ lock:
 	/tmp/higgs-tune-lock/bin/pip freeze --all | grep -v -E "^(pip|wheel)==" | grep -v -E '^(torchaudio|boson|descript|llama3|-e )' > envs/cpu.lock
 
 clean:
-	rm -rf results .snakemake
+	rm -rf results .snakemake .checkpoints

@@ -7,8 +7,10 @@ that its ``cpus_per_task`` / ``mem_mb`` / ``runtime`` are clamped to what this o
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import time
 import re
 import shutil
 import subprocess
@@ -59,23 +61,39 @@ def sacct(jobid: str) -> dict[str, str]:
     return {"partition": partition, "state": state, "tres": tres}
 
 
-def test_workflow_runs_through_the_slurm_profile(tmp_path):
-    """Every rule of the chain is a Slurm job on the partition the profile names, GPU rules get
-    their GPU (gres), every job COMPLETED (sacct), and the report comes out."""
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def snakemake_args(profile: Path, *configfiles: Path) -> list[str]:
+    args = [sys.executable, "-m", "snakemake", "--profile", str(profile), "--nolock",
+            "--configfile", str(ROOT / "config/demo.yaml")]
+    for c in configfiles:
+        args += ["--configfile", str(c)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The whole chain through the committed Slurm profile (clamped to this node)."""
+    tmp_path = tmp_path_factory.mktemp("slurm")
     cfg = local_profile(tmp_path / "profile")
-    assert cfg["executor"] == "slurm"
     overlay = {
         "experiment": "slurm", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
         "data": {"val_fraction": 0.25},
-        "train": {"max_steps": 2, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 2,
-                  "save_interval": 2, "predictions_interval": 2, "resume_dir": str(tmp_path / "resume")},
+        "train": {"max_steps": 6, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
+                  "save_interval": 2, "predictions_interval": 3, "resume_dir": str(tmp_path / "resume")},
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    res = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--profile", str(tmp_path / "profile"), "--nolock",
-         "--configfile", str(ROOT / "config/demo.yaml"), "--configfile", str(tmp_path / "overlay.yaml")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(snakemake_args(tmp_path / "profile", tmp_path / "overlay.yaml"), cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=1800)
+    return tmp_path, cfg, overlay, res
+
+
+def test_workflow_runs_through_the_slurm_profile(chain):
+    """Every rule of the chain is a Slurm job on the partition the profile names, GPU rules get
+    their GPU (gres), every job COMPLETED (sacct), and the report comes out."""
+    tmp_path, cfg, _, res = chain
+    assert cfg["executor"] == "slurm" and cfg["slurm-requeue"] is True and cfg["retries"] >= 1
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-6000:]
 
@@ -91,6 +109,46 @@ def test_workflow_runs_through_the_slurm_profile(tmp_path):
 
     out = tmp_path / "results" / "slurm"
     assert json.loads((out / "audit" / "summary.json").read_text())["passed"] is True
-    assert [json.loads(line)["step"] for line in open(out / "train" / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(out / "train" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert len(json.loads((out / "eval" / "metrics.json").read_text())["codebook_acc"]) == 8
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def _rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in open(path) if line.strip()]
+
+
+def test_preempted_train_job_is_requeued_and_resumes(chain):
+    """A running train job is requeued by Slurm (``scontrol requeue``: SIGTERM to every process of
+    the job, back to the queue, as on preemption): it resumes from its last checkpoint and finishes
+    with the same curve and adapter as the unsignalled run above."""
+    tmp_path, cfg, overlay, res = chain
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    ref = tmp_path / "results" / "slurm" / "train"
+    again = copy.deepcopy(overlay)
+    again["train"]["resume_dir"] = str(tmp_path / "resume-requeued")  # a fresh start (and a rerun of train)
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
+    run = tmp_path / "results" / "slurm" / "train" / "metrics.jsonl"
+    reference = {"metrics": _rows(ref / "metrics.jsonl"), "val": _rows(ref / "val_metrics.jsonl"),
+                 "adapter": (ref / "adapter" / "adapter_model.safetensors").read_bytes()}
+    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "again.yaml") + ["--until", "train"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobid, t0 = None, time.time()
+    while time.time() - t0 < 900 and proc.poll() is None:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
+        running = [line.split()[0] for line in out if line.strip() and line.split()[2] == "RUNNING"]
+        if running and run.is_file() and len(_rows(run)) >= 3:
+            jobid = running[0]
+            subprocess.run(["scontrol", "requeue", jobid], check=True)
+            break
+        time.sleep(0.5)
+    log, _ = proc.communicate(timeout=1800)
+    assert jobid is not None, "the train job ended before it could be requeued:\n" + log[-3000:]
+    assert proc.returncode == 0, log[-6000:]
+    history = subprocess.run(["sacct", "-j", jobid, "--duplicates", "-X", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
+    state = json.loads((ref / "state.json").read_text())
+    assert state.get("resumes", 0) >= 1 and state["finished"], state
+    assert _rows(run) == reference["metrics"] and _rows(ref / "val_metrics.jsonl") == reference["val"]
+    assert (ref / "adapter" / "adapter_model.safetensors").read_bytes() == reference["adapter"]
