@@ -39,7 +39,7 @@ class LossWithoutGrad(TrainingHealthError):
 
 
 class NoLearnableTargets(TrainingHealthError):
-    cause = "batch has zero learnable targets (every text and audio label is -100)"
+    cause = f"batch has zero learnable targets (every text and audio label is {IGNORE_INDEX})"
     fix = ("the labels are over-masked: check start_index, that assistant turns exist, and rerun the audit stage; "
            "a correct sample always has audio targets after the delay-pattern BOS")
 
