@@ -237,8 +237,8 @@ def test_rendered_launches():
     two = accelerate_command(args, processes_per_node=2)
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
     cmd = slurm_command(args, processes_per_node=4, nodes=2, main_host="gpu-a17", port=29517)
-    assert cmd[:9] == ["srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-                       "bash"]
+    assert cmd[:10] == ["srun", "--overlap", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
+                        "--kill-on-bad-exit=1", "bash"]
     script = cmd[-1]
     for part in ("--num_processes 8", "--num_machines 2", "--machine_rank $SLURM_NODEID",
                  "--main_process_ip gpu-a17", "--main_process_port 29517", "--multi_gpu",
@@ -264,5 +264,5 @@ def test_launch_dry_run_in_a_two_node_allocation(tmp_path):
     res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "4", "--dry-run", "--",
                           "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("launch: srun --nodes 2") and "--main_process_ip gpu-a17" in res.stdout
+    assert res.stdout.startswith("launch: srun --overlap --nodes 2") and "--main_process_ip gpu-a17" in res.stdout
     assert "--main_process_port 29742" in res.stdout and "--num_processes 8" in res.stdout

@@ -6,7 +6,7 @@ group across the nodes of a Slurm allocation. The train rule calls this; it rend
 * Processes: ``--processes-per-node`` (the rule passes the GPUs granted, ``resources.gpu``, or
   ``train.processes`` where no GPU is granted: CPU processes on gloo) times the nodes.
 * Nodes: inside a Slurm allocation of ``SLURM_JOB_NUM_NODES`` > 1 nodes, one launcher per node is
-  started with ``srun --nodes N --ntasks-per-node 1``; each passes ``--machine_rank $SLURM_NODEID``
+  started with ``srun --overlap --nodes N --ntasks-per-node 1``; each passes ``--machine_rank $SLURM_NODEID``
   and all meet at the first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames``) on
   ``--port`` (default 29500 + ``SLURM_JOB_ID`` mod 1000, so two jobs sharing a node do not collide).
 * The accelerate config is always the repo's (``--config_file``), never the user's default config.
@@ -69,8 +69,9 @@ def slurm_command(train_args: list[str], *, processes_per_node: int, nodes: int,
     inner = accelerate_command(train_args, processes_per_node=processes_per_node, nodes=nodes,
                                machine_rank="$SLURM_NODEID", main_host=main_host, port=port, config_file=config_file)
     script = " ".join(a if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner)
-    return ["srun", "--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-            "bash", "-c", script]
+    # --overlap: this runs inside the Snakemake job's own step, which holds the allocation's CPUs
+    return ["srun", "--overlap", "--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1",
+            "--kill-on-bad-exit=1", "bash", "-c", script]
 
 
 def slurm_layout(env: dict[str, str]) -> tuple[int, str | None, int]:

@@ -7,7 +7,7 @@ Launch (one entry point, one config; Snakemake renders these through :mod:`higgs
     # 8 GPUs on one node (or 2 CPU processes on gloo: same command, no GPU)
     accelerate launch --config_file config/accelerate.yaml --multi_gpu --num_processes 8 -m higgs_tune.train ARGS
     # 2 nodes x 4 GPUs: one launcher per node, rendezvous on the first host (inside a Slurm allocation)
-    srun --nodes 2 --ntasks-per-node 1 bash -c 'accelerate launch --config_file config/accelerate.yaml \\
+    srun --overlap --nodes 2 --ntasks-per-node 1 bash -c 'accelerate launch --config_file config/accelerate.yaml \\
         --multi_gpu --num_machines 2 --num_processes 8 --machine_rank $SLURM_NODEID \\
         --main_process_ip HOST0 --main_process_port 29500 -m higgs_tune.train ARGS'
     # all of it via the workflow
