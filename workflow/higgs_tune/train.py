@@ -464,8 +464,9 @@ def train(cfg: dict, io: TrainIO) -> dict:
     latest = ckpts.latest()
     if latest is not None:
         step, pos, saved = ckpts.load(latest, model, optimizer, scheduler, io)
+        state.update({k: saved[k] for k in ("step", "epoch", "finished", "preempted", "elapsed_s") if k in saved})
         state.update(resumed_from=str(latest), resumed_at_step=step, started=saved.get("started", state["started"]),
-                     resumes=saved.get("resumes", 0) + 1)
+                     resumes=saved.get("resumes", 0) + 1, preempted=False)
         t0 -= saved.get("elapsed_s", 0.0)
         log.info("resumed from %s at step %d (epoch %d, micro-step %d)", latest, step, pos.epoch, pos.index)
     writer = None
@@ -544,6 +545,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
             if accelerator.is_main_process:
                 write_json(io.state, state)
         if stop and not last:
+            if writer is not None:
+                writer.close()
             log.warning("preempted: checkpoint at step %d in %s; rerun to resume", step, ckpts.root)
             raise Preempted(step)
     if accelerator.is_main_process:
