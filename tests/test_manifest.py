@@ -130,14 +130,47 @@ def test_demo_manifest_all_kept(tmp_config):
             assert abs(misc["audio_info"][url]["duration_s"] - info.duration) < 1e-6
             assert item["duration"] == misc["audio_info"][url]["duration_s"]
         assert misc["source_line"] == originals.index(orig) + 1
-        expected_split = "val" if mf.split_value(misc["id"], 0) < tmp_config["data"]["val_fraction"] else "train"
-        assert misc["split"] == expected_split
+        assert misc["split"] == ("val" if row in val else "train")
     row = train[0]
     url = row["messages"][2]["content"]["audio_url"]
     assert row["misc"]["audio_sha256"][url] == audio_sha256(*load_audio(url))
 
 
-def test_split_deterministic_and_stable(tmp_config, tmp_path):
+def clips_of(row: dict) -> set[str]:
+    """The row's audio clips (target and references) as decoded-audio hashes."""
+    return set(row["misc"]["audio_sha256"].values())
+
+
+def assert_held_out(train: list[dict], val: list[dict], by_speaker: bool = False) -> None:
+    """No val clip in any train sample (target or reference); with ``by_speaker`` no shared speaker."""
+    train_clips = set().union(*(clips_of(r) for r in train))
+    train_files = {u for r in train for u in r["misc"]["audio_sha256"]}
+    for r in val:
+        assert not clips_of(r) & train_clips, r["misc"]["id"]
+        assert not set(r["misc"]["audio_sha256"]) & train_files, r["misc"]["id"]
+    if by_speaker:
+        assert not {mf.sample_speaker(r) for r in train} & {mf.sample_speaker(r) for r in val}
+
+
+def test_demo_split_holds_clips_out(tmp_config):
+    """The demo names one speaker (LJ), so it is split by clip: a voice-cloning sample goes with every
+    sample sharing its target or reference clip, and val is still ~data.val_fraction of the samples."""
+    summary = run(tmp_config)
+    train, val, _, _ = outputs(tmp_config)
+    assert_held_out(train, val)
+    ids = {r["misc"]["id"] for r in val}
+    # the old leak: LJ001-0028 was a val clip and the reference of a train cloning sample
+    assert ("tts-LJ001-0028" in ids) == ("clone-LJ001-0029-ref-LJ001-0028" in ids) == ("tts-LJ001-0029" in ids)
+    assert any(r["misc"]["id"].startswith("clone-") for r in val)  # a whole cloning group is held out
+    split = summary["split"]
+    assert summary["split_by"] == split["by"] == "clip" and "1 speaker" in split["reason"]
+    # 40 samples: 8 groups of 3 (a cloning sample, its target's and its reference's TTS rows) + 16 single
+    assert (split["groups"], split["groups_train"] + split["groups_val"]) == (24, 24)
+    assert len(val) == split["val_fraction_samples"] * 40 == round(tmp_config["data"]["val_fraction"] * 40) == 5
+    assert split["clips_train"] + split["clips_val"] == 32
+
+
+def test_split_deterministic_and_order_free(tmp_config, tmp_path):
     run(tmp_config)
     p = out_paths(tmp_config)
     first = (p["train_out"].read_bytes(), p["val_out"].read_bytes())
@@ -146,31 +179,119 @@ def test_split_deterministic_and_stable(tmp_config, tmp_path):
     run(again)
     assert (out_paths(again)["train_out"].read_bytes(), out_paths(again)["val_out"].read_bytes()) == first
 
-    # the stage's own output is a valid input (absolute paths inside data_root): dropping 10 train
-    # rows changes no other row's split, and the messages come back unchanged
+    # the stage's own output is a valid input (absolute paths inside data_root): fed back in another
+    # order, every row keeps its split and its messages
     train, val, _, _ = outputs(tmp_config)
-    subset = train[10:] + val
-    sub_manifest = tmp_path / "subset.jsonl"
-    sub_manifest.write_text("".join(json.dumps(r) + "\n" for r in subset))
-    sub = with_data(tmp_config, manifest=sub_manifest)
-    sub["results_dir"] = str(tmp_path / "subset")
+    rows = list(reversed(val + train))
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sub = with_data(tmp_config, manifest=shuffled)
+    sub["results_dir"] = str(tmp_path / "shuffled")
     summary = run(sub)
-    assert summary["rows_kept"] == len(subset) and summary["rows_quarantined"] == 0
+    assert summary["rows_kept"] == len(rows) and summary["rows_quarantined"] == 0
     s_train, s_val, _, _ = outputs(sub)
-    before = {r["misc"]["id"]: r for r in subset}
+    before = {r["misc"]["id"]: r for r in rows}
     for r in s_train + s_val:
         assert r["misc"]["split"] == before[r["misc"]["id"]]["misc"]["split"]
         assert r["messages"] == before[r["misc"]["id"]]["messages"]
+    # another seed: another val set, held out all the same
+    other = with_data(tmp_config, split_seed=1)
+    other["results_dir"] = str(tmp_path / "seed1")
+    run(other)
+    o_train, o_val, _, _ = outputs(other)
+    assert {r["misc"]["id"] for r in o_val} != {r["misc"]["id"] for r in val}
+    assert_held_out(o_train, o_val)
 
 
 def test_assign_splits_guarantees():
-    ids = [f"s{i}" for i in range(10)]
+    ids = {f"s{i}": 1 for i in range(10)}
     assert mf.assign_splits(ids, 0.0, 0) == {i: "train" for i in ids}
     for seed in range(5):
-        split = mf.assign_splits(ids[:2], 0.01, seed)
+        two = {"s0": 1, "s1": 1}
+        split = mf.assign_splits(two, 0.01, seed)
         assert sorted(split.values()) == ["train", "val"]
-        assert split == mf.assign_splits(list(reversed(ids[:2])), 0.01, seed)
-    assert mf.assign_splits(["only"], 0.9, 0) == {"only": "train"}
+        assert split == mf.assign_splits(dict(reversed(two.items())), 0.01, seed)
+    assert mf.assign_splits({"only": 5}, 0.9, 0) == {"only": "train"}
+    assert sorted(mf.assign_splits({"a": 10, "b": 10}, 0.9, 0).values()) == ["train", "val"]
+    # val holds about val_fraction of the samples, whatever the group sizes
+    rng = __import__("random").Random(0)
+    for frac in (0.05, 0.1, 0.25, 0.5):
+        sizes = {f"g{i}": rng.choice([1, 1, 2, 3, 5]) for i in range(200)}
+        n = sum(sizes.values())
+        split = mf.assign_splits(sizes, frac, 0)
+        n_val = sum(sizes[k] for k, v in split.items() if v == "val")
+        assert abs(n_val - frac * n) <= 2.5, (frac, n_val, n)
+
+
+def test_split_by_speaker_on_a_voice_cloning_manifest(tmp_config, tmp_path, lj_dir):
+    """A cloning corpus with 4 (invented) speakers over the LJSpeech clips, with clips shared across
+    rows: split by speaker, no speaker and no clip is on both sides, val ~ val_fraction."""
+    clips = sorted((lj_dir / "wavs").glob("*.wav"))
+    text = dict(line.rstrip("\n").split("|", 1) for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
+    speakers = ["ada", "bo", "cyd", "dee"]
+    lines = ["audio,text,speaker,ref_audio,ref_text,id"]
+    for i, clip in enumerate(clips):  # speaker k owns clips 4j+k (8 clips each)
+        spk = speakers[i % 4]
+        ref = clips[(i + 4) % 32]  # another clip of the same speaker as the reference
+        t = text[clip.stem].split("|")[-1].replace('"', "'")
+        rt = text[ref.stem].split("|")[-1].replace('"', "'")
+        lines.append(f'{clip},"{t}",{spk},,,tts-{clip.stem}')
+        lines.append(f'{clip},"{t}",{spk},{ref},"{rt}",clone-{clip.stem}')
+    manifest = tmp_path / "voices.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    fractions = []
+    for seed in range(4):
+        cfg = with_data(tmp_config, manifest=manifest, data_root=lj_dir, val_fraction=0.25, split_seed=seed)
+        cfg["results_dir"] = str(tmp_path / f"seed{seed}")
+        summary = run(cfg)
+        train, val, _, _ = outputs(cfg)
+        assert summary["rows_kept"] == 64 and summary["split_by"] == "speaker" and val and train
+        assert_held_out(train, val, by_speaker=True)
+        s = summary["split"]
+        assert (s["groups"], s["speakers_train"] + s["speakers_val"]) == (4, 4)
+        assert len(val) == 16 and s["speakers_val"] == 1  # 4 speakers of 16 samples: 1/4 of them is val
+        fractions.append(len(val) / 64)
+    # by clip instead: the cloning references chain every speaker's clips into one group each
+    cfg = with_data(tmp_config, manifest=manifest, data_root=lj_dir, val_fraction=0.25, split_by="clip")
+    cfg["results_dir"] = str(tmp_path / "by-clip")
+    summary = run(cfg)
+    assert summary["split_by"] == "clip" and summary["split"]["groups"] == 4
+    assert_held_out(*outputs(cfg)[:2])
+    # a forced speaker split with one speaker cannot hold a speaker out
+    one = tmp_path / "one.csv"
+    one.write_text("\n".join(line.replace(",bo,", ",ada,").replace(",cyd,", ",ada,").replace(",dee,", ",ada,")
+                             for line in lines) + "\n")
+    cfg = with_data(tmp_config, manifest=one, data_root=lj_dir, split_by="speaker")
+    cfg["results_dir"] = str(tmp_path / "one")
+    with pytest.raises(mf.ManifestError, match="at least 2"):
+        run(cfg)
+
+
+def test_speaker_split_with_uneven_speakers_and_misc_speaker(tmp_config, tmp_path, lj_dir):
+    """Speakers owning 1-12 single-clip TTS rows (ChatML, speaker in ``misc.speaker`` for some):
+    speaker groups of unequal size, val still about data.val_fraction of the samples."""
+    clips = sorted((lj_dir / "wavs").glob("*.wav"))
+    owners = ["ann"] * 12 + ["ben"] * 8 + ["cat"] * 5 + ["dan"] * 3 + ["eve"] * 2 + ["fay", "gus"]
+    rows = []
+    for i, (clip, spk) in enumerate(zip(clips, owners)):
+        row = mf.tts_sample(f"sentence {i}", str(clip), None, f"tts-{clip.stem}")
+        if i % 2:
+            row["speaker"] = spk
+        else:
+            row["misc"]["speaker"] = spk
+        rows.append(row)
+    manifest = tmp_path / "uneven.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for frac in (0.1, 0.2, 0.3):
+        for seed in range(3):
+            cfg = with_data(tmp_config, manifest=manifest, data_root=lj_dir, val_fraction=frac, split_seed=seed)
+            cfg["results_dir"] = str(tmp_path / f"{frac}-{seed}")
+            summary = run(cfg)
+            train, val, _, _ = outputs(cfg)
+            assert summary["split_by"] == "speaker" and summary["split"]["groups"] == 7
+            assert_held_out(train, val, by_speaker=True)
+            # groups of 1-12 of 32 samples make the split coarse: within 8 percentage points here
+            assert abs(len(val) / 32 - frac) <= 0.08, (frac, seed, len(val))
 
 
 # ------------------------------------------------------------------------------- the bad corpus

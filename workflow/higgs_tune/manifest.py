@@ -13,6 +13,12 @@ Every row ends up in exactly one place: ``manifest/train.jsonl`` or ``manifest/v
 possibly fixed; each fix recorded in ``misc.fixes``) or ``manifest/quarantine.jsonl`` (with a
 ``reason`` code, a ``message`` saying what to do, the source ``line`` and the original ``row``).
 ``manifest/fixes.json`` counts rows, fixes, warnings and reasons. Blank lines are not rows.
+
+Held out means held out: the train/val split never puts one audio clip (as target or as
+voice-cloning reference) on both sides, nor, when the rows name two or more speakers, one speaker
+(:func:`split_groups`, ``data.split_by``); val holds about ``data.val_fraction`` of the samples,
+chosen from ``data.split_seed`` (:func:`assign_splits`). ``fixes.json`` records how (``split_by``,
+``split``).
 A quarantined ``row`` is the parsed JSON for ChatML, ``{column: value}`` for CSV and
 ``{"fields": [...]}`` for LJSpeech (or a CSV record whose field count is off); ``text`` replaces it
 when the line did not parse.
@@ -648,24 +654,154 @@ def resolve_id(sample: dict, original: Any, fixes: list[dict]) -> str:
     return sid
 
 
-def split_value(sample_id: str, seed: int) -> float:
-    """``sha256(f"{seed}:{sample_id}")`` as a uniform number in [0, 1)."""
-    return int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:16], 16) / 2**64
+def split_value(key: str, seed: int) -> float:
+    """``sha256(f"{seed}:{key}")`` as a uniform number in [0, 1)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16) / 2**64
 
 
-def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """``id -> "train" | "val"``: val when :func:`split_value` < ``val_fraction``.
+#: ``data.split_by`` values: what keeps train and val apart (see :func:`split_groups`).
+SPLIT_BY = ("auto", "clip", "speaker")
 
-    With ``val_fraction > 0`` and at least 2 ids, the id with the smallest value is val if none is;
-    with at least 1 id, the one with the largest value is train if none is (both deterministic).
+
+def sample_speaker(sample: dict) -> str | None:
+    """The row's speaker: the top-level ``speaker`` (ChatML; a CSV ``speaker`` column is put there),
+    else ``misc.speaker``; ``None`` when neither is a non-empty string (LJSpeech rows name none)."""
+    for value in (sample.get("speaker"), (sample.get("misc") or {}).get("speaker")):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def split_groups(samples: list[dict], split_by: str = "auto") -> tuple[str, dict[str, list[int]], str]:
+    """Partition ``samples`` into groups that must land in the same split.
+
+    A sample touches every audio clip it holds (target and voice-cloning reference alike), a clip
+    being its decoded audio's hash (``misc.audio_sha256`` values: the same recording under two
+    paths is one clip). Samples touching a common clip are joined, transitively (connected
+    components, union-find). With ``split_by="speaker"`` samples naming the same speaker
+    (:func:`sample_speaker`) are joined as well, so no speaker, and still no clip, is on both sides;
+    rows naming no speaker are then joined by their clips only. ``"auto"`` is ``"speaker"`` when the
+    rows name at least two distinct speakers, else ``"clip"`` (a one-speaker corpus such as
+    LJSpeech can only be held out by clip).
+
+    Args:
+        samples: kept rows (``misc.id`` and ``misc.audio_sha256`` set).
+        split_by: one of :data:`SPLIT_BY`.
+
+    Returns:
+        ``(by, groups, reason)``: ``by`` is ``"clip"`` or ``"speaker"``; ``groups`` maps a group key
+        (``"speaker:<smallest speaker name>"`` for a group naming speakers in speaker mode, else
+        ``"clip:<smallest sample id>"``) to the group's sample indices (ascending); ``reason`` says
+        why ``by`` was chosen.
+
+    Raises:
+        ManifestError: ``split_by`` is unknown, or ``"speaker"`` while fewer than two speakers are named.
     """
-    values = {i: split_value(i, seed) for i in ids}
-    split = {i: ("val" if v < val_fraction else "train") for i, v in values.items()}
-    if val_fraction > 0 and len(ids) >= 2 and "val" not in split.values():
-        split[min(ids, key=values.__getitem__)] = "val"
-    if ids and "train" not in split.values():
-        split[max(ids, key=values.__getitem__)] = "train"
-    return split
+    if split_by not in SPLIT_BY:
+        raise ManifestError(f"data.split_by={split_by!r}; use one of {list(SPLIT_BY)}")
+    speakers = [sample_speaker(s) for s in samples]
+    named = sorted({sp for sp in speakers if sp is not None})
+    if split_by == "speaker" and len(named) < 2:
+        raise ManifestError(f"data.split_by=speaker, but the rows name {len(named)} speaker(s) {named}: a split by "
+                            "speaker needs at least 2; use split_by clip (or auto)")
+    if split_by == "auto":
+        by = "speaker" if len(named) >= 2 else "clip"
+        reason = (f"auto: the rows name {len(named)} speakers" if by == "speaker" else
+                  f"auto: the rows name {len(named)} speaker(s) {named[:1]}, too few to hold a speaker out")
+    else:
+        by, reason = split_by, f"data.split_by={split_by}"
+
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(samples):
+        nodes = [("clip", sha) for sha in (s["misc"].get("audio_sha256") or {}).values()]
+        if by == "speaker" and speakers[i] is not None:
+            nodes.append(("speaker", speakers[i]))
+        for node in nodes:
+            j = first.setdefault(node, i)
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(len(samples)):
+        members.setdefault(find(i), []).append(i)
+    groups = {}
+    for idx in members.values():
+        names = sorted({speakers[i] for i in idx if speakers[i] is not None}) if by == "speaker" else []
+        key = f"speaker:{names[0]}" if names else f"clip:{min(samples[i]['misc']['id'] for i in idx)}"
+        groups[key] = idx
+    return by, groups, reason
+
+
+def assign_splits(sizes: dict[str, int], val_fraction: float, seed: int) -> dict[str, str]:
+    """``group key -> "train" | "val"`` for groups of ``sizes[key]`` samples each.
+
+    Val should hold ``target = val_fraction * total`` samples. Groups are visited in the order of
+    :func:`split_value` of their key (ties by key); a group joins val when it fits,
+    ``n_val + size <= target``. Then, of the groups left, the one (first in that order) that brings
+    ``n_val`` nearest the target joins if it brings it nearer. So val holds about ``val_fraction`` of
+    the samples, the more exactly the smaller the groups. The result depends on the set of groups and
+    ``seed`` only, not on their order. With ``val_fraction > 0`` and at least 2 groups, if none
+    joined val, the group whose size is nearest the target is val; with at least 1 group, if every
+    group is val, the last one that joined goes back to train.
+    """
+    order = sorted(sizes, key=lambda k: (split_value(k, seed), k))
+    target = val_fraction * sum(sizes.values())
+    val: list[str] = []
+    n_val = 0
+    if val_fraction > 0:
+        for key in order:
+            if n_val + sizes[key] <= target:
+                val.append(key)
+                n_val += sizes[key]
+        rest = [k for k in order if k not in set(val)]
+        best = min(rest, key=lambda k: abs(n_val + sizes[k] - target), default=None)
+        if best is not None and abs(n_val + sizes[best] - target) < abs(n_val - target):
+            val.append(best)
+        if not val and len(order) >= 2:
+            val.append(min(order, key=lambda k: abs(sizes[k] - target)))
+    if order and len(val) == len(order):
+        val.pop()
+    chosen = set(val)
+    return {k: "val" if k in chosen else "train" for k in sizes}
+
+
+def split_summary(samples: list[dict], by: str, groups: dict[str, list[int]], split: dict[str, str], reason: str,
+                  val_fraction: float) -> dict[str, Any]:
+    """The ``split`` record of ``fixes.json`` for rows already marked ``misc.split``.
+
+    Returns:
+        ``by``, ``reason``, ``groups`` / ``groups_train`` / ``groups_val``, ``clips_train`` /
+        ``clips_val`` (distinct audio hashes), ``speakers_train`` / ``speakers_val`` (distinct
+        named speakers), ``val_fraction`` (asked) and ``val_fraction_samples`` (got).
+
+    Raises:
+        RuntimeError: a clip, or in speaker mode a speaker, is on both sides (a bug; never expected).
+    """
+    clips = {"train": set(), "val": set()}
+    spk = {"train": set(), "val": set()}
+    for s in samples:
+        side = s["misc"]["split"]
+        clips[side].update((s["misc"].get("audio_sha256") or {}).values())
+        if sample_speaker(s) is not None:
+            spk[side].add(sample_speaker(s))
+    if clips["train"] & clips["val"] or (by == "speaker" and spk["train"] & spk["val"]):
+        raise RuntimeError(f"split invariant broken: clips {len(clips['train'] & clips['val'])} / speakers "
+                           f"{sorted(spk['train'] & spk['val'])} in both train and val")
+    n_val = sum(s["misc"]["split"] == "val" for s in samples)
+    return {"by": by, "reason": reason, "groups": len(groups),
+            "groups_train": sum(v == "train" for v in split.values()),
+            "groups_val": sum(v == "val" for v in split.values()),
+            "clips_train": len(clips["train"]), "clips_val": len(clips["val"]),
+            "speakers_train": len(spk["train"]), "speakers_val": len(spk["val"]),
+            "val_fraction": val_fraction, "val_fraction_samples": n_val / len(samples) if samples else 0.0}
 
 
 def _quarantine_entry(src: SourceRow, rej: Reject) -> dict:
@@ -697,12 +833,13 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
 
     Returns:
         The ``fixes.json`` dict: ``rows_in``, ``rows_kept``, ``rows_quarantined``, ``rows_train``,
-        ``rows_val``, ``fixes`` / ``warnings`` / ``reasons`` (kind -> count), ``format``, ``input``,
-        ``input_sha256``.
+        ``rows_val``, ``fixes`` / ``warnings`` / ``reasons`` (kind -> count), ``split_by`` (``"clip"``
+        or ``"speaker"``) and ``split`` (:func:`split_summary`), ``format``, ``input``, ``input_sha256``.
 
     Raises:
         FileNotFoundError: ``data.manifest`` does not exist.
-        ManifestError: the input as a whole is unusable, or no row survives.
+        ManifestError: the input as a whole is unusable, no row survives, or ``data.split_by`` is
+            ``speaker`` while the rows name fewer than two speakers.
         QuarantineTooLarge: quarantined / rows_in > ``data.max_quarantine_fraction`` (after writing).
         RuntimeError: rows_in != kept + quarantined (a bug; never expected).
     """
@@ -812,11 +949,14 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
         sample["misc"]["fixes"] = src.fixes
         kept.append(sample)
 
-    # 5. split, write, check
-    split = assign_splits([s["misc"]["id"] for s in kept], float(data.get("val_fraction", 0.1)),
-                          int(data.get("split_seed", 0)))
-    for s in kept:
-        s["misc"]["split"] = split[s["misc"]["id"]]
+    # 5. split by connected clips (or speakers), write, check
+    val_fraction = float(data.get("val_fraction", 0.1))
+    split_by, groups, split_reason = split_groups(kept, str(data.get("split_by", "auto")))
+    split = assign_splits({k: len(v) for k, v in groups.items()}, val_fraction, int(data.get("split_seed", 0)))
+    for key, idx in groups.items():
+        for i in idx:
+            kept[i]["misc"]["split"] = split[key]
+    split_record = split_summary(kept, split_by, groups, split, split_reason, val_fraction)
     train = [s for s in kept if s["misc"]["split"] == "train"]
     val = [s for s in kept if s["misc"]["split"] == "val"]
     quarantine.sort(key=lambda q: q["line"])
@@ -835,6 +975,7 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
         "rows_train": len(train), "rows_val": len(val),
         "fixes": dict(sorted(fix_counts.items())), "warnings": dict(sorted(warn_counts.items())),
         "reasons": dict(sorted(reason_counts.items())),
+        "split_by": split_by, "split": split_record,
         "format": fmt, "input": str(manifest), "input_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
     }
     if summary["rows_in"] != summary["rows_kept"] + summary["rows_quarantined"]:
@@ -847,6 +988,11 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
 
     log.info("%d rows in: %d kept (%d train, %d val), %d quarantined %s; fixes %s", len(rows), len(kept), len(train),
              len(val), len(quarantine), reason_counts, fix_counts)
+    log.info("split by %s (%s): %d groups, %d val; val fraction %.3f of samples (asked %.3f)", split_by, split_reason,
+             split_record["groups"], split_record["groups_val"], split_record["val_fraction_samples"], val_fraction)
+    if kept and val_fraction > 0 and not val:
+        log.warning("no val rows: all %d kept rows share clips%s, so none can be held out", len(kept),
+                    " or speakers" if split_by == "speaker" else "")
     for q in quarantine[:20]:
         log.warning("line %d quarantined (%s): %s", q["line"], q["reason"], q["message"])
     if len(quarantine) > 20:

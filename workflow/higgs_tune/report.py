@@ -344,7 +344,9 @@ def manifest_section(fixes: Path | None, quarantine: Path | None, inputs: Inputs
     sec: dict[str, Any] = {"caption": inputs.caption("fixes", "quarantine")}
     if fixes is not None:
         f = json.loads(fixes.read_text())
-        sec["counts"] = [(k, fmt(f.get(k))) for k in ("rows_in", "rows_kept", "rows_quarantined") if k in f]
+        sec["counts"] = [(k, fmt(f.get(k))) for k in ("rows_in", "rows_kept", "rows_quarantined", "rows_train",
+                                                       "rows_val", "split_by") if k in f]
+        sec["counts"] += [(f"split.{k}", fmt(v)) for k, v in (f.get("split") or {}).items()]
         sec["fixes"] = sorted((f.get("fixes") or {}).items(), key=lambda kv: -kv[1])
         sec["reasons"] = sorted((f.get("reasons") or {}).items(), key=lambda kv: -kv[1])
     if quarantine is not None:
@@ -366,6 +368,11 @@ def _resolve_audio(ref: str | None, audio_dir: Path | None) -> Path | None:
     return None
 
 
+#: per-sample scores shown beside the players, in order (evaluate.py's ``metrics.json["audio"]`` keys)
+AUDIO_SCORES = ("hypothesis", "wer", "sim", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_wer", "codec_wer",
+                "gt_dnsmos_ovrl", "codec_dnsmos_ovrl", "ended")
+
+
 def audio_section(audio_dir: Path | None, eval_metrics: dict, inputs: Inputs) -> list[dict]:
     """Players for eval/metrics.json ``audio`` entries, then any unlisted WAV of the eval audio folder."""
     entries, seen = [], set()
@@ -378,7 +385,7 @@ def audio_section(audio_dir: Path | None, eval_metrics: dict, inputs: Inputs) ->
             clips.append(_clip(kind, item.get(kind), path, f"audio:{item.get('id', i)}:{kind}", inputs))
             if path:
                 seen.add(path.resolve())
-        scores = [(k, fmt(item[k])) for k in ("hypothesis", "wer", "sim", "gt_wer", "codec_wer", "ended") if k in item]
+        scores = [(k, fmt(item[k])) for k in AUDIO_SCORES if k in item]
         entries.append({"id": item.get("id", i), "text": item.get("text"), "clips": clips, "scores": scores})
     for wav in sorted(audio_dir.glob("*.wav")) if audio_dir and audio_dir.is_dir() else []:
         if wav.resolve() not in seen:

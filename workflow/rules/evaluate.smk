@@ -1,6 +1,6 @@
 rule evaluate:
     """Held-out (val split) losses and teacher-forced top-1 accuracy per codebook; generated audio
-    for the first eval.generate.n_samples val rows, scored by ASR WER and speaker similarity."""
+    for the first eval.generate.n_samples val rows, scored by ASR WER, speaker similarity and DNSMOS."""
     input:
         adapter=rules.train.output.adapter,
         val=rules.manifest.output.val,
