@@ -131,9 +131,10 @@ def test_preempted_train_job_is_requeued_and_resumes(chain):
     run = tmp_path / "results" / "slurm" / "train" / "metrics.jsonl"
     reference = {"metrics": _rows(ref / "metrics.jsonl"), "val": _rows(ref / "val_metrics.jsonl"),
                  "adapter": (ref / "adapter" / "adapter_model.safetensors").read_bytes()}
+    run.unlink()  # the rerun's rows only (Snakemake would delete it too, but only once the job starts)
     proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "again.yaml") + ["--until", "train"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    jobid, t0 = None, time.time()
+    jobid, t0 = None, time.time()  # requeue once the job has checkpointed step 2 and logged step 3
     while time.time() - t0 < 900 and proc.poll() is None:
         out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
         running = [line.split()[0] for line in out if line.strip() and line.split()[2] == "RUNNING"]
