@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,18 @@ def test_cluster_config_runs_on_pretrained_layouts(tmp_path, layout, transcripts
     wave, rate = sf.read(gen[0]["generated"])
     assert rate == 24000 and len(wave) == 960 * gen[0]["n_frames"] and gen[0]["n_frames"] <= 50
     assert (out / "report.html").stat().st_size > 10_000
+    assert not (out / "merged").exists()  # export is not in the default target
+
+    # the export target: the merged model in the base's layout (same shard files), bf16 as the base
+    # the target goes before --configfile, which would take it for one more config file
+    res = subprocess.run(args[:3] + ["export"] + args[3:], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:] + (out / "logs" / "export.log").read_text()[-3000:]
+    assert re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M) == ["export"]
+    merged = out / "merged"
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(p.name for p in layout.model.glob("*.safetensors"))
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (merged / "tokenizer.json").is_file() and (merged / "model.safetensors.index.json").is_file()
 
 
 def test_pretrained_loaders_read_the_hub_layouts(layout, demo_config, lj_dir):
