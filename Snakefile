@@ -1,6 +1,7 @@
 # higgs-tune: LoRA fine-tuning of Higgs Audio v2 with a label audit gate.
 #   local demo:  snakemake --profile profiles/default --configfile config/demo.yaml
-#   cluster:     snakemake --profile profiles/slurm --configfile config/cluster.yaml
+#   cluster:     snakemake --profile profiles/slurm --configfile config/cluster.yaml [my_data.yaml]
+#   merged model (not in the default target): snakemake export --profile ... --configfile ...
 from snakemake.utils import min_version
 
 min_version("8.0")
@@ -16,6 +17,7 @@ include: "workflow/rules/audit.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

@@ -74,11 +74,13 @@ class Codec(Protocol):
 def tokenizer_geometry(at_cfg: dict[str, Any]) -> dict[str, int]:
     """``sample_rate`` (Hz), ``hop_length`` (samples per frame), ``n_codebooks``, ``codebook_size`` of
     the configured tokenizer, without building it: from ``arch`` (random_init), the local
-    ``config.json`` (pretrained folder), or :data:`DEFAULT_GEOMETRY` (hub id: the v2 tokenizer's values).
-    Missing ``arch`` keys take the v2 values."""
+    ``config.json`` (pretrained folder; an ``arch`` left in the config, e.g. merged in from
+    config/demo.yaml, is ignored: the folder's weights have the folder's geometry), or
+    :data:`DEFAULT_GEOMETRY` (hub id: the v2 tokenizer's values). Missing keys take the v2 values."""
     arch = at_cfg.get("arch")
-    if not arch and at_cfg.get("path") and (Path(at_cfg["path"]) / "config.json").is_file():
-        arch = json.loads((Path(at_cfg["path"]) / "config.json").read_text())
+    if at_cfg.get("source") == "pretrained":
+        config = Path(at_cfg.get("path") or "") / "config.json"
+        arch = json.loads(config.read_text()) if at_cfg.get("path") and config.is_file() else None
     if not arch:
         return dict(DEFAULT_GEOMETRY)
     bins = arch.get("bins", CODEBOOK_SIZE)
@@ -143,13 +145,16 @@ def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
         cfg: the ``audio_tokenizer`` config section. ``source: random_init`` builds from
             ``arch`` (HiggsAudioTokenizer kwargs) and ``seed`` (weights, semantic teacher and
             codebooks: :func:`init_codebooks`); ``source: pretrained`` loads ``path`` (hub id or
-            folder with ``config.json`` + ``model.pth``), with the semantic teacher from
-            ``semantic_model`` (hub id or folder) instead of the hard-coded hub id.
+            folder with ``config.json`` + ``model.pth``, upstream's ``load_higgs_audio_tokenizer``
+            layout), with the semantic teacher from ``semantic_model`` (hub id or folder) instead of
+            the hard-coded hub id; ``model.pth`` may carry the teacher's weights too (they then win).
         device: torch device name.
 
     Raises:
         KeyError: a required config key is missing (the schema requires them).
-        OSError: a pretrained folder lacks ``config.json`` / ``model.pth``, or a hub download fails.
+        FileNotFoundError: a pretrained folder lacks ``config.json`` / ``model.pth`` (FileNotFoundError
+            is an OSError); OSError: a hub download fails or the semantic model cannot be loaded.
+        ValueError: ``model.pth`` leaves tokenizer parameters unset (:func:`load_tokenizer_weights`).
     """
     from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer
 
@@ -160,20 +165,74 @@ def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
             model = HiggsAudioTokenizer(**cfg["arch"], device=device)
         init_codebooks(model, cfg["seed"])
         return model.to(device).eval()
-    path = cfg["path"]
-    if not os.path.exists(path):
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path)
-    arch = json.loads((Path(path) / "config.json").read_text())
-    from transformers import AutoModel
-
-    semantic = AutoModel.from_pretrained(cfg.get("semantic_model", "bosonai/hubert_base"), trust_remote_code=True)
+    folder = pretrained_folder(cfg["path"])
+    arch = json.loads((folder / "config.json").read_text())
+    semantic = load_semantic_model(cfg.get("semantic_model") or "bosonai/hubert_base")
     with inject_semantic_model(semantic):
         model = HiggsAudioTokenizer(**arch, device=device)
-    state = torch.load(Path(path) / "model.pth", map_location=device)
-    model.load_state_dict(state, strict=False)
+    load_tokenizer_weights(model, folder / "model.pth")
     return model.to(device).eval()
+
+
+def pretrained_folder(path: str) -> Path:
+    """The local folder of a pretrained audio tokenizer: ``path`` itself when it exists, else the hub
+    snapshot of the id ``path`` (downloaded, or from the cache with ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        FileNotFoundError: the folder lacks ``config.json`` or ``model.pth`` (the layout of
+            ``bosonai/higgs-audio-v2-tokenizer``), naming the folder.
+        OSError: ``path`` is neither a folder nor a hub id that can be fetched.
+    """
+    if os.path.exists(path):
+        folder = Path(path)
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path))
+    missing = [f for f in ("config.json", "model.pth") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"audio tokenizer {folder}: no {' or '.join(missing)}; audio_tokenizer.path must be "
+                                f"a folder laid out like bosonai/higgs-audio-v2-tokenizer (config.json + model.pth)")
+    return folder
+
+
+def load_semantic_model(name_or_path: str) -> torch.nn.Module:
+    """The tokenizer's semantic teacher (``audio_tokenizer.semantic_model``: a HuBERT folder or hub id,
+    ``bosonai/hubert_base`` upstream), loaded as upstream does (``AutoModel``, ``trust_remote_code``), eval mode.
+
+    Raises:
+        OSError: naming ``name_or_path`` and the config key, when it cannot be loaded (a missing
+            folder, or a hub id absent from the cache with ``HF_HUB_OFFLINE=1``).
+    """
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
+    except OSError as exc:
+        raise OSError(f"audio_tokenizer.semantic_model {name_or_path!r} cannot be loaded ({exc}); point it at a "
+                      f"local copy of bosonai/hubert_base") from exc
+
+
+def load_tokenizer_weights(model: torch.nn.Module, weights: Path) -> None:
+    """Load ``model.pth`` into a constructed ``HiggsAudioTokenizer`` as upstream's
+    ``load_higgs_audio_tokenizer`` does (``strict=False``), but refuse a file that leaves any
+    trained parameter unset: only the semantic teacher's (``semantic_model.*``, already loaded from
+    ``audio_tokenizer.semantic_model``) may be missing. Keys the module does not have are logged and ignored.
+
+    Raises:
+        ValueError: naming ``weights`` and the first missing parameters (wrong file, or a
+            ``config.json`` that does not describe these weights).
+    """
+    state = torch.load(weights, map_location="cpu")
+    result = model.load_state_dict(state, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params and not k.startswith("semantic_model.")]
+    if missing:
+        raise ValueError(f"{weights}: {len(missing)} tokenizer parameters missing ({', '.join(missing[:5])}...): "
+                         f"is config.json beside it the one these weights were trained with?")
+    if result.unexpected_keys:
+        log.info("%s: %d keys the tokenizer does not use, ignored (as upstream): %s", weights,
+                 len(result.unexpected_keys), ", ".join(result.unexpected_keys[:5]))
 
 
 def vq_layers(tokenizer) -> list:
@@ -213,23 +272,42 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
     """Short stable id (16 hex chars of a sha256) of what determines the audio tokenizer's weights.
 
     ``random_init``: the architecture, the seed and the torch version (the init's RNG stream).
-    ``pretrained``: the weights file's bytes when ``path`` is a folder, else the hub id (and
-    ``revision``). Not ``fast_encode``, ``device`` or the batching keys: they do not change the codes.
+    ``pretrained``: when ``path`` is a folder, the bytes of its ``config.json`` and ``model.pth`` and
+    the semantic teacher's (``semantic_model``: the bytes of a folder's ``config.json`` and weight
+    files, else its hub id); when ``path`` is a hub id, the ids (and ``revision``). Not
+    ``fast_encode``, ``device`` or the batching keys: they do not change the codes.
 
     Raises:
-        FileNotFoundError: a pretrained folder without ``model.pth``.
+        FileNotFoundError: a pretrained folder without ``config.json`` or ``model.pth``.
     """
     if cfg["source"] == "random_init":
         blob = json.dumps({"arch": cfg["arch"], "seed": cfg["seed"], "torch": torch.__version__}, sort_keys=True)
     elif os.path.isdir(cfg["path"]):
+        folder = Path(cfg["path"])
         h = hashlib.sha256()
-        with open(Path(cfg["path"]) / "model.pth", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        for f in (folder / "config.json", folder / "model.pth"):
+            if not f.is_file():
+                raise FileNotFoundError(f"audio tokenizer {folder}: no {f.name} (expected config.json + model.pth)")
+            _hash_file(h, f)
+        semantic = cfg.get("semantic_model") or "bosonai/hubert_base"
+        if os.path.isdir(semantic):
+            for f in sorted(Path(semantic).iterdir()):
+                if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                    h.update(f.name.encode() + b"\0")
+                    _hash_file(h, f)
+        else:
+            h.update(semantic.encode())
         blob = h.hexdigest()
     else:
-        blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision")}, sort_keys=True)
+        blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision"),
+                           "semantic_model": cfg.get("semantic_model") or "bosonai/hubert_base"}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
 
 
 # ============================================================================================ codec

@@ -46,13 +46,21 @@ AUDIO_KEYS = ("id", "text", "generated", "codec", "reference", "hypothesis", "we
 
 
 def load_trained(cfg: dict, adapter_dir: Path, device):
-    """Base model from config + the LoRA adapter saved by training, in eval mode on ``device``."""
+    """Base model from config (``model`` section, in ``model.dtype``, loaded straight to ``device``) +
+    the LoRA adapter saved by training: a ``PeftModel`` in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: ``adapter_dir`` lacks ``adapter_config.json`` (run the train stage).
+    """
     from peft import PeftModel
 
     from .model import build_model, device_and_dtype
 
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; give the train stage's adapter folder "
+                                f"(results/<experiment>/train/adapter)")
     _, dtype = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
-    base = build_model(cfg["model"], dtype)
+    base = build_model(cfg["model"], dtype, device=device)
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
 
 

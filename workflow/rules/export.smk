@@ -1,0 +1,21 @@
+rule export:
+    """The trained LoRA merged into the base model (and the trained modules_to_save written in), in
+    the base checkpoint's layout: HiggsAudioModel.from_pretrained(results/{experiment}/merged) loads
+    it without peft. A full copy of the model (3B: ~12 GB in bf16), so NOT in the default target:
+    ask for it, `snakemake ... export` (or the folder's path)."""
+    input:
+        adapter=rules.train.output.adapter,
+    output:
+        merged=directory(OUT / "merged"),
+    params:
+        cfg=stage_config("model"),
+        code=code_sig("export"),
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        LOGS / "export.log",
+    shell:
+        "python -m higgs_tune.export --config-json {params.cfg:q} --adapter {input.adapter:q}"
+        " --out {output.merged:q} > {log:q} 2>&1"
