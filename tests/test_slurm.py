@@ -65,11 +65,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).pare
 
 
 def snakemake_args(profile: Path, *configfiles: Path) -> list[str]:
-    args = [sys.executable, "-m", "snakemake", "--profile", str(profile), "--nolock",
-            "--configfile", str(ROOT / "config/demo.yaml")]
-    for c in configfiles:
-        args += ["--configfile", str(c)]
-    return args
+    # one --configfile with several files: a second --configfile flag would replace the first
+    return [sys.executable, "-m", "snakemake", "--profile", str(profile), "--nolock",
+            "--configfile", str(ROOT / "config/demo.yaml"), *map(str, configfiles)]
 
 
 @pytest.fixture(scope="module")

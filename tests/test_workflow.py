@@ -38,7 +38,7 @@ def test_dry_run_plans_the_chain_and_validates_configs(tmp_path):
     assert res.returncode == 0, res.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"lora": {"rank": 0}}))
-    res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--configfile", str(bad)], ROOT)
+    res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", str(bad)], ROOT)
     assert res.returncode != 0 and "rank" in res.stdout + res.stderr
 
 
@@ -61,7 +61,7 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     args = SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "2", "--nolock",
-                        "--configfile", str(ROOT / "config/demo.yaml"), "--configfile", str(tmp_path / "overlay.yaml")]
+                        "--configfile", str(ROOT / "config/demo.yaml"), str(tmp_path / "overlay.yaml")]
     res = run(args, ROOT, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     out = tmp_path / "results" / "e2e"
@@ -134,7 +134,7 @@ def test_gutted_dataset_stops_the_workflow_and_keeps_outputs(tmp_path):
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     res = run(SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "1",
                            "--nolock", "--configfile", str(ROOT / "config/demo.yaml"),
-                           "--configfile", str(tmp_path / "overlay.yaml")], ROOT, timeout=600)
+                           str(tmp_path / "overlay.yaml")], ROOT, timeout=600)
     assert res.returncode != 0
     out = tmp_path / "results" / "gutted"
     log = (out / "logs" / "manifest.log").read_text()
