@@ -1,6 +1,7 @@
 # higgs-tune: LoRA fine-tuning of Higgs Audio v2 with a label audit gate.
 #   local demo:  snakemake --profile profiles/default --configfile config/demo.yaml
 #   cluster:     snakemake --profile profiles/slurm --configfile config/cluster.yaml
+#   a sweep:     add --configfile my_sweep.yaml declaring `sweep:` (README: Runs compared)
 from snakemake.utils import min_version
 
 min_version("8.0")
@@ -16,9 +17,12 @@ include: "workflow/rules/audit.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/compare.smk"
 
 
 rule all:
+    """The experiment's report; with a `sweep:`, each run's report and the comparison."""
     input:
-        rules.report.output,
+        expand(rules.report.output[0], experiment=TARGET_EXPERIMENTS),
+        expand(rules.compare.output[0], sweep=[SWEEP["name"]] if SWEEP else []),
     default_target: True
