@@ -128,6 +128,8 @@ def overlay(df: pd.DataFrame, runs: list[str], title: str, ylabel: str, col_wrap
 
 
 def curve_figures(runs: list[Run]) -> list[dict]:
+    """The overlaid training curves (loss; per-codebook loss; per-codebook and text accuracy) as
+    ``[{"title", "uri" (data: PNG), "caption" (every run's sources)}]``; a curve no run logged is left out."""
     names = [r.run for r in runs]
     caption = " ".join(r.inputs.caption("metrics", "val_metrics") for r in runs)
     figs = []
@@ -147,6 +149,8 @@ def curve_figures(runs: list[Run]) -> list[dict]:
 
 
 def eval_figures(runs: list[Run]) -> list[dict]:
+    """Bars of the held-out scores per run (:data:`EVAL_BARS` present in some run; the per-codebook
+    lists, one panel each) as ``[{"title", "uri", "caption"}]``."""
     names = [r.run for r in runs]
     caption = " ".join(r.inputs.caption("eval_metrics") for r in runs)
     out = []
