@@ -44,8 +44,8 @@ PAGE_PROBE = r"""
     scripts: document.scripts.length,
     tables: [...document.querySelectorAll('table')].map(t => ({
       id: t.id, className: t.className,
-      head: [...t.querySelectorAll('thead tr')].map(r => [...r.cells].map(c => ({text: cellText(c),
-                                                                              colspan: c.colSpan, rowspan: c.rowSpan}))),
+      head: [...t.querySelectorAll('thead tr')].map(r => [...r.cells].map(
+        c => ({text: cellText(c), colspan: c.colSpan, rowspan: c.rowSpan}))),
       rows: [...t.querySelectorAll('tbody tr, tfoot tr')].map(r => [...r.cells].map(cellText)),
     })),
   };

@@ -42,7 +42,8 @@ def test_experiment_configs_merge_each_run_overlay():
     lr = exps["demo-lr1e-3"]
     assert lr["experiment"] == "demo-lr1e-3" and lr["train"]["learning_rate"] == 1.0e-3
     assert lr["train"]["max_steps"] == base["train"]["max_steps"] and lr["lora"] == base["lora"]  # merged, not replaced
-    assert exps["demo-r4"]["lora"]["rank"] == 4 and exps["demo-r4"]["lora"]["target_modules"] == base["lora"]["target_modules"]
+    r4 = exps["demo-r4"]["lora"]
+    assert r4["rank"] == 4 and r4["target_modules"] == base["lora"]["target_modules"]
     assert sweep_experiments(base) == ["demo"] and list(experiment_configs(base)) == ["demo"]
 
 
@@ -200,7 +201,8 @@ def check_sweep(res_dir: Path, args: list[str]) -> None:
 
     shared = {"data manifest (data.manifest)": ROOT / "data/demo/manifest.jsonl",
               "train manifest (kept rows)": res_dir / "demo/manifest/train.jsonl",
-              "token index": res_dir / "demo/tokens/index.parquet", "audit summary": res_dir / "demo/audit/summary.json"}
+              "token index": res_dir / "demo/tokens/index.parquet",
+              "audit summary": res_dir / "demo/audit/summary.json"}
     for label, path in shared.items():
         assert lineage[label] == [sha256_file(path)[:12]] * 2, label
     for label in ("adapter (all files)", "train metrics", "eval metrics", "config: train"):

@@ -5,7 +5,8 @@ scores (seaborn, embedded as base64 PNGs), lists each run's lineage (the sha256 
 manifest, kept manifests, token index, audit summary, adapter, metrics, of every config section,
 and the code revisions) and a table of the config keys that differ between the runs (only those).
 
-    python -m higgs_tune.compare --config-json CONFIG --inputs '{"demo-lr1e-3": {"metrics": "..."}, ...}' --out compare.html
+    python -m higgs_tune.compare --config-json CONFIG --out compare.html
+        --inputs '{"demo-lr1e-3": {"metrics": "..."}, ...}'
 
 (as ``workflow/rules/compare.smk`` renders it: ``--config-json`` holds ``sweep`` (name, base
 experiment, each run's overlay), ``experiments`` (each run's resolved config) and ``code`` (stage ->

@@ -160,7 +160,9 @@ def processes_per_node(resources, cfg=None):
     if gres.startswith("gpu"):
         return int(gres.rsplit(":", 1)[-1]) if gres.count(":") else 1
     nodes = int(resources.get("nodes", 1) or 1)
-    return max(1, int(resources.get("gpu", 0) or 0) // nodes) if resources.get("gpu") else (cfg or config)["train"]["processes"]
+    if resources.get("gpu"):
+        return max(1, int(resources.get("gpu", 0) or 0) // nodes)
+    return (cfg or config)["train"]["processes"]
 
 
 def _imports(path):
