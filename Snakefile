@@ -2,6 +2,7 @@
 #   local demo:  snakemake --profile profiles/default --configfile config/demo.yaml
 #   cluster:     snakemake --profile profiles/slurm --configfile config/cluster.yaml [my_data.yaml]
 #   merged model (not in the default target): snakemake export --profile ... --configfile ...
+#   a sweep:     add my_sweep.yaml declaring `sweep:` to --configfile (README: Runs compared)
 from snakemake.utils import min_version
 
 min_version("8.0")
@@ -18,9 +19,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/compare.smk"
 
 
 rule all:
+    """The experiment's report; with a `sweep:`, each run's report and the comparison."""
     input:
-        rules.report.output,
+        expand(rules.report.output[0], experiment=TARGET_EXPERIMENTS),
+        expand(rules.compare.output[0], sweep=[SWEEP["name"]] if SWEEP else []),
     default_target: True

@@ -101,7 +101,7 @@ def test_cluster_config_runs_on_pretrained_layouts(tmp_path, layout, transcripts
     res = subprocess.run(args[:3] + ["export"] + args[3:], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-4000:] + (out / "logs" / "export.log").read_text()[-3000:]
-    assert re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M) == ["export"]
+    assert re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M) == ["export_model", "export"]
     merged = out / "merged"
     assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(p.name for p in layout.model.glob("*.safetensors"))
     assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "bfloat16"

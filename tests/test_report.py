@@ -2,7 +2,9 @@
 
 Its inputs are produced by the real stages on real clips (the manifest stage on the bad-input
 corpus, the audit gate passing and failing, training, evaluation), so a renamed audit rule, fix
-kind or quarantine reason, or a changed metrics key, shows up here.
+kind or quarantine reason, or a changed metrics key, shows up here. The val transcript carries an
+HTML/JS payload through every stage; the report is opened in headless Chromium (tests/browser.py)
+where it is installed (.ci/chromium-up), and that test is skipped, saying why, where it is not.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from browser import chromium_path, html_tables, inspect_page, table_by_id
 from conftest import stage_train_inputs
 from higgs_tune import data as D
 from higgs_tune.fileio import git_revision
@@ -25,6 +28,10 @@ from higgs_tune.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "bad_inputs"
+#: prefixed to the val transcript: it must show as text in the report and run nothing
+PAYLOAD = "<img src=x onerror=alert(1)><script>document.title='pwned'</script>"
+needs_chromium = pytest.mark.skipif(chromium_path() is None,
+                                    reason="no Chromium on PATH: run .ci/chromium-up (root, Debian) to install it")
 
 
 def _sha(path) -> str:
@@ -52,6 +59,9 @@ def stage_outputs(tmp_path_factory, demo_config, short_codes, transcripts, lj_di
                  quarantine_out=m / "quarantine.jsonl", fixes_out=m / "fixes.json")
     # train + audit + evaluate on three real short clips
     io = stage_train_inputs(root / "exp", short_codes, transcripts, lj_dir, n_train=2)
+    val_rows = D.read_jsonl(io.val)  # the held-out transcript carries the payload through every stage
+    val_rows[0]["messages"][1]["content"] = f"{PAYLOAD} {val_rows[0]['messages'][1]['content']}"
+    D.write_jsonl(io.val, val_rows)
     audit = {"summary": io.audit, "samples": io.audit.parent / "samples.parquet"}
     summary = run_audit(cfg, train_manifest=io.train, val_manifest=io.val, tokens_index=io.index,
                         summary_path=audit["summary"], samples_path=audit["samples"])
@@ -141,6 +151,28 @@ def test_report_self_contained_with_provenance(inputs, repo_root):
         assert name in html, name
     preds = [json.loads(line) for line in open(paths["predictions"])]
     assert preds and preds[0]["text"]["label"][0] in html.replace("&lt;", "<").replace("&gt;", ">")
+    # tables read as tables: learnable fractions as role x modality, eval scores grouped
+    tables = html_tables(html)
+    fr = tables["fractions"]
+    assert fr["head"][0] == ["role", "text", "audio"] and fr["head"][1] == ["positions", "targets", "fraction"] * 2
+    by_role = summary["fractions"]["by_role"]
+    rows = {r[0]: r[1:] for r in fr["body"]}
+    assert set(by_role) == {"system", "user", "assistant", "none"} <= set(rows)
+    for role, per in by_role.items():
+        assert rows[role] == [str(per[m][k]) if k != "fraction" else f"{per[m][k]:.4g}"
+                              for m in ("text", "audio") for k in ("positions", "targets", "fraction")], role
+    assert float(rows["assistant"][5]) > 0.5 and rows["user"][1] == rows["system"][1] == "0"  # audio learned
+    ev = json.loads(Path(paths["eval_metrics"]).read_text())
+    groups = {g: [r[0] for r in rows] for g, rows in tables["eval-scores"]["groups"]}
+    assert list(groups)[:4] == ["losses", "accuracies", "generation", "calibration"], list(groups)
+    assert {"loss", "text_loss", "audio_loss"} <= set(groups["losses"]) and "text_acc" in groups["accuracies"]
+    assert {"generation.wer", "generation.sim", "generation.eos_rate"} <= set(groups["generation"])
+    assert {"generation.gt_wer", "generation.codec_wer"} <= set(groups["calibration"])
+    flat = {r[0]: r[1] for _, rows in tables["eval-scores"]["groups"] for r in rows}
+    assert flat["loss"] == f"{ev['loss']:.4g}" and flat["generation.wer"] == f"{ev['generation']['wer']:.4g}"
+    # the payload in the transcript is text: escaped wherever it appears, never markup
+    assert PAYLOAD not in html and "<script" not in html.lower()
+    assert html.count("&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;") >= 1
 
 
 def test_failed_audit_names_rule_and_cause(inputs):
@@ -189,6 +221,48 @@ def test_missing_required_input_names_the_rule(inputs, role, rule):
     msg = str(err.value)
     assert paths[role] in msg and f"written by the '{rule}' rule" in msg
     assert "python -m higgs_tune" not in msg  # it names the rule to run, not a module
+
+
+@needs_chromium
+def test_report_in_a_browser(inputs):
+    """Headless Chromium: every figure decodes, every player loads its clip, nothing is fetched, no
+    console error, and the transcript's HTML/JS payload is shown as text and runs nothing."""
+    cfg, paths, _, out = inputs
+    page = inspect_page(build_report(cfg, paths, out))
+    assert page["title"] == cfg["report"]["title"]  # not 'pwned'
+    assert page["dialogs"] == [] and page["scripts"] == 0, (page["dialogs"], page["scripts"])
+    assert page["console_errors"] == [] and page["exceptions"] == [], (page["console_errors"], page["exceptions"])
+    assert page["requests"] == [], page["requests"]  # data: URIs only
+    assert len(page["images"]) >= 5 and all(i["complete"] and i["naturalWidth"] > 0 for i in page["images"]), \
+        page["images"]
+    gen = [json.loads(line) for line in open(paths["generated"])]
+    assert len(page["audio"]) >= 3 * len(gen) > 0  # generated, codec and reference clips
+    for a in page["audio"]:
+        assert a["error"] is None and a["readyState"] >= 1 and a["duration"] > 0, a
+    assert PAYLOAD in page["text"]  # shown, as text
+    fr = table_by_id(page, "fractions")
+    assert [c["text"] for c in fr["head"][0]] == ["role", "text", "audio"]
+    assert [c["colspan"] for c in fr["head"][0]] == [1, 3, 3] and fr["head"][0][0]["rowspan"] == 2
+    assert [r[0] for r in fr["rows"]][:4] == ["system", "user", "assistant", "none"]
+    groups = [r[0] for r in table_by_id(page, "eval-scores")["rows"] if len(r) == 1]
+    assert groups[:4] == ["Losses", "Accuracies", "Generation", "Calibration"], groups  # CSS capitalizes
+
+
+@needs_chromium
+def test_browser_probe_sees_scripts_fetches_and_broken_media(tmp_path):
+    """The probe itself can fail: a page that runs a script, fetches, logs an error and holds a
+    broken image and a broken clip is reported as such."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><head><title>t</title></head><body>'
+                   '<img src="data:image/png;base64,AAAA"><img src="x.png">'
+                   '<audio controls preload="metadata" src="data:audio/wav;base64,AAAA"></audio>'
+                   "<script>console.error('boom'); alert(1); document.title = 'pwned';</script></body></html>")
+    page = inspect_page(bad, timeout=20)
+    assert page["title"] == "pwned" and page["dialogs"] == ["1"] and page["scripts"] == 1
+    assert any("boom" in e for e in page["console_errors"])
+    assert any(r.endswith("/x.png") for r in page["requests"]), page["requests"]
+    assert [i["naturalWidth"] for i in page["images"]] == [0, 0]
+    assert page["audio"][0]["error"] is not None or page["audio"][0]["readyState"] == 0
 
 
 def test_git_revision_outside_repo(tmp_path):

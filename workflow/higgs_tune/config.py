@@ -1,6 +1,6 @@
 """Load, merge and validate higgs-tune configs.
 
-``snakemake --configfile A --configfile B`` and :func:`load_config` resolve the same dict: later files
+``snakemake --configfile A B`` and :func:`load_config` resolve the same dict: later files
 override earlier ones key by key, then ``workflow/schemas/config.schema.yaml`` validates it and fills
 defaults. Paths are not here: the Snakemake rules own every path and pass them to the stages.
 """

@@ -147,8 +147,17 @@ class Inputs:
         return f"Source: {src}. Experiment '{self.exp}', config hash {self.cfg_hash}."
 
 
+def render(template: str, context: dict) -> str:
+    """Render ``workflow/report/<template>`` with ``context``; every value is HTML-escaped
+    (autoescape), so text from data (transcripts, hypotheses, config) shows as text."""
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(template).render(**context)
+
+
 # ----------------------------------------------------------------------------- plots
 def png_uri(fig) -> str:
+    """A matplotlib figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -245,6 +254,100 @@ def codebook_bars(values: dict[str, list], title: str, caption: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- sections
+#: role rows of the learnable-fractions table, in order (audit ROLE_NAMES; "none": tokens before the
+#: first header, e.g. <|begin_of_text|>)
+ROLE_ORDER = ("system", "user", "assistant", "none")
+MODALITY_ORDER = ("text", "audio")
+
+
+def fractions_table(fractions: dict) -> dict | None:
+    """``summary["fractions"]`` as a role × modality table, or ``None`` when it has no ``by_role``.
+
+    Returns ``{"modalities": [...], "rows": [{"role", "cells": [{"positions", "targets",
+    "fraction"} per modality] (formatted strings), "learned": bool}], "total": {"role", "cells"}
+    (``by_modality``), "target_share": [str per modality]}``.
+    """
+    by_role = (fractions or {}).get("by_role") or {}
+    if not by_role:
+        return None
+    seen = list(dict.fromkeys(m for per in by_role.values() for m in (per or {})))
+    modalities = [m for m in MODALITY_ORDER if m in seen] + [m for m in seen if m not in MODALITY_ORDER]
+    roles = [r for r in ROLE_ORDER if r in by_role] + [r for r in by_role if r not in ROLE_ORDER]
+
+    def cell(d: dict | None) -> dict:
+        d = d or {}
+        return {k: fmt(d.get(k)) for k in ("positions", "targets", "fraction")}
+
+    rows = [{"role": r, "cells": [cell((by_role[r] or {}).get(m)) for m in modalities],
+             "learned": any(((by_role[r] or {}).get(m) or {}).get("targets") for m in modalities)} for r in roles]
+    by_mod = fractions.get("by_modality") or {}
+    share = fractions.get("target_share") or {}
+    return {"modalities": modalities, "rows": rows,
+            "total": {"role": "all roles", "cells": [cell(by_mod.get(m)) for m in modalities]} if by_mod else None,
+            "target_share": [fmt(share.get(m)) for m in modalities] if share else None}
+
+
+#: eval score groups, in table order
+EVAL_GROUPS = ("losses", "accuracies", "generation", "calibration", "counts and run")
+#: what an eval/metrics.json key means (shown beside its value)
+EVAL_HELP = {
+    "loss": "text_weight × text CE + audio_weight × audio CE (held-out, teacher-forced)",
+    "text_loss": "text cross-entropy per text target", "audio_loss": "mean of the per-codebook audio CE",
+    "text_acc": "teacher-forced top-1 accuracy of text targets",
+    "generation.wer": "ASR word error rate of the generated audio against the text (corpus)",
+    "generation.sim": "speaker similarity of the generated audio to the speaker's real audio (mean)",
+    "generation.eos_rate": "share of generations the model ended itself (EOS)",
+    "generation.voiced_rate": "share of generations with voiced audio (SIM defined)",
+    "generation.n_samples": "generated samples",
+    "generation.gt_wer": "WER of the real clips: the ASR's own error",
+    "generation.codec_wer": "WER of the real clips' codes decoded: what the audio tokenizer allows",
+    "generation.gt_sim": "SIM of the real clip to its cloning reference",
+    "generation.codec_sim": "SIM of the decoded codes to the real audio",
+    "generation.asr_model": "the ASR scoring WER", "generation.speaker_model": "the speaker encoder scoring SIM",
+}
+
+
+def eval_group(key: str) -> str:
+    """The :data:`EVAL_GROUPS` entry of a dotted eval/metrics.json key."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key.startswith("generation."):
+        return "calibration" if leaf.startswith(("gt_", "codec_")) or leaf.endswith("_model") else "generation"
+    if "loss" in leaf:
+        return "losses"
+    if leaf.endswith("acc"):
+        return "accuracies"
+    return "counts and run"
+
+
+def eval_scalars(metrics: dict) -> dict[str, Any]:
+    """The scalar scores of eval/metrics.json as ``{dotted key: value}`` (lists of numbers, e.g.
+    per-codebook scores, and the ``audio`` players are left out)."""
+    out = {}
+    for key, value in flatten({k: v for k, v in (metrics or {}).items() if k != "audio"}):
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            continue
+        out[key] = value
+    return out
+
+
+def eval_groups(columns: dict[str, dict]) -> list[dict]:
+    """Eval scores grouped (:data:`EVAL_GROUPS`) for a table with one value column per entry of
+    ``columns`` (``{column name: eval/metrics.json}``; one column for a report, one per run for a
+    comparison). Returns ``[{"group", "rows": [{"key", "values": [str per column], "help",
+    "differs"}]}]``, empty groups left out."""
+    scal = {name: eval_scalars(m) for name, m in columns.items()}
+    keys = list(dict.fromkeys(k for s in scal.values() for k in s))
+    groups = []
+    for g in EVAL_GROUPS:
+        rows = []
+        for k in (k for k in keys if eval_group(k) == g):
+            vals = [fmt(scal[name].get(k)) for name in columns]
+            rows.append({"key": k, "values": vals, "help": EVAL_HELP.get(k, ""), "differs": len(set(vals)) > 1})
+        if rows:
+            groups.append({"group": g, "rows": rows})
+    return groups
+
+
 def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
     cov = summary.get("codebook_coverage") or []
     sec = {
@@ -253,7 +356,7 @@ def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
         "rules": records(summary.get("rules") or []),
         "failed_rules": [r["name"] for r in summary.get("rules", []) if not r.get("passed", True)],
         "failures": records(summary.get("failures") or []),
-        "fractions": [(k, fmt(v)) for k, v in flatten(summary.get("fractions", {}))],
+        "fractions": fractions_table(summary.get("fractions") or {}),
         "settings": {name: [(k, fmt(v)) for k, v in flatten(summary.get(name) or {})]
                      for name in ("collator_settings", "model_settings", "leak_probe")},
         "figure": codebook_bars({"label coverage": cov}, "Audit: audio-label coverage per codebook",
@@ -267,19 +370,14 @@ def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
     return sec
 
 
+def per_codebook(metrics: dict) -> dict[str, list]:
+    """The per-codebook score lists of eval/metrics.json (top-level lists of numbers), by key."""
+    return {k: v for k, v in (metrics or {}).items()
+            if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)}
+
+
 def eval_section(metrics: dict, inputs: Inputs) -> dict:
-    scalars, per_cb, other = [], {}, []
-    for key, value in metrics.items():
-        if key == "audio":
-            continue
-        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            per_cb[key] = value
-        elif isinstance(value, dict):
-            other.extend((f"{key}.{k}", fmt(v)) for k, v in flatten(value))
-        elif isinstance(value, list):
-            other.append((key, fmt(value)))
-        else:
-            scalars.append((key, fmt(value)))
+    per_cb = per_codebook(metrics)
     n = max((len(v) for v in per_cb.values()), default=0)
     cb_table = None
     if per_cb:
@@ -288,7 +386,8 @@ def eval_section(metrics: dict, inputs: Inputs) -> dict:
         cb_table = table(df)
     caption = inputs.caption("eval_metrics")
     figure = codebook_bars(per_cb, "Eval: per-codebook metrics", caption) if per_cb else None
-    return {"scalars": scalars + other, "per_codebook": cb_table, "figure": figure, "caption": caption}
+    return {"groups": eval_groups({"value": metrics}), "per_codebook": cb_table, "figure": figure,
+            "caption": caption}
 
 
 def _cells(positions: list, predicted: list, label: list, text: bool) -> list[dict]:
@@ -470,10 +569,7 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
         "files": list(inputs.files.values()),
         "config_yaml": yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110),
     }
-    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
-                      trim_blocks=True, lstrip_blocks=True)
-    html = env.get_template("report.html.j2").render(**context)
-    write_text(out, html)
+    write_text(out, render("report.html.j2", context))
     return Path(out)
 
 

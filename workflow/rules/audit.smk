@@ -3,9 +3,9 @@ rule audit:
     starts) when any rule fails. The profiles keep a failed job's outputs (keep-incomplete), so the
     failed summary stays readable in place."""
     input:
-        train=rules.manifest.output.train,
-        val=rules.manifest.output.val,
-        index=rules.tokenize.output.index,
+        train=upstream("manifest", "train"),
+        val=upstream("manifest", "val"),
+        index=upstream("tokenize", "index"),
     output:
         summary=OUT / "audit" / "summary.json",
         samples=OUT / "audit" / "samples.parquet",

@@ -1,13 +1,23 @@
 # Shared by every rule: config validation, where outputs live, what each job is passed, and the
 # code trigger. The rules are the one I/O contract: a stage reads and writes exactly the paths its
 # rule renders on its command line, and gets the config sections its rule names (nothing else).
+#
+# Experiments are a wildcard: every output of experiment E lies under results/E/ (OUT), and each
+# job's config is E's (EXPERIMENTS[E]): the base experiment (config["experiment"]) and, with a
+# `sweep:`, one experiment per run (higgs_tune.sweep.experiment_configs). A run reuses the base's
+# outputs of every stage whose config sections (and its upstream stages') equal the base's
+# (stage_owner): a learning-rate sweep shares one manifest, tokenize and audit.
 import ast
+import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
@@ -18,32 +28,141 @@ envvars:
 validate(config, schema="../schemas/config.schema.yaml")
 
 PKG = Path(workflow.basedir) / "workflow" / "higgs_tune"
+sys.path.insert(0, str(PKG.parent))  # this checkout's higgs_tune, whatever the venv has installed
+from higgs_tune.sweep import experiment_configs, sweep_experiments  # noqa: E402
+
+#: experiment name -> its resolved config (validated, defaults filled; no `sweep` key)
+EXPERIMENTS = experiment_configs(config)
+BASE = config["experiment"]
+SWEEP = config.get("sweep")
+#: the experiments the default target reports on: the sweep's runs, else the base experiment
+TARGET_EXPERIMENTS = sweep_experiments(config)
+RESULTS = Path(config["results_dir"])
 #: every output of one experiment lies under OUT (the output contract in README.md)
-OUT = Path(config["results_dir"]) / config["experiment"]
+OUT = RESULTS / "{experiment}"
 LOGS = OUT / "logs"
-#: where training keeps its resume checkpoints: NOT a declared output (Snakemake deletes a job's
-#: outputs before rerunning it, and resuming must survive exactly that); see README "Training".
-RESUME = Path(config["train"]["resume_dir"]) / config["experiment"]
+
+
+wildcard_constraints:
+    experiment="|".join(re.escape(e) for e in EXPERIMENTS),
+    sweep="[A-Za-z0-9_.-]+",
+
 
 # Rules call `python` / `accelerate`: use the interpreter running Snakemake (the project's .venv).
 _venv_bin = str(Path(sys.executable).parent)
 os.environ["PATH"] = _venv_bin + os.pathsep + os.getenv("PATH", "")
 
 
+def experiment_config(wildcards):
+    """The resolved config of the job's ``{experiment}``."""
+    return EXPERIMENTS[wildcards.experiment]
+
+
 def stage_config(*keys):
-    """The named config sections (top-level keys) as JSON: the rule's params (a change reruns the
-    job: Snakemake's params trigger) and the stage's --config-json (it sees nothing else)."""
-    return json.dumps({k: config.get(k) for k in keys}, sort_keys=True)
+    """Params function: the named config sections (top-level keys; none: all of them) of the job's
+    experiment as JSON: the rule's params (a change reruns the job: Snakemake's params trigger) and
+    the stage's --config-json (it sees nothing else)."""
+
+    def cfg(wildcards):
+        c = experiment_config(wildcards)
+        return json.dumps({k: c.get(k) for k in (keys or sorted(c))}, sort_keys=True)
+
+    cfg.sections = keys  # read by stage_owner
+    return cfg
 
 
-def processes_per_node(resources):
+def resume_dir(wildcards):
+    """Where training keeps the experiment's resume checkpoints: train.resume_dir/{experiment}. NOT a
+    declared output (Snakemake deletes a job's outputs before rerunning it, and resuming must survive
+    exactly that); see README "Training"."""
+    return Path(experiment_config(wildcards)["train"]["resume_dir"]) / wildcards.experiment
+
+
+@functools.cache
+def stage_owner(experiment, rule_name):
+    """The experiment whose ``rule_name`` outputs ``experiment`` reads: the base experiment
+    when the rule's config sections (its params.cfg) and those of every rule upstream of it (its
+    ``upstream`` inputs) are equal in both, else ``experiment`` itself. A rule passing every section
+    (the report) is never shared."""
+    if experiment == BASE:
+        return BASE
+    job_rule = workflow.get_rule(rule_name)
+    sections = getattr(job_rule.params.cfg, "sections", ())
+    if not sections or any(EXPERIMENTS[experiment].get(k) != EXPERIMENTS[BASE].get(k) for k in sections):
+        return experiment
+    ups = {f.stage for f in job_rule.input if callable(f) and hasattr(f, "stage")}
+    return BASE if all(stage_owner(experiment, u) == BASE for u in ups) else experiment
+
+
+def upstream(rule_name, key):
+    """Input function: output ``key`` of rule ``rule_name`` for the job's experiment, in the folder of
+    the experiment that owns it (:func:`stage_owner`)."""
+
+    def path(wildcards):
+        pattern = getattr(getattr(rules, rule_name).output, key)
+        return expand(pattern, experiment=stage_owner(wildcards.experiment, rule_name))[0]
+
+    path.stage = rule_name  # read by stage_owner
+    return path
+
+
+#: what the comparison reads of each run (role -> rule, output key): curves, eval scores, and the
+#: lineage (the data, tokens, audit, adapter and training state each run was built from)
+COMPARE_ROLES = {
+    "train_manifest": ("manifest", "train"),
+    "val_manifest": ("manifest", "val"),
+    "tokens_index": ("tokenize", "index"),
+    "audit_summary": ("audit", "summary"),
+    "metrics": ("train", "metrics"),
+    "val_metrics": ("train", "val_metrics"),
+    "train_state": ("train", "state"),
+    "adapter": ("train", "adapter"),
+    "eval_metrics": ("evaluate", "metrics"),
+}
+
+
+def sweep_inputs(wildcards):
+    """{run experiment: {role: path}} for the sweep named ``{sweep}``: each run's data manifest and
+    the :data:`COMPARE_ROLES` outputs, from the experiment that owns them (shared stages: the base).
+
+    Raises:
+        WorkflowError: no sweep of that name is declared in the config.
+    """
+    if not SWEEP or wildcards.sweep != SWEEP["name"]:
+        raise WorkflowError(
+            f"no sweep named {wildcards.sweep!r} in the config (declared: {SWEEP['name'] if SWEEP else 'none'}); "
+            "declare `sweep: {name: ..., runs: {...}}` (README: Runs compared)")
+    out = {}
+    for exp in TARGET_EXPERIMENTS:
+        wc = SimpleNamespace(experiment=exp)
+        out[exp] = {"manifest": EXPERIMENTS[exp]["data"]["manifest"]}
+        out[exp].update({role: upstream(rule, key)(wc) for role, (rule, key) in COMPARE_ROLES.items()})
+    return out
+
+
+def sweep_config(wildcards):
+    """The compare job's --config-json: the sweep (name, base experiment, each run's overlay, the
+    runs' experiments in declared order), every run's resolved config, and the code signature of
+    each stage (its part of the lineage)."""
+    sweep_inputs(wildcards)  # raises for an undeclared sweep
+    return json.dumps({"sweep": {"name": SWEEP["name"], "base": BASE, "runs": SWEEP["runs"],
+                                 "order": TARGET_EXPERIMENTS},
+                       "experiments": {e: EXPERIMENTS[e] for e in TARGET_EXPERIMENTS},
+                       "code": {s: code_sig(s) for s in ("manifest", "tokenize", "audit", "train", "evaluate")}},
+                      sort_keys=True)
+
+
+def processes_per_node(resources, cfg=None):
     """Training processes per node: the GPUs granted (``gpu``: GPUs of a one-node job; ``gres``
-    ``gpu[:type]:N``: GPUs per node), else ``train.processes`` (CPU processes, gloo)."""
+    ``gpu[:type]:N``: GPUs per node), else ``train.processes`` of ``cfg`` (default: the base
+    config; CPU processes, gloo)."""
     gres = str(resources.get("gres", "") or "")
     if gres.startswith("gpu"):
         return int(gres.rsplit(":", 1)[-1]) if gres.count(":") else 1
     nodes = int(resources.get("nodes", 1) or 1)
-    return max(1, int(resources.get("gpu", 0) or 0) // nodes) if resources.get("gpu") else config["train"]["processes"]
+    if resources.get("gpu"):
+        return max(1, int(resources.get("gpu", 0) or 0) // nodes)
+    return (cfg or config)["train"]["processes"]
 
 
 def _imports(path):
@@ -68,14 +187,23 @@ def _imports(path):
     return found
 
 
+#: files a module reads besides Python (its code all the same): the report templates
+_MODULE_DATA = {"report": ("../report", "*.j2")}
+
+
 def _module_files(name):
     p = PKG / name
-    return sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"] if (PKG / f"{name}.py").exists() else []
+    files = sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"] if (PKG / f"{name}.py").exists() else []
+    if name in _MODULE_DATA:
+        folder, glob = _MODULE_DATA[name]
+        files += sorted((PKG / folder).resolve().glob(glob))
+    return files
 
 
 def code_sig(*modules):
-    """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively:
-    editing any of them reruns the job (params trigger); undoing the edit makes it a no-op again."""
+    """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively
+    (the report's templates count as its source): editing any of them reruns the job (params
+    trigger); undoing the edit makes it a no-op again."""
     seen, todo = set(), list(modules)
     while todo:
         name = todo.pop()
@@ -83,9 +211,10 @@ def code_sig(*modules):
             continue
         seen.add(name)
         for f in _module_files(name):
-            todo.extend(_imports(f) - seen)
+            if f.suffix == ".py":
+                todo.extend(_imports(f) - seen)
     h = hashlib.sha256()
     for name in sorted(seen):
         for f in _module_files(name):
-            h.update(f"{f.relative_to(PKG)}\0".encode() + f.read_bytes())
+            h.update(f"{os.path.relpath(f, PKG)}\0".encode() + f.read_bytes())
     return h.hexdigest()[:16]

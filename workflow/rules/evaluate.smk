@@ -2,9 +2,9 @@ rule evaluate:
     """Held-out (val split) losses and teacher-forced top-1 accuracy per codebook; generated audio
     for the first eval.generate.n_samples val rows, scored by ASR WER, speaker similarity and DNSMOS."""
     input:
-        adapter=rules.train.output.adapter,
-        val=rules.manifest.output.val,
-        index=rules.tokenize.output.index,
+        adapter=upstream("train", "adapter"),
+        val=upstream("manifest", "val"),
+        index=upstream("tokenize", "index"),
     output:
         metrics=OUT / "eval" / "metrics.json",
         generated=OUT / "eval" / "generated.jsonl",

@@ -1,4 +1,4 @@
-rule export:
+rule export_model:
     """The trained LoRA merged into the base model (and the trained modules_to_save written in), in
     the base checkpoint's layout: HiggsAudioModel.from_pretrained(results/{experiment}/merged) loads
     it without peft. A full copy of the model (3B: ~12 GB in bf16), so NOT in the default target:
@@ -19,3 +19,9 @@ rule export:
     shell:
         "python -m higgs_tune.export --config-json {params.cfg:q} --adapter {input.adapter:q}"
         " --out {output.merged:q} > {log:q} 2>&1"
+
+
+rule export:
+    """Target: the merged model of every experiment the default target reports on."""
+    input:
+        expand(rules.export_model.output.merged, experiment=TARGET_EXPERIMENTS),

@@ -1,7 +1,7 @@
 rule manifest:
     """Read data.manifest (ChatML / LJSpeech / CSV), fix what can be fixed, quarantine the rest."""
     input:
-        manifest=config["data"]["manifest"],
+        manifest=lambda wc: experiment_config(wc)["data"]["manifest"],
     output:
         train=OUT / "manifest" / "train.jsonl",
         val=OUT / "manifest" / "val.jsonl",

@@ -2,8 +2,8 @@ rule tokenize:
     """Encode every kept clip once with the Higgs audio tokenizer (content-addressed cache in
     cache_dir, shared by experiments: a cache, not an output)."""
     input:
-        train=rules.manifest.output.train,
-        val=rules.manifest.output.val,
+        train=upstream("manifest", "train"),
+        val=upstream("manifest", "val"),
     output:
         index=OUT / "tokens" / "index.parquet",
         stats=OUT / "tokens" / "stats.json",

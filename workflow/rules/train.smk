@@ -1,12 +1,12 @@
 rule train:
     """LoRA fine-tuning with accelerate; starts only after a passed audit. Resume checkpoints live
-    in RESUME (train.resume_dir/{experiment}), outside the declared outputs, so that a rerun of
+    in train.resume_dir/{experiment} (resume_dir), outside the declared outputs, so that a rerun of
     this job (which first deletes its outputs) resumes instead of starting again."""
     input:
-        audit=rules.audit.output.summary,
-        train=rules.manifest.output.train,
-        val=rules.manifest.output.val,
-        index=rules.tokenize.output.index,
+        audit=upstream("audit", "summary"),
+        train=upstream("manifest", "train"),
+        val=upstream("manifest", "val"),
+        index=upstream("tokenize", "index"),
         accelerate="config/accelerate.yaml",
     output:
         metrics=OUT / "train" / "metrics.jsonl",
@@ -19,8 +19,8 @@ rule train:
     params:
         cfg=stage_config("model", "lora", "train", "eval"),
         code=code_sig("train", "launch"),
-        resume=RESUME,
-        nproc=lambda wc, resources: processes_per_node(resources),
+        resume=resume_dir,
+        nproc=lambda wc, resources: processes_per_node(resources, experiment_config(wc)),
     threads: 2
     resources:
         mem_mb=16000,

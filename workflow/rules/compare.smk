@@ -1,0 +1,19 @@
+rule compare:
+    """One self-contained HTML comparing the runs of a sweep: train/val loss, per-codebook curves and
+    eval scores overlaid, each run's lineage (sha256 of its inputs, config sections, code) and the
+    config keys that differ between runs."""
+    input:
+        lambda wc: sorted({p for roles in sweep_inputs(wc).values() for p in roles.values()}),
+    output:
+        report(RESULTS / "compare-{sweep}.html", caption="../report/compare.rst", category="higgs-tune"),
+    params:
+        cfg=sweep_config,
+        code=code_sig("compare"),
+        inputs=lambda wc: json.dumps(sweep_inputs(wc), sort_keys=True),
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        RESULTS / "compare-{sweep}.log",
+    shell:
+        "python -m higgs_tune.compare --config-json {params.cfg:q} --inputs {params.inputs:q}"
+        " --out {output:q} > {log:q} 2>&1 && echo 'compare: {output}'"
