@@ -616,7 +616,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
             with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
                 with autocast(device, dtype):
                     out, loss = forward_loss(model, batch, device, text_weight=tw, audio_weight=aw,
-                                             normalizer=counts)
+                                             normalizer=counts, text_logits_at_targets=True)
                 # the merged attention mask: 1 = a sample's position, 0 = padding (a zero-weight
                 # forward's positions are all padding: computed, not learned)
                 positions += torch.tensor([float(out.attention_mask.sum()) if m else 0.0,
