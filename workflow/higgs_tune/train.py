@@ -33,8 +33,8 @@ padding_efficiency, n_positions, n_padded_positions, lr, grad_norm, lora_grad_no
 ``n_positions`` / ``n_padded_positions``: the samples' positions / all positions of the padded
 micro-batches of the step (all processes, all micro-steps) in the sequence the decoder layers run on
 (text plus audio columns, padded to a multiple of 8: the model's merged ``attention_mask``, see
-:func:`higgs_tune.data.batch_positions`); ``padding_efficiency`` is their ratio; ``val_metrics`` every ``eval_interval`` steps;
-``predictions`` for a fixed val sample; TensorBoard scalars; the adapter; the final checkpoint).
+:func:`higgs_tune.data.batch_positions`); ``padding_efficiency`` is their ratio; ``val_metrics`` every
+``eval_interval`` steps; ``predictions`` for a fixed val sample; TensorBoard scalars; the adapter; the final checkpoint).
 
 **Preemption.** On SIGTERM or SIGUSR1 the trainer finishes the optimizer step in flight, writes a
 checkpoint and exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again"). Checkpoints
@@ -175,9 +175,10 @@ def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch:
        takes the rest).
     2. Each pool is sorted by ``positions``, longest first (ties keep the permutation's order; a
        micro-batch's padded row is its longest sample's positions rounded up to 8,
-       :func:`higgs_tune.data.batch_positions`), and cut into micro-steps of ``size`` samples. When ``size`` does not divide the epoch, the last pool
-       also yields one short micro-step of ``n % size`` samples: it is placed where, in that pool's
-       sorted order, it minimizes the pool's padded positions (:func:`higgs_tune.data.batch_positions`).
+       :func:`higgs_tune.data.batch_positions`), and cut into micro-steps of ``size`` samples. When
+       ``size`` does not divide the epoch, the last pool also yields one short micro-step of
+       ``n % size`` samples, placed where, in that pool's sorted order, it minimizes the pool's
+       padded positions.
     3. The full micro-steps are shuffled (same random stream); the short one comes last, as in the
        random order, its samples in rank order (rank 0 first; a process may get none).
     4. Each full micro-step is laid out by :func:`serpentine`, so that the processes' slices have
