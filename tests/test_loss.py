@@ -219,3 +219,47 @@ def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="one row per"):
         higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 5, dtype=torch.long), torch.zeros((0, 8, 1026)),
                    torch.zeros((8, 3), dtype=torch.long), torch.tensor([0]))
+
+
+def test_text_logits_at_targets_same_loss_and_gradients(demo_config, real_batch_factory):
+    """forward_loss(text_logits_at_targets=True) (training) runs the text head on the target rows
+    only: the same loss, metrics and gradients as the full B x L x V logits, with the head trained
+    (modules_to_save) and LoRA-adapted layers; a batch without text targets still gives the head a
+    (zero) gradient (DDP needs every parameter); the head's forward is back afterwards, also after
+    an error."""
+    from higgs_tune.loss import deferred_text_head, forward_loss, text_head_of
+    from higgs_tune.model import apply_lora, build_model
+
+    def run(at_targets: bool, no_text: bool = False):
+        model = apply_lora(build_model(demo_config["model"]), demo_config["lora"])  # text_lm_head trained
+        model.train()
+        batch = real_batch_factory(model)
+        if no_text:
+            batch.label_ids[:] = IGNORE_INDEX
+        out, loss = forward_loss(model, batch, "cpu", text_logits_at_targets=at_targets)
+        loss.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, loss, grads
+
+    out0, l0, g0 = run(False)
+    out1, l1, g1 = run(True)
+    assert out0.logits.shape[-1] == 128256 and out1.logits.shape[-1] == demo_config["model"]["arch"]["hidden_size"]
+    assert l0.n_text_targets == l1.n_text_targets > 0 and l0.text_correct == l1.text_correct
+    torch.testing.assert_close(l1.loss, l0.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l1.text_loss, l0.text_loss, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys() and any("text_lm_head" in n for n in g0) and any("lora_B" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7, msg=n)
+    head_grads = [g for n, g in g0.items() if "text_lm_head" in n]
+    assert all(float(g.abs().sum()) > 0 for g in head_grads)
+
+    _, l2, g2 = run(True, no_text=True)
+    assert l2.n_text_targets == 0 and all(float(g2[n].abs().sum()) == 0 for n in g2 if "text_lm_head" in n)
+
+    model = build_model(demo_config["model"])
+    head = text_head_of(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with deferred_text_head(model):
+            assert head(torch.ones(2, 3)).shape == (2, 3)
+            raise RuntimeError("boom")
+    assert "forward" not in vars(head) and head(torch.ones(2, 64)).shape == (2, 128256)

@@ -162,6 +162,8 @@ def test_train_writes_the_output_contract(staged):
         # audio_loss is the mean of the per-codebook means (not a pooled mean over all audio targets)
         assert r["audio_loss"] == pytest.approx(sum(r["codebook_losses"]) / 8, rel=1e-9)
         assert 0 < r["text_loss"] < 20 and 0 < r["audio_loss"] < 20
+        assert 0 < r["n_positions"] <= r["n_padded_positions"] and r["n_padded_positions"] % 8 == 0
+        assert r["padding_efficiency"] == pytest.approx(r["n_positions"] / r["n_padded_positions"])
     assert rows[0]["lr"] > 0 and rows[-1]["lr"] < rows[1]["lr"]  # warmup 1 step, then cosine decay
     assert (io.adapter / "adapter_model.safetensors").exists()
     assert (io.adapter / "adapter_config.json").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -175,6 +176,80 @@ def batch_to_model_kwargs(batch, device: torch.device | str = "cpu") -> dict[str
     return out
 
 
+#: ``HiggsAudioModel.forward`` (boson-multimodal 0.1.1, ``modeling_higgs_audio.py``) pads the merged
+#: text+audio sequence to a multiple of 8 positions whenever the KV cache is off (``round_to = 1 if
+#: use_cache else 8``), i.e. in every training and teacher-forced forward.
+MODEL_ROUND_TO = 8
+
+
+@dataclass(frozen=True)
+class SampleLength:
+    """The length of one ``ChatMLDatasetSample`` in the two sequences a batch pads.
+
+    Attributes:
+        tokens: ``len(input_ids)``: its row of the collated ``input_ids`` (text tokens; each audio
+            segment is one placeholder, ``<|AUDIO|>`` or ``<|AUDIO_OUT|>``).
+        positions: the positions it occupies in the sequence the decoder layers run on, after the
+            model replaces each placeholder by its audio columns: ``tokens - placeholders +
+            sum of segment columns``; a segment of T frames has ``T + 2`` columns (audio-stream BOS and
+            EOS) plus ``K - 1`` with the delay pattern (K codebooks): ``T + K + 1`` for Higgs v2.
+            An ``<|AUDIO|>`` placeholder stays one position when audio-in codes are not returned.
+    """
+
+    tokens: int
+    positions: int
+
+
+def sample_length(sample, model_config) -> SampleLength:
+    """:class:`SampleLength` of a ``ChatMLDatasetSample`` (from :func:`build_dataset_sample`), from its
+    ``input_ids`` and ``audio_ids_start`` / ``audio_ids_concat`` alone (no collation, no forward).
+
+    Follows ``HiggsAudioSampleCollator`` (audio-stream BOS/EOS, ``build_delay_pattern_mask``) and
+    ``merge_input_ids_with_audio_features`` (one embedding per audio column) of boson-multimodal
+    0.1.1, with the collator settings :func:`collator_settings` derives from ``model_config``.
+
+    Raises:
+        ValueError: for a model that encodes Whisper embeddings (their length depends on the mel
+            frames, which this count does not model), or when the sample has fewer audio segments
+            than placeholders.
+    """
+    s = collator_settings(model_config)
+    if s["encode_whisper_embed"]:
+        raise ValueError("sample_length does not count Whisper embeddings (encode_whisper_embed: true)")
+    ids = sample.input_ids
+    is_in, is_out = ids == s["audio_in_token_id"], ids == s["audio_out_token_id"]
+    placeholders = is_in | is_out
+    n_seg = int(placeholders.sum())
+    starts = [int(x) for x in sample.audio_ids_start]
+    if n_seg > len(starts):
+        raise ValueError(f"sample has {n_seg} audio placeholders but {len(starts)} audio segments")
+    ends = starts[1:] + [int(sample.audio_ids_concat.shape[-1])]
+    extra = 2 + (s["audio_num_codebooks"] - 1 if s["use_delay_pattern"] else 0)
+    # the collator numbers audio segments in order of appearance over both kinds of placeholder
+    kinds = ["in" if bool(x) else "out" for x in is_in[placeholders]]
+    positions = int(ids.shape[0]) - n_seg
+    for kind, a, b in zip(kinds, starts, ends):
+        positions += 1 if kind == "in" and not s["return_audio_in_tokens"] else (b - a) + extra
+    return SampleLength(tokens=int(ids.shape[0]), positions=positions)
+
+
+def batch_positions(lengths: list[SampleLength], round_to: int = MODEL_ROUND_TO) -> tuple[int, int]:
+    """``(real, padded)`` positions of one collated micro-batch as the model runs it.
+
+    ``real`` is the sum of ``positions``; ``padded`` is ``B x L'`` with ``L' = ceil(max_i positions_i /
+    round_to) x round_to`` (:data:`MODEL_ROUND_TO`). (The collator right-pads the text rows; the
+    model expands each row's placeholders, pads every row to the longest, then trims the columns
+    after the last real position of any row and rounds up to ``round_to``:
+    ``merge_input_ids_with_audio_features``.) The model's merged ``attention_mask`` sums to ``real``
+    and has ``padded`` entries (tested). Padding efficiency = ``real / padded``. An empty list
+    gives ``(0, 0)``.
+    """
+    if not lengths:
+        return 0, 0
+    longest = max(x.positions for x in lengths)
+    return sum(x.positions for x in lengths), len(lengths) * (-(-longest // round_to) * round_to)
+
+
 def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[list]:
     """Split ``items`` into batches; with ``shuffle`` the order is a function of ``(seed, epoch)``."""
     order = list(range(len(items)))
@@ -184,6 +259,7 @@ def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: in
 
 
 __all__ = [
-    "CodesIndex", "audio_items", "batch_to_model_kwargs", "batches", "build_dataset_sample", "collator_settings",
-    "iter_contents", "make_collator", "read_jsonl", "sample_id", "write_jsonl",
+    "MODEL_ROUND_TO", "CodesIndex", "SampleLength", "audio_items", "batch_positions", "batch_to_model_kwargs",
+    "batches", "build_dataset_sample", "collator_settings", "iter_contents", "make_collator", "read_jsonl",
+    "sample_id", "sample_length", "write_jsonl",
 ]

@@ -13,19 +13,27 @@ Gradient accumulation: a mean over each micro-batch weights micro-batches equall
 (the bug transformers fixed for gradient accumulation in v4.46, Oct 2024). Pass ``normalizer``,
 the target counts of the whole accumulation window (:func:`count_targets`), and the micro-batch
 losses sum to the loss of the window as one batch.
+
+Text logits at the targets only: ``HiggsAudioModel.forward`` applies the 128256-way text head to
+every position, audio positions included, although only the text targets (a few per TTS sample)
+enter the loss. ``forward_loss(..., text_logits_at_targets=True)`` (training) makes the head pass
+its input through during the forward and applies it afterwards to the target positions alone:
+the same loss and gradients (tested), without the ``B x L x V`` logits and their gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .labels import IGNORE_INDEX, NUM_CODEBOOKS, same_segment_mask, shifted_audio_targets, shifted_text_labels
 
-__all__ = ["HiggsLoss", "TargetCounts", "count_targets", "forward_loss", "higgs_loss", "same_segment_mask",
-           "shifted_audio_targets"]
+__all__ = ["HiggsLoss", "TargetCounts", "count_targets", "deferred_text_head", "forward_loss", "higgs_loss",
+           "same_segment_mask", "shifted_audio_targets", "text_head_of"]
 
 
 @dataclass
@@ -96,11 +104,13 @@ def higgs_loss(
     text_weight: float = 1.0,
     audio_weight: float = 1.0,
     normalizer: TargetCounts | None = None,
+    text_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> HiggsLoss:
     """Next-token CE for text and per audio codebook (teacher forcing, ignore index -100).
 
     Args:
-        logits: float ``(B, L, V)`` text logits from ``HiggsAudioModel.forward``.
+        logits: float ``(B, L, V)`` text logits from ``HiggsAudioModel.forward``; with ``text_head``,
+            the ``(B, L, H)`` hidden states the text head maps to them.
         expanded_labels: long ``(B, L)``, unshifted labels (``outputs.expanded_labels``).
         audio_logits: float ``(N, K, C)`` (C = codebook size + 2 = 1026), or None / N = 0.
         label_audio_ids: long ``(K, N)``, unshifted audio labels from the collator.
@@ -108,6 +118,7 @@ def higgs_loss(
         text_weight, audio_weight: weights of the two terms in ``loss``.
         normalizer: counts over a whole gradient-accumulation window; when given, ``loss`` is
             ``sum of CE / window count`` so that micro-batch losses add up to the window's loss.
+        text_head: ``(n, H) -> (n, V)``, applied to the hidden states of the target positions only.
 
     Returns:
         :class:`HiggsLoss`. Empty modalities contribute 0 (never NaN).
@@ -124,12 +135,14 @@ def higgs_loss(
     valid = t_labels != IGNORE_INDEX
     n_text = int(valid.sum())
     if n_text:
-        t_logits = logits[:, :-1][valid].float()  # (n_text, V)
+        t_rows = logits[:, :-1][valid]  # (n_text, V), or (n_text, H) with text_head
+        t_logits = (text_head(t_rows) if text_head is not None else t_rows).float()
         t_tgt = t_labels[valid]
         text_sum = F.cross_entropy(t_logits, t_tgt, reduction="sum")
         text_correct = int((t_logits.argmax(-1) == t_tgt).sum())
     else:  # keep the graph connected (zero gradients) so DDP and accumulation see every parameter
-        text_sum, text_correct = logits.sum() * 0.0, 0
+        text_sum = (logits.sum() + (text_head(logits[:1, 0]).sum() if text_head is not None else 0.0)) * 0.0
+        text_correct = 0
 
     k = label_audio_ids.shape[0] if label_audio_ids is not None and label_audio_ids.dim() == 2 else (
         audio_logits.shape[1] if audio_logits is not None and audio_logits.dim() == 3 else NUM_CODEBOOKS)
@@ -178,18 +191,57 @@ def higgs_loss(
     )
 
 
-def forward_loss(model, batch, device, *, text_weight=1.0, audio_weight=1.0, normalizer=None):
+def text_head_of(model) -> torch.nn.Module:
+    """The text head (``audio_decoder_proj.text_lm_head``) of a ``HiggsAudioModel``, also inside peft
+    and DDP wrappers (a peft ``modules_to_save`` wrapper is returned as it is: calling it runs the
+    trained copy)."""
+    m = model
+    while isinstance(getattr(m, "module", None), torch.nn.Module):  # DistributedDataParallel
+        m = m.module
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    return m.audio_decoder_proj.text_lm_head
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def deferred_text_head(model):
+    """While active, ``model``'s text head returns its input: ``outputs.logits`` holds the final
+    hidden states ``(B, L, H)``. Yields the head (call it on the rows that need logits); restored on
+    exit, even on an error."""
+    head = text_head_of(model)
+    head.forward = _identity  # an instance attribute shadows the class's forward (nn.Module calls self.forward)
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def forward_loss(model, batch, device, *, text_weight=1.0, audio_weight=1.0, normalizer=None,
+                 text_logits_at_targets: bool = False):
     """Run ``model`` on one collated ``HiggsAudioBatchInput`` and return ``(outputs, HiggsLoss)``.
 
     The one place where model outputs meet :func:`higgs_loss`: training, evaluation, predictions and
     the audit all call it, so they share one wiring (``outputs.expanded_labels``, the collator's
     ``label_audio_ids`` and ``audio_out_ids_start``).
+
+    With ``text_logits_at_targets`` (training) the text head runs on the target positions only
+    (:func:`deferred_text_head`): same loss and gradients, and ``outputs.logits`` then holds the
+    final hidden states ``(B, L, H)``, not logits.
     """
     from .data import batch_to_model_kwargs
 
     kwargs = batch_to_model_kwargs(batch, device)
-    out = model(**kwargs)
+    head = None
+    if text_logits_at_targets:
+        with deferred_text_head(model) as head:
+            out = model(**kwargs)
+    else:
+        out = model(**kwargs)
     loss = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, kwargs["label_audio_ids"],
                       kwargs["audio_out_ids_start"], text_weight=text_weight, audio_weight=audio_weight,
-                      normalizer=normalizer)
+                      normalizer=normalizer, text_head=head)
     return out, loss

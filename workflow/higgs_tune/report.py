@@ -232,7 +232,45 @@ def training_figures(metrics: pd.DataFrame, val: pd.DataFrame, inputs: Inputs) -
         fig.tight_layout()
         out.append({"title": "Learning rate and gradient norm", "uri": png_uri(fig),
                     "caption": inputs.caption("metrics")})
+    padding = padding_figure(metrics, inputs)
+    if padding:
+        out.append(padding)
     return out
+
+
+PADDING_NOTE = ("Padding efficiency = the samples' positions / all positions of the padded micro-batches "
+                "of a step (all processes, all micro-steps), counted in the sequence the decoder layers run "
+                "on: text tokens plus each audio segment's columns (frames + BOS/EOS + delay-pattern columns), "
+                "padded to the longest row and to a multiple of 8 (the model's merged attention mask). "
+                "1 = no padding.")
+
+
+def overall_padding_efficiency(metrics: pd.DataFrame) -> float | None:
+    """Positions over padded positions summed over every step (``n_positions`` /
+    ``n_padded_positions``), or the mean of ``padding_efficiency`` when the counts are absent;
+    ``None`` when the metrics carry neither (a run before padding was logged)."""
+    if {"n_positions", "n_padded_positions"} <= set(metrics) and metrics["n_padded_positions"].notna().any():
+        padded = float(metrics["n_padded_positions"].sum())
+        return float(metrics["n_positions"].sum()) / padded if padded else None
+    if "padding_efficiency" in metrics and metrics["padding_efficiency"].notna().any():
+        return float(metrics["padding_efficiency"].mean())
+    return None
+
+
+def padding_figure(metrics: pd.DataFrame, inputs: Inputs) -> dict | None:
+    """Per-step padding efficiency with the run's overall value; ``None`` when it was not logged."""
+    overall = overall_padding_efficiency(metrics)
+    if overall is None or "padding_efficiency" not in metrics:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 3.0))
+    sns.lineplot(data=metrics, x="step", y="padding_efficiency", ax=ax, color="C2", lw=1.2, marker="o", markersize=3)
+    ax.axhline(overall, color="black", ls="--", lw=1, label=f"whole run: {overall:.3f}")
+    ax.set_ylim(min(0.5, float(metrics["padding_efficiency"].min()) - 0.02), 1.01)
+    ax.set(title="Padding efficiency per optimizer step", xlabel="optimizer step", ylabel="real / padded positions")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", frameon=False)
+    return {"title": "Padding efficiency", "uri": png_uri(fig),
+            "caption": f"{PADDING_NOTE} Whole run: {overall:.3f}. {inputs.caption('metrics')}"}
 
 
 def codebook_bars(values: dict[str, list], title: str, caption: str) -> dict:
@@ -554,7 +592,9 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
         "audio_tokenizer_random": cfg["audio_tokenizer"].get("source") == "random_init",
         "headline": [(k, fmt(last.get(k))) for k in ("step", "loss", "text_loss", "audio_loss", "text_acc")
                      if k in metrics] + [("eval " + k, fmt(eval_metrics.get(k)))
-                                         for k in ("loss", "text_acc") if k in eval_metrics],
+                                         for k in ("loss", "text_acc") if k in eval_metrics]
+                    + ([("padding efficiency (whole run)", fmt(overall_padding_efficiency(metrics)))]
+                       if overall_padding_efficiency(metrics) is not None else []),
         "train_figures": training_figures(metrics, val, inputs),
         "val_missing": val.empty,
         "audit": audit_section(json.loads(audit_path.read_text()), present.get("audit_samples"), inputs),

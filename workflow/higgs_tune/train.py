@@ -19,15 +19,22 @@ rule renders them. Refuses to start unless the audit passed.
 **Global batch** = ``train.batch_size`` (per process) x processes x ``train.grad_accum_steps``.
 Each epoch's sample order is a permutation drawn from ``(train.seed, epoch)`` alone; it is cut into
 micro-steps of ``batch_size x processes`` samples, and process r takes slice r of each (so 2
-processes x batch b and 1 process x batch 2b see the same samples in the same optimizer steps). The
+processes x batch b and 1 process x batch 2b see the same samples in the same optimizer steps). With
+``train.length_bucketing`` (default) the permutation is first cut into pools of ``train.bucket_pool``
+micro-steps, each sorted by length and cut into micro-steps, and the micro-steps are shuffled
+(:func:`bucketed_micro_steps`): less padding, every sample still once per epoch. The
 loss of one optimizer step is normalized by the target counts of the whole window across all
 processes (``loss.py``), so it equals the loss of the global batch as one batch. The LR schedule
 (linear warmup, cosine) counts optimizer steps, whatever the number of processes.
 
 **Outputs** (one row per optimizer step in ``metrics``: ``step, epoch, loss, text_loss, audio_loss,
-codebook_losses[K], codebook_acc[K], text_acc, n_samples, n_text_targets, n_audio_targets, lr,
-grad_norm, lora_grad_norm, elapsed_s``; ``val_metrics`` every ``eval_interval`` steps;
-``predictions`` for a fixed val sample; TensorBoard scalars; the adapter; the final checkpoint).
+codebook_losses[K], codebook_acc[K], text_acc, n_samples, n_text_targets, n_audio_targets,
+padding_efficiency, n_positions, n_padded_positions, lr, grad_norm, lora_grad_norm, elapsed_s``;
+``n_positions`` / ``n_padded_positions``: the samples' positions / all positions of the padded
+micro-batches of the step (all processes, all micro-steps) in the sequence the decoder layers run on
+(text plus audio columns, padded to a multiple of 8: the model's merged ``attention_mask``, see
+:func:`higgs_tune.data.batch_positions`); ``padding_efficiency`` is their ratio; ``val_metrics`` every
+``eval_interval`` steps; ``predictions`` for a fixed val sample; TensorBoard scalars; the adapter; the final checkpoint).
 
 **Preemption.** On SIGTERM or SIGUSR1 the trainer finishes the optimizer step in flight, writes a
 checkpoint and exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again"). Checkpoints
@@ -126,6 +133,10 @@ class TrainIO:
 
 
 # ------------------------------------------------------------------------------------ data order
+#: Default ``train.bucket_pool``: micro-steps per length-sorting pool.
+BUCKET_POOL = 64
+
+
 def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch: a permutation of ``range(n_samples)`` from ``(seed, epoch)`` only."""
     order = list(range(n_samples))
@@ -133,9 +144,109 @@ def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_steps(n_samples: int, batch_size: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch cut into micro-steps of ``batch_size x world`` sample indices (the last may be short)."""
-    order, size = epoch_order(n_samples, seed, epoch), batch_size * world
+def _groups_cost(lengths, groups: list[list[int]]) -> int:
+    return sum(D.batch_positions([lengths[i] for i in g])[1] for g in groups)
+
+
+def serpentine(step: list[int], world: int) -> list[int]:
+    """Lay out one full micro-step (samples longest first, ``len(step)`` a multiple of ``world``) so
+    that each process's contiguous slice (:func:`rank_slice`) has a similar total length.
+
+    Samples are dealt to processes in boustrophedon order (0, 1, ..., W-1, W-1, ..., 1, 0, 0, 1, ...),
+    then the processes' lists are concatenated: process r's share is ``result[r*b:(r+1)*b]``. With
+    ``world`` 1 the step is returned as it is.
+    """
+    if world <= 1:
+        return list(step)
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for k, i in enumerate(step):
+        turn, r = divmod(k, world)
+        shares[r if turn % 2 == 0 else world - 1 - r].append(i)
+    return [i for share in shares for i in share]
+
+
+def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch: int, pool: int = BUCKET_POOL
+                         ) -> list[list[int]]:
+    """Length-bucketed micro-steps of one epoch: every sample exactly once, from ``(seed, epoch)`` only.
+
+    With ``size = batch_size x world`` samples per micro-step:
+
+    1. :func:`epoch_order`'s permutation is cut into pools of ``pool x size`` samples (the last pool
+       takes the rest).
+    2. Each pool is sorted by ``positions``, longest first (ties keep the permutation's order; a
+       micro-batch's padded row is its longest sample's positions rounded up to 8,
+       :func:`higgs_tune.data.batch_positions`), and cut into micro-steps of ``size`` samples. When
+       ``size`` does not divide the epoch, the last pool also yields one short micro-step of
+       ``n % size`` samples, placed where, in that pool's sorted order, it minimizes the pool's
+       padded positions.
+    3. The full micro-steps are shuffled (same random stream); the short one comes last, as in the
+       random order, its samples in rank order (rank 0 first; a process may get none).
+    4. Each full micro-step is laid out by :func:`serpentine`, so that the processes' slices have
+       similar total lengths. (DDP waits for the slowest process, the one holding the longest
+       sample whatever the split: balancing the slices costs no time and evens out idle waits.)
+
+    Which samples form a micro-step depends on ``size`` only, never on the split, so 2 processes x
+    batch b and 1 process x batch 2b see the same samples in the same optimizer steps.
+
+    Args:
+        lengths: one :class:`higgs_tune.data.SampleLength` per training sample (index = sample).
+        batch_size: samples per process and micro-step, >= 1.
+        world: number of processes, >= 1.
+        pool: micro-steps per sorting pool, >= 1 (larger: less padding, less varied batches; a pool
+            of a whole epoch repeats the same micro-batches every epoch, in a new order).
+
+    Returns:
+        Lists of sample indices, one per micro-step.
+    """
+    size = batch_size * world
+    n = len(lengths)
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)  # == epoch_order(n, seed, epoch)
+    per_pool = pool * size
+    full: list[list[int]] = []
+    short: list[int] = []
+    for start in range(0, n, per_pool):
+        chunk = sorted(order[start:start + per_pool], key=lambda i: -lengths[i].positions)
+        rest = len(chunk) % size if start + per_pool >= n else 0
+        if not rest:
+            full += [chunk[j:j + size] for j in range(0, len(chunk), size)]
+            continue
+        # the short micro-step starts at t * size; full groups before it are aligned at 0, after it at `rest`
+        g = (len(chunk) - rest) // size
+        before = [0] * (g + 1)
+        for t in range(g):
+            before[t + 1] = before[t] + _groups_cost(lengths, [chunk[t * size:(t + 1) * size]])
+        after = [0] * (g + 1)
+        for t in range(g - 1, -1, -1):
+            after[t] = after[t + 1] + _groups_cost(lengths, [chunk[rest + t * size:rest + (t + 1) * size]])
+        t = min(range(g + 1), key=lambda t: (before[t] + after[t]
+                                             + _groups_cost(lengths, [chunk[t * size:t * size + rest]]), t))
+        full += [chunk[j * size:(j + 1) * size] for j in range(t)]
+        full += [chunk[rest + j * size:rest + (j + 1) * size] for j in range(t, g)]
+        short = chunk[t * size:t * size + rest]
+    rng.shuffle(full)
+    return [serpentine(step, world) for step in full] + ([short] if short else [])
+
+
+@functools.lru_cache(maxsize=4)
+def micro_steps(n_samples: int, batch_size: int, world: int, seed: int, epoch: int, lengths: tuple | None = None,
+                pool: int = BUCKET_POOL) -> list[list[int]]:
+    """One epoch cut into micro-steps of ``batch_size x world`` sample indices (the last may be short).
+
+    ``lengths`` (a tuple of :class:`higgs_tune.data.SampleLength`, one per sample) turns on length
+    bucketing (:func:`bucketed_micro_steps`, pools of ``pool`` micro-steps); ``None`` keeps the
+    random order: :func:`epoch_order` cut in order. Cached (the result must not be modified).
+
+    Raises:
+        ValueError: when ``lengths`` does not hold ``n_samples`` entries.
+    """
+    size = batch_size * world
+    if lengths is not None:
+        if len(lengths) != n_samples:
+            raise ValueError(f"{len(lengths)} lengths for {n_samples} samples")
+        return bucketed_micro_steps(lengths, batch_size, world, seed, epoch, pool)
+    order = epoch_order(n_samples, seed, epoch)
     return [order[i:i + size] for i in range(0, n_samples, size)]
 
 
@@ -153,16 +264,16 @@ class Position:
     index: int = 0
 
 
-def next_window(pos: Position, n_samples: int, batch_size: int, world: int, seed: int, accum: int
-                ) -> tuple[list[list[int]], Position]:
+def next_window(pos: Position, n_samples: int, batch_size: int, world: int, seed: int, accum: int,
+                lengths: tuple | None = None, pool: int = BUCKET_POOL) -> tuple[list[list[int]], Position]:
     """The ``accum`` micro-steps of the next optimizer step (a window may span an epoch boundary)
-    and the position after it."""
+    and the position after it; ``lengths`` and ``pool`` as in :func:`micro_steps`."""
     window, epoch, index = [], pos.epoch, pos.index
-    steps = micro_steps(n_samples, batch_size, world, seed, epoch)
+    steps = micro_steps(n_samples, batch_size, world, seed, epoch, lengths, pool)
     while len(window) < accum:
         if index >= len(steps):
             epoch, index = epoch + 1, 0
-            steps = micro_steps(n_samples, batch_size, world, seed, epoch)
+            steps = micro_steps(n_samples, batch_size, world, seed, epoch, lengths, pool)
         window.append(steps[index])
         index += 1
     return window, Position(epoch, index)
@@ -431,6 +542,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
     model = build_model(cfg["model"], dtype, device=device)
     collator = D.make_collator(model.config)
     train_samples = [D.build_dataset_sample(r, tok, codes.get) for r in train_rows]
+    # length bucketing sorts by each sample's positions in the model's merged sequence (no forward)
+    lengths = tuple(D.sample_length(s, model.config) for s in train_samples) if tc["length_bucketing"] else None
     val_samples = [D.build_dataset_sample(r, tok, codes.get) for r in val_rows]
     val_batches = [collator(b) for b in D.batches(val_samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
     probe = (collator([val_samples[0]]), D.sample_id(val_rows[0])) if val_samples else None
@@ -484,7 +597,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
     alarms, tw, aw = tc["alarms"], tc["text_weight"], tc["audio_weight"]
     row: dict = read_jsonl(io.metrics)[-1] if step and accelerator.is_main_process else {}
     while step < max_steps:
-        window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum)
+        window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum, lengths,
+                                      tc["bucket_pool"])
         mine = [rank_slice(w, bs, rank) for w in window_idx]
         window = [collator([train_samples[i] for i in (m or w[:1])]) for m, w in zip(mine, window_idx)]
         counts = None
@@ -498,12 +612,17 @@ def train(cfg: dict, io: TrainIO) -> dict:
             counts.codebooks = accelerator.reduce(counts.codebooks.to(device), "sum").cpu()
         health.check_targets(counts.text, counts.audio, step + 1)
         sums = MetricSums()
+        positions = torch.zeros(2, dtype=torch.float64)  # real, padded (model's merged sequence)
         for i, (m, batch) in enumerate(zip(mine, window)):
             # gradients are all-reduced once per optimizer step, on its last micro-step
             with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
                 with autocast(device, dtype):
                     out, loss = forward_loss(model, batch, device, text_weight=tw, audio_weight=aw,
-                                             normalizer=counts)
+                                             normalizer=counts, text_logits_at_targets=True)
+                # the merged attention mask: 1 = a sample's position, 0 = padding (a zero-weight
+                # forward's positions are all padding: computed, not learned)
+                positions += torch.tensor([float(out.attention_mask.sum()) if m else 0.0,
+                                           float(out.attention_mask.numel())], dtype=torch.float64)
                 if m:
                     health.check_audio_outputs(out.audio_logits, batch.label_audio_ids)
                     health.check_loss(loss.loss)
@@ -519,7 +638,11 @@ def train(cfg: dict, io: TrainIO) -> dict:
         step += 1
         if world > 1:
             sums = sums.all_reduce(lambda t: accelerator.reduce(t.to(device), "sum"))
-        row = {"step": step, "epoch": pos.epoch + 1, **sums.result(tw, aw), "lr": scheduler.get_last_lr()[0],
+            positions = accelerator.reduce(positions.to(device), "sum").cpu()
+        n_pos, n_padded = int(positions[0]), int(positions[1])
+        row = {"step": step, "epoch": pos.epoch + 1, **sums.result(tw, aw),
+               "padding_efficiency": n_pos / max(n_padded, 1), "n_positions": n_pos, "n_padded_positions": n_padded,
+               "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "lora_grad_norm": lora_norm, "elapsed_s": round(time.time() - t0, 3)}
         health.check_audio_floor(row["audio_loss"], step, alarms["audio_loss_floor"], alarms["floor_check_steps"])
         last = step == max_steps
