@@ -1,8 +1,7 @@
 # Shared by every rule: config validation, where outputs live, what each job is passed, and the
 # code trigger. The rules are the one I/O contract: a stage reads and writes exactly the paths its
 # rule renders on its command line, and gets the config sections its rule names (nothing else).
-import ast
-import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -25,9 +24,12 @@ LOGS = OUT / "logs"
 #: outputs before rerunning it, and resuming must survive exactly that); see README "Training".
 RESUME = Path(config["train"]["resume_dir"]) / config["experiment"]
 
-# Rules call `python` / `accelerate`: use the interpreter running Snakemake (the project's .venv).
+# Rules call `python` / `accelerate`: use the interpreter running Snakemake (the project's .venv),
+# and this checkout's higgs_tune package (not another checkout's editable install in a shared venv).
 _venv_bin = str(Path(sys.executable).parent)
 os.environ["PATH"] = _venv_bin + os.pathsep + os.getenv("PATH", "")
+os.environ["PYTHONPATH"] = os.pathsep.join([str(PKG.parent)] + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep)
+                                                                 if p and p != str(PKG.parent)])
 
 
 def stage_config(*keys):
@@ -46,46 +48,20 @@ def processes_per_node(resources):
     return max(1, int(resources.get("gpu", 0) or 0) // nodes) if resources.get("gpu") else config["train"]["processes"]
 
 
-def _imports(path):
-    """higgs_tune modules a module imports (anywhere in it, lazy imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from . import x / from .x import y
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif node.level == 2:  # inside a subpackage: from ..x import y / from .. import x
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif (node.module or "").startswith("higgs_tune."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("higgs_tune."))
-    return found
+def _load_codesig():
+    """higgs_tune/codesig.py of this checkout, loaded by path (standard library only)."""
+    spec = importlib.util.spec_from_file_location("_higgs_tune_codesig", PKG / "codesig.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _module_files(name):
-    p = PKG / name
-    return sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"] if (PKG / f"{name}.py").exists() else []
+_codesig = _load_codesig()
 
 
 def code_sig(*modules):
-    """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively:
-    editing any of them reruns the job (params trigger); undoing the edit makes it a no-op again."""
-    seen, todo = set(), list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for f in _module_files(name):
-            todo.extend(_imports(f) - seen)
-    h = hashlib.sha256()
-    for name in sorted(seen):
-        for f in _module_files(name):
-            h.update(f"{f.relative_to(PKG)}\0".encode() + f.read_bytes())
-    return h.hexdigest()[:16]
+    """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively
+    (and the files they read, e.g. the report template: ``higgs_tune.codesig``): editing any of
+    them reruns the job (params trigger); undoing the edit makes it a no-op again. The generated
+    dvc.yaml lists the same files as the stage's code dependencies."""
+    return _codesig.code_sig(*modules, pkg=PKG)

@@ -18,7 +18,7 @@ rule train:
         tensorboard=directory(OUT / "train" / "tensorboard"),
     params:
         cfg=stage_config("model", "lora", "train", "eval"),
-        code=code_sig("train"),
+        code=code_sig("train", "launch"),
         resume=RESUME,
         nproc=lambda wc, resources: processes_per_node(resources),
     threads: 2
