@@ -16,9 +16,11 @@ include: "workflow/rules/audit.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/curves.smk"
 
 
 rule all:
     input:
         rules.report.output,
+        rules.curves.output,
     default_target: True

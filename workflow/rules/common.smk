@@ -28,8 +28,8 @@ RESUME = Path(config["train"]["resume_dir"]) / config["experiment"]
 # and this checkout's higgs_tune package (not another checkout's editable install in a shared venv).
 _venv_bin = str(Path(sys.executable).parent)
 os.environ["PATH"] = _venv_bin + os.pathsep + os.getenv("PATH", "")
-os.environ["PYTHONPATH"] = os.pathsep.join([str(PKG.parent)] + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep)
-                                                                 if p and p != str(PKG.parent)])
+os.environ.update(PYTHONPATH=os.pathsep.join(
+    [str(PKG.parent)] + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep) if p and p != str(PKG.parent)]))
 
 
 def stage_config(*keys):
