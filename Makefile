@@ -36,7 +36,7 @@ $(STAMP):
 demo: venv
 	$(BIN)/python -m higgs_tune.dvc_stages >/dev/null
 	$(SMK)
-	$(BIN)/dvc commit -f -q --with-deps report-$(subst .,_,$(EXPERIMENT))
+	stages="$$($(BIN)/python -m higgs_tune.dvc_stages --list-stages $(EXPERIMENT))" && $(BIN)/dvc commit -f -q $$stages
 	$(SMK) --touch -q >/dev/null
 	@echo "Report: $(abspath results/$(EXPERIMENT)/report.html)"
 

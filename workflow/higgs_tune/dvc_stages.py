@@ -6,6 +6,7 @@
     python -m higgs_tune.dvc_stages config/demo.yaml config/demo.yaml+my_data.yaml   # two experiments
     python -m higgs_tune.dvc_stages --profile profiles/slurm config/cluster.yaml     # on a cluster
     python -m higgs_tune.dvc_stages --check                           # exit 1 when the committed files are stale
+    python -m higgs_tune.dvc_stages --list-stages demo                # the demo's stage names (for dvc commit)
 
 Each positional argument is one experiment: the config files Snakemake gets for it, joined by ``+``
 (``config/demo.yaml+my_data.yaml`` = ``--configfile config/demo.yaml --configfile my_data.yaml``).
@@ -320,7 +321,7 @@ def generate(root: Path, experiments: list[str], profile: str = DEFAULT_PROFILE)
     header = (
         "# GENERATED from the Snakemake graph by `python -m higgs_tune.dvc_stages` (make dvc.yaml): do not edit.\n"
         "# Each stage runs one Snakemake rule for one experiment; tests/test_dvc.py fails when this file is stale.\n"
-        "# Reproduce: dvc repro (all) or dvc repro report-<experiment>; lineage: python -m higgs_tune.lineage PATH\n"
+        "# Reproduce: dvc repro (all) or dvc repro --glob '*-<experiment>'; lineage: python -m higgs_tune.lineage PATH\n"
         f"{ARGS_MARK} {args}\n")
     body = _dump({"vars": [{"profile": profile}], "stages": stages, "plots": plot_defs})
     files["dvc.yaml"] = header + body
@@ -335,6 +336,15 @@ def recorded_args(dvc_yaml: Path) -> list[str] | None:
         if line.startswith(ARGS_MARK):
             return shlex.split(line[len(ARGS_MARK):])
     return None
+
+
+def experiment_stage_names(dvc_yaml: Path, experiment: str) -> list[str]:
+    """Stage names of ``experiment`` in an existing ``dvc.yaml`` (its ``meta.experiment``), in file
+    order; ``[]`` when there is none (or no file)."""
+    if not dvc_yaml.is_file():
+        return []
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    return [name for name, st in stages.items() if (st.get("meta") or {}).get("experiment") == experiment]
 
 
 def stale(root: Path, files: dict[str, str]) -> list[str]:
@@ -358,8 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="repository root (holds Snakefile, dvc.yaml); default: .")
     parser.add_argument("--out", default=None, help="write the files under this folder instead of --root")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 naming the stale files")
+    parser.add_argument("--list-stages", metavar="EXPERIMENT", default=None,
+                        help="print the stage names of EXPERIMENT in the existing dvc.yaml (one a line) and exit")
     args = parser.parse_args(argv)
     root = Path(os.path.abspath(args.root))
+    if args.list_stages is not None:
+        names = experiment_stage_names(root / "dvc.yaml", args.list_stages)
+        if not names:
+            print(f"error: {root / 'dvc.yaml'} has no stage of experiment {args.list_stages!r}; add the experiment "
+                  "(python -m higgs_tune.dvc_stages config/demo.yaml ... <its config files joined by +>)",
+                  file=sys.stderr)
+            return 2
+        print("\n".join(names))
+        return 0
     if not (root / "Snakefile").is_file():
         print(f"error: {root} has no Snakefile; run from the repository root or pass --root", file=sys.stderr)
         return 2
