@@ -9,7 +9,7 @@
     python -m higgs_tune.dvc_stages --list-stages demo                # the demo's stage names (for dvc commit)
 
 Each positional argument is one experiment: the config files Snakemake gets for it, joined by ``+``
-(``config/demo.yaml+my_data.yaml`` = ``--configfile config/demo.yaml --configfile my_data.yaml``).
+(``config/demo.yaml+my_data.yaml`` = ``--configfile config/demo.yaml my_data.yaml``).
 Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# generated-with:`` line)
 are reused, else ``config/demo.yaml``.
 
@@ -35,9 +35,10 @@ For every experiment the Snakefile is evaluated with the Snakemake API (the whol
   definitions ``loss-<experiment>`` and ``val_loss-<experiment>`` (x ``step``; y ``loss``,
   ``text_loss``, ``audio_loss``).
 
-Errors: a config that fails the schema (Snakemake's message names the key), an experiment named
-twice, or a rule whose ``params.code`` is not ``code_sig(<rule name>)`` (rename the rule after its
-stage module) exit with status 2 and the reason.
+Errors: a missing config file, a config that fails the schema (Snakemake's message names the key),
+an experiment named twice, or a rule whose ``params.code`` is neither ``code_sig(<rule>)`` nor
+``code_sig(<rule>, <modules its command runs with python -m higgs_tune.X>)`` exit with status 2
+and the reason.
 """
 
 from __future__ import annotations

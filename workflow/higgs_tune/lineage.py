@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(trace, indent=2, default=str) if args.json else format_text(trace))
+    try:
+        print(json.dumps(trace, indent=2, default=str) if args.json else format_text(trace))
+    except BrokenPipeError:  # `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
