@@ -6,8 +6,14 @@ STAMP := $(VENV)/.installed-$(shell cat envs/cpu.lock envs/nodeps.txt envs/torch
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# this checkout's package first (a shared venv may hold another checkout's editable install)
+export PYTHONPATH := $(CURDIR)/workflow$(if $(PYTHONPATH),:$(PYTHONPATH))
+# `make demo` runs experiment demo; EXPERIMENT=name runs another one of dvc.yaml (see `make dvc.yaml`)
+# with its merged config params/<name>.yaml: the file whose sections dvc.lock records as params
+EXPERIMENT ?= demo
+SMK = $(BIN)/snakemake --profile profiles/default --configfile params/$(EXPERIMENT).yaml
 
-.PHONY: demo test venv lint dryrun clean lock
+.PHONY: demo test venv lint dryrun clean lock dvc.yaml repro
 
 venv: $(STAMP)
 
@@ -23,10 +29,25 @@ $(STAMP):
 	$(BIN)/python -c "import torch, boson_multimodal, peft, snakemake; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# Refreshes dvc.yaml and params/ from the Snakemake graph (`make dvc.yaml`), runs the chain with
+# Snakemake on params/$(EXPERIMENT).yaml (= config/demo.yaml merged and validated for the demo), then
+# records the run in dvc.lock (`dvc commit` of the experiment's stages: hashes of every dep, param
+# and out) so that `dvc status` and `snakemake -n` have nothing to do.
 demo: venv
-	$(BIN)/snakemake --profile profiles/default --configfile config/demo.yaml
-	$(BIN)/dvc commit -f -q && $(BIN)/snakemake --profile profiles/default --configfile config/demo.yaml --touch -q >/dev/null
-	@echo "Report: $(abspath results/demo/report.html)"
+	$(BIN)/python -m higgs_tune.dvc_stages >/dev/null
+	$(SMK)
+	stages="$$($(BIN)/python -m higgs_tune.dvc_stages --list-stages $(EXPERIMENT))" && $(BIN)/dvc commit -f -q $$stages
+	$(SMK) --touch -q >/dev/null
+	@echo "Report: $(abspath results/$(EXPERIMENT)/report.html)"
+
+# dvc.yaml and params/<experiment>.yaml from the Snakemake graph, with the experiments and profile
+# recorded in dvc.yaml (add one: .venv/bin/python -m higgs_tune.dvc_stages config/demo.yaml config/demo.yaml+my_data.yaml)
+dvc.yaml: venv
+	$(BIN)/python -m higgs_tune.dvc_stages
+
+# every stage whose deps, params or code changed, through Snakemake (the venv's snakemake on PATH)
+repro: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: venv
 	$(BIN)/python -m pytest -q

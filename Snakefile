@@ -20,11 +20,13 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/curves.smk"
 
 
 rule all:
     """The experiment's report; with a `sweep:`, each run's report and the comparison."""
     input:
         expand(rules.report.output[0], experiment=TARGET_EXPERIMENTS),
+        expand(rules.curves.output.train, experiment=TARGET_EXPERIMENTS),
         expand(rules.compare.output[0], sweep=[SWEEP["name"]] if SWEEP else []),
     default_target: True

@@ -50,7 +50,8 @@ def tmp_config(demo_config, tmp_path) -> dict:
     cfg["results_dir"] = str(tmp_path / "results")
     cfg["cache_dir"] = str(tmp_path / "cache")
     cfg["data"]["manifest"] = str(ROOT / cfg["data"]["manifest"])
-    cfg["data"]["data_root"] = str(ROOT / cfg["data"]["data_root"])
+    if cfg["data"].get("data_root"):
+        cfg["data"]["data_root"] = str(ROOT / cfg["data"]["data_root"])
     return cfg
 
 

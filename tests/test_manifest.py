@@ -442,6 +442,41 @@ def test_tsv_uses_data_root_and_json_list(tmp_config, corpus, tmp_path):
     assert {r["misc"]["source_line"] for r in train + val} == {1, 2, 4, 5}
 
 
+def test_paths_resolve_against_the_manifest_folder_and_data_root_confines(tmp_config, tmp_path, lj_dir):
+    """Without data_root (the demo config's default): relative paths resolve against the manifest's
+    folder, absolute paths are taken as they are, a symlink out is followed. With data_root set, the
+    same manifest keeps only the row inside it and says why for the others."""
+    assert tmp_config["data"]["data_root"] is None
+    outside = tmp_path / "my_data"
+    (outside / "clips").mkdir(parents=True)
+    shutil.copy(lj_dir / "wavs" / "LJ001-0002.wav", outside / "clips" / "a.wav")
+    (outside / "clips" / "link.wav").symlink_to(lj_dir / "wavs" / "LJ001-0030.wav")
+    rows = [{"audio": "clips/a.wav", "text": "in being comparatively modern."},
+            {"audio": str(lj_dir / "wavs" / "LJ001-0024.wav"), "text": "absolute and elsewhere"},
+            {"audio": "clips/link.wav", "text": "a symlink out of the folder"},
+            {"audio": "clips/absent.wav", "text": "missing"}]
+    (outside / "manifest.csv").write_text("audio,text\n" + "".join(f"{r['audio']},{r['text']}\n" for r in rows))
+    cfg = with_data(tmp_config, manifest=outside / "manifest.csv", max_quarantine_fraction=1.0)
+    summary = run(cfg)
+    train, val, quarantine, _ = outputs(cfg)
+    assert (summary["rows_kept"], summary["reasons"]) == (3, {"missing_file": 1})
+    assert [q["line"] for q in quarantine] == [5] and str(outside / "clips" / "absent.wav") in quarantine[0]["message"]
+    urls = {r["messages"][2]["content"]["audio_url"] for r in train + val}
+    assert urls == {str(outside / "clips" / "a.wav"), str(lj_dir / "wavs" / "LJ001-0024.wav"),
+                    str(outside / "clips" / "link.wav")}
+    assert set(map(str, mf.referenced_audio(outside / "manifest.csv", cfg["data"]))) == urls
+
+    confined = with_data(cfg, data_root=outside)
+    confined["experiment"] = "confined"
+    summary = run(confined)
+    _, _, quarantine, _ = outputs(confined)
+    assert summary["rows_kept"] == 1
+    assert {q["line"]: q["reason"] for q in quarantine} == {3: "path_escapes_root", 4: "path_escapes_root",
+                                                            5: "missing_file"}
+    assert all("data_root" in q["message"] for q in quarantine if q["reason"] == "path_escapes_root")
+    assert mf.referenced_audio(outside / "manifest.csv", confined["data"]) == [outside / "clips" / "a.wav"]
+
+
 def test_whole_file_errors(tmp_config, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"messages": []},')

@@ -85,7 +85,7 @@ REASONS: dict[str, str] = {
     "duration_out_of_range": "an audio clip lasts less than data.min_duration_s or more than data.max_duration_s",
     "empty_transcript": "a text item is empty after whitespace normalization",
     "no_assistant_audio": "no assistant audio at/after start_index: nothing to learn",
-    "path_escapes_root": "an audio path leaves data_root (.., absolute elsewhere, symlink out, Windows drive)",
+    "path_escapes_root": "an audio path leaves data.data_root when it is set (.., absolute elsewhere, symlink out, Windows drive)",
     "invalid_base64": "raw_audio is not valid base64",
     "unsupported_role": "a role other than system/user/assistant",
     "duplicate": "exact duplicate (same id, same content) of an earlier kept row",
@@ -494,14 +494,21 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_audio_path(url: str, manifest_dir: Path, root: Path, fixes: list[dict], where: str) -> str:
-    """Absolute path of ``url``: relative paths are tried against ``manifest_dir`` then ``root``.
+def resolve_audio_path(url: str, manifest_dir: Path, root: Path | None, fixes: list[dict], where: str) -> str:
+    """Absolute path of ``url`` (a row's ``audio_url``).
 
-    The lexical path and its symlink-resolved real path must both lie inside ``root``.
+    * A relative path resolves against ``manifest_dir`` (the manifest's folder); when ``root``
+      (``data.data_root``) is set and the file is not there, against ``root`` too.
+    * An absolute path (or ``file://`` URL) is taken as it is.
+    * With ``root`` set, the lexical path and its symlink-resolved real path must both lie inside
+      ``root`` (traversal, absolute paths elsewhere and symlinks out are rejected); with ``root``
+      ``None`` nothing is confined.
+
     Backslash separators (a Windows-made manifest) become ``/``.
 
     Raises:
-        Reject: ``path_escapes_root``, ``missing_file`` or ``schema_violation`` (remote URL).
+        Reject: ``path_escapes_root`` (only with ``root``), ``missing_file`` or ``schema_violation``
+            (remote URL).
     """
     orig = url
     if url.startswith("file://"):
@@ -509,23 +516,29 @@ def resolve_audio_path(url: str, manifest_dir: Path, root: Path, fixes: list[dic
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
         raise _schema(f"{where}.audio_url", f"{orig!r} is a remote URL; download it and point audio_url at the file")
     if _WIN_ABSOLUTE.match(url):
+        if root is None:
+            raise Reject("missing_file", f"{where}.audio_url {orig!r} is an absolute Windows path from another "
+                         "machine; make it relative to the manifest folder or absolute on this machine", field=where)
         raise Reject("path_escapes_root", f"{where}.audio_url {orig!r} is an absolute Windows path from another "
                      f"machine; make it relative to the manifest folder or to data_root {root}", field=where)
     if "\\" in url:
         url = url.replace("\\", "/")
         _fix(fixes, "windows_path", where, f"{orig!r} -> {url!r}")
     p = Path(url)
-    root_abs = os.path.abspath(root)
-    root_real = os.path.realpath(root)
-    candidates = [p] if p.is_absolute() else [manifest_dir / p, root / p]
+    root_abs = os.path.abspath(root) if root is not None else None
+    root_real = os.path.realpath(root) if root is not None else None
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [manifest_dir / p] + ([root / p] if root is not None else [])
     tried = []
     for cand in candidates:
         lex = os.path.abspath(os.path.normpath(cand))
-        if not _inside(lex, root_abs) or lex in tried:
+        if (root_abs is not None and not _inside(lex, root_abs)) or lex in tried:
             continue
         tried.append(lex)
         if os.path.lexists(lex):
-            if not _inside(os.path.realpath(lex), root_real):
+            if root_real is not None and not _inside(os.path.realpath(lex), root_real):
                 raise Reject("path_escapes_root", f"{where}.audio_url {orig!r} is a symlink to "
                              f"{os.path.realpath(lex)}, outside data_root {root}; copy the file into data_root",
                              field=where)
@@ -537,9 +550,53 @@ def resolve_audio_path(url: str, manifest_dir: Path, root: Path, fixes: list[dic
             return lex
     if not tried:
         raise Reject("path_escapes_root", f"{where}.audio_url {orig!r} resolves outside data_root {root}; "
-                     "move the audio under data_root (or set data.data_root) and use a path inside it", field=where)
+                     "move the audio under data_root (or set data.data_root: null) and use a path inside it",
+                     field=where)
     raise Reject("missing_file", f"{where}.audio_url {orig!r} not found (tried {', '.join(tried)}); fix the path "
                  "or add the file", field=where)
+
+
+def data_root(data: dict[str, Any]) -> Path | None:
+    """``data.data_root`` as an absolute path, or ``None`` (the default: audio paths are not confined)."""
+    root = data.get("data_root")
+    return Path(os.path.abspath(root)) if root else None
+
+
+def referenced_audio(manifest: str | Path, data: dict[str, Any]) -> list[Path]:
+    """The audio files a manifest's rows reference, resolved as the stage resolves them.
+
+    Used to declare the audio set as a dependency (``higgs_tune.dvc_stages``): rows the stage would
+    quarantine before reading audio (bad JSON, bad shape, missing file, path outside data_root) and
+    inline ``raw_audio`` (the manifest holds those bytes) contribute nothing.
+
+    Args:
+        manifest: the input manifest (any supported format).
+        data: the ``data`` config section (``format``, ``data_root``).
+
+    Returns:
+        Sorted distinct absolute paths (lexical, symlinks not resolved).
+
+    Raises:
+        FileNotFoundError: ``manifest`` does not exist.
+        ManifestError: the input as a whole is unusable (as in the stage).
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"data.manifest {manifest} does not exist")
+    manifest_dir = manifest.resolve().parent
+    root = data_root(data)
+    found: set[str] = set()
+    for src in read_rows(manifest, detect_format(manifest, data.get("format", "auto"))):
+        if src.error:
+            continue
+        try:
+            sample = normalize_structure(src.sample, [])
+            for where, item in _audio_refs(sample):
+                if item.get("raw_audio") is None:
+                    found.add(resolve_audio_path(item["audio_url"], manifest_dir, root, [], where))
+        except Reject:
+            continue
+    return [Path(p) for p in sorted(found)]
 
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -850,10 +907,10 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
     if not manifest.is_file():
         raise FileNotFoundError(f"data.manifest {manifest} does not exist")
     manifest_dir = manifest.resolve().parent
-    root = Path(os.path.abspath(data.get("data_root") or manifest_dir))
+    root = data_root(data)
     fmt = detect_format(manifest, data.get("format", "auto"))
     min_s, max_s = float(data.get("min_duration_s", 0.3)), float(data.get("max_duration_s", 30.0))
-    log.info("reading %s as %s (data_root %s)", manifest, fmt, root)
+    log.info("reading %s as %s (data_root %s)", manifest, fmt, root or "not set: paths not confined")
     rows = read_rows(manifest, fmt)
 
     # 1. structure, text, roles; audio paths resolved, raw_audio extracted

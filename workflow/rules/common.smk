@@ -7,9 +7,8 @@
 # `sweep:`, one experiment per run (higgs_tune.sweep.experiment_configs). A run reuses the base's
 # outputs of every stage whose config sections (and its upstream stages') equal the base's
 # (stage_owner): a learning-rate sweep shares one manifest, tokenize and audit.
-import ast
 import functools
-import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -48,9 +47,12 @@ wildcard_constraints:
     sweep="[A-Za-z0-9_.-]+",
 
 
-# Rules call `python` / `accelerate`: use the interpreter running Snakemake (the project's .venv).
+# Rules call `python` / `accelerate`: use the interpreter running Snakemake (the project's .venv),
+# and this checkout's higgs_tune package (not another checkout's editable install in a shared venv).
 _venv_bin = str(Path(sys.executable).parent)
 os.environ["PATH"] = _venv_bin + os.pathsep + os.getenv("PATH", "")
+os.environ.update(PYTHONPATH=os.pathsep.join(
+    [str(PKG.parent)] + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep) if p and p != str(PKG.parent)]))
 
 
 def experiment_config(wildcards):
@@ -165,56 +167,20 @@ def processes_per_node(resources, cfg=None):
     return (cfg or config)["train"]["processes"]
 
 
-def _imports(path):
-    """higgs_tune modules a module imports (anywhere in it, lazy imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from . import x / from .x import y
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif node.level == 2:  # inside a subpackage: from ..x import y / from .. import x
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif (node.module or "").startswith("higgs_tune."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("higgs_tune."))
-    return found
+def _load_codesig():
+    """higgs_tune/codesig.py of this checkout, loaded by path (standard library only)."""
+    spec = importlib.util.spec_from_file_location("_higgs_tune_codesig", PKG / "codesig.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-#: files a module reads besides Python (its code all the same): the report templates
-_MODULE_DATA = {"report": ("../report", "*.j2")}
-
-
-def _module_files(name):
-    p = PKG / name
-    files = sorted(p.rglob("*.py")) if p.is_dir() else [PKG / f"{name}.py"] if (PKG / f"{name}.py").exists() else []
-    if name in _MODULE_DATA:
-        folder, glob = _MODULE_DATA[name]
-        files += sorted((PKG / folder).resolve().glob(glob))
-    return files
+_codesig = _load_codesig()
 
 
 def code_sig(*modules):
     """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively
-    (the report's templates count as its source): editing any of them reruns the job (params
-    trigger); undoing the edit makes it a no-op again."""
-    seen, todo = set(), list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for f in _module_files(name):
-            if f.suffix == ".py":
-                todo.extend(_imports(f) - seen)
-    h = hashlib.sha256()
-    for name in sorted(seen):
-        for f in _module_files(name):
-            h.update(f"{os.path.relpath(f, PKG)}\0".encode() + f.read_bytes())
-    return h.hexdigest()[:16]
+    (and the files they read, e.g. the report template: ``higgs_tune.codesig``): editing any of
+    them reruns the job (params trigger); undoing the edit makes it a no-op again. The generated
+    dvc.yaml lists the same files as the stage's code dependencies."""
+    return _codesig.code_sig(*modules, pkg=PKG)

@@ -1,0 +1,361 @@
+"""DVC over the Snakemake graph: dvc.yaml generated (and never stale), every output versioned, the
+lineage of a result readable, and an overlay with only `experiment` and `data.manifest` running a
+manifest kept outside the repository (relative and absolute audio paths).
+
+The slow tests share one temporary repository (a copy of this working tree, its own git history and
+DVC remote) and one experiment of 5 real LJSpeech clips trained for 2 steps: `make demo` runs it
+(Snakemake, then `dvc commit`), a clip changes, `dvc repro` runs it again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from higgs_tune import codesig, dvc_stages
+from higgs_tune.lineage import value_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLIPS = {"a": "LJ001-0008", "b": "LJ001-0002", "c": "LJ001-0013", "d": "LJ001-0011", "e": "LJ001-0020"}
+CHEAP = {"train": {"max_steps": 2, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 2,
+                   "save_interval": 2, "predictions_interval": 2},
+         "eval": {"generate": {"n_samples": 0}}, "audit": {"leak_probe_samples": 1}}
+
+
+def env_for(repo: Path) -> dict:
+    """The environment of a command run in ``repo``: that checkout's package first, the venv on PATH."""
+    pkg = repo / "workflow" if (repo / "workflow" / "higgs_tune").is_dir() else ROOT / "workflow"
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(pkg), "PATH": f"{BIN}:{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.org", "DVC_NO_ANALYTICS": "1"}
+
+
+def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, cwd=cwd, env=env_for(cwd), capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert res.returncode == 0, f"{' '.join(map(str, args))}: rc {res.returncode}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res
+
+
+def generator(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "higgs_tune.dvc_stages", "--root", str(root), *args], root, ok=False, timeout=300)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def lock_hashes(repo: Path) -> dict[str, str]:
+    """path -> md5 of every out recorded in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for st in lock.values() for o in st.get("outs", [])}
+
+
+# --------------------------------------------------------------------------------- generated, fast
+def test_committed_dvc_yaml_is_generated_and_current(tmp_path):
+    """dvc.yaml and params/*.yaml are exactly what the generator writes from the Snakemake graph
+    now (with the arguments recorded in dvc.yaml): edit a rule, an import or a config and this fails
+    until `make dvc.yaml` is run and committed."""
+    recorded = dvc_stages.recorded_args(ROOT / "dvc.yaml")
+    assert recorded and "config/demo.yaml" in recorded
+    res = generator("--out", str(tmp_path), *recorded)
+    assert res.returncode == 0, res.stderr
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert "dvc.yaml" in written and "params/demo.yaml" in written
+    for rel in written:
+        assert (ROOT / rel).read_text() == (tmp_path / rel).read_text(), (
+            f"{rel} is stale: run `make dvc.yaml` (python -m higgs_tune.dvc_stages) and commit it")
+    committed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "params").glob("*.yaml")}
+    assert committed <= set(written), f"params files no experiment produces: {committed - set(written)}"
+    res = generator("--check")
+    assert res.returncode == 0, res.stderr
+    # the check names what is stale
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("--forcerun train", "--forcerun x"))
+    files = {"dvc.yaml": (ROOT / "dvc.yaml").read_text(), "params/demo.yaml": (ROOT / "params/demo.yaml").read_text()}
+    assert dvc_stages.stale(tmp_path, files) == ["dvc.yaml"]
+
+
+def test_stages_follow_the_rules():
+    """Each stage runs its rule through Snakemake with the experiment's merged config; deps are the
+    rule's inputs, the audio the manifest references, the rule file and exactly the code files its
+    code trigger hashes; params are the config sections the rule passes; outputs are cached."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages = doc["stages"]
+    assert doc["vars"] == [{"profile": "profiles/default"}]
+    assert set(stages) == {f"{r}-demo" for r in ("manifest", "tokenize", "audit", "train", "curves", "evaluate",
+                                                  "report")}
+    params = yaml.safe_load((ROOT / "params/demo.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    assert params["data"]["manifest"] == demo["data"]["manifest"] and params["train"]["max_steps"] == 120
+    assert params["audit"]["batch_size"] == 32  # defaults filled as Snakemake validates them
+    pkg = ROOT / "workflow" / "higgs_tune"
+    for name, st in stages.items():
+        rule = st["meta"]["rule"]
+        assert st["meta"]["experiment"] == "demo" and st["meta"]["params_file"] == "params/demo.yaml"
+        assert st["cmd"].startswith("snakemake --profile ${profile} --configfile params/demo.yaml "
+                                    f"--allowed-rules {rule} --forcerun {rule} -- results/demo/")
+        assert f"workflow/rules/{rule}.smk" in st["deps"]
+        modules = (rule, "launch") if rule == "train" else (rule,)
+        code = [d for d in st["deps"] if d.startswith("workflow/") and not d.endswith(".smk")]
+        assert code == [f.relative_to(ROOT).as_posix() for f in codesig.code_files(*modules, pkg=pkg)], name
+        for out in st["outs"] + st.get("metrics", []) + st.get("plots", []):
+            assert isinstance(out, str) and out.startswith("results/demo/"), out  # cached (no cache: false)
+    assert stages["manifest-demo"]["deps"][:2] == ["data/demo/manifest.jsonl", "data/ljspeech32/wavs"]
+    assert stages["manifest-demo"]["params"] == [{"params/demo.yaml": ["cache_dir", "data"]}]
+    assert stages["train-demo"]["params"] == [{"params/demo.yaml": ["eval", "lora", "model", "train"]}]
+    assert "workflow/report/report.html.j2" in stages["report-demo"]["deps"]
+    assert stages["evaluate-demo"]["metrics"] == ["results/demo/eval/metrics.json"]
+    assert stages["audit-demo"]["metrics"] == ["results/demo/audit/summary.json"]
+    assert set(stages["train-demo"]["outs"]) >= {"results/demo/train/adapter", "results/demo/train/checkpoint",
+                                                 "results/demo/train/metrics.jsonl"}
+    assert stages["curves-demo"]["plots"] == ["results/demo/train/curves.csv", "results/demo/train/val_curves.csv"]
+    assert {next(iter(p)) for p in doc["plots"]} == {"loss-demo", "val_loss-demo"}
+    res = sh([str(BIN / "dvc"), "stage", "list"], ROOT)  # DVC itself reads it
+    assert "train-demo" in res.stdout
+
+
+def test_several_experiments_and_the_slurm_profile_in_one_dvc_yaml(tmp_path):
+    """Two experiments (the demo and an overlay of it) give two chains with their own params files;
+    --profile profiles/slurm is the `profile` var every command uses; DVC reads the result."""
+    overlay = tmp_path / "other.yaml"
+    overlay.write_text("experiment: other.v2\ntrain: {max_steps: 3}\n")
+    out = tmp_path / "gen"
+    res = generator("--out", str(out), "--profile", "profiles/slurm", "config/demo.yaml", f"config/demo.yaml+{overlay}")
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load((out / "dvc.yaml").read_text())
+    assert doc["vars"] == [{"profile": "profiles/slurm"}]
+    assert len(doc["stages"]) == 14 and "train-other_v2" in doc["stages"]
+    st = doc["stages"]["train-other_v2"]
+    assert st["meta"]["experiment"] == "other.v2" and "--configfile params/other.v2.yaml" in st["cmd"]
+    assert "results/other.v2/train/adapter" in st["outs"]
+    assert yaml.safe_load((out / "params/other.v2.yaml").read_text())["train"]["max_steps"] == 3
+    assert dvc_stages.recorded_args(out / "dvc.yaml") == ["--profile", "profiles/slurm", "config/demo.yaml",
+                                                          f"config/demo.yaml+{overlay}"]
+    assert dvc_stages.experiment_stage_names(out / "dvc.yaml", "other.v2")[0] == "manifest-other_v2"
+    sh([str(BIN / "dvc"), "init", "--no-scm", "-q"], out)
+    listed = sh([str(BIN / "dvc"), "stage", "list", "--name-only"], out).stdout.split()
+    assert sorted(listed) == sorted(doc["stages"])
+
+
+def test_generator_errors_name_the_problem(tmp_path):
+    out = ["--out", str(tmp_path / "out")]
+    res = generator(*out, "config/demo.yaml", "config/demo.yaml")
+    assert res.returncode == 2 and "experiment 'demo' comes from both" in res.stderr
+    res = generator(*out, f"config/demo.yaml+{tmp_path}/absent.yaml")
+    assert res.returncode == 2 and f"{tmp_path}/absent.yaml does not exist" in res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: {rank: 0}\n")
+    res = generator(*out, f"config/demo.yaml+{bad}")
+    assert res.returncode == 2 and "rank" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_lineage_without_a_lock_says_so(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    res = sh([sys.executable, "-m", "higgs_tune.lineage", "--root", str(tmp_path), "--no-status",
+              str(tmp_path / "results/demo/train/adapter/adapter_model.safetensors")], tmp_path)
+    assert "there is no dvc.lock" in res.stdout and "stage train-demo" in res.stdout
+    assert "(inside output results/demo/train/adapter)" in res.stdout and "(no hash recorded)" in res.stdout
+    res = sh([sys.executable, "-m", "higgs_tune.lineage", "--root", str(tmp_path), str(tmp_path / "README.md")],
+             tmp_path, ok=False)
+    assert res.returncode == 2 and "no stage of" in res.stderr and "results/demo" in res.stderr
+
+
+def test_curves_csv(tmp_path):
+    from higgs_tune.curves import jsonl_to_csv
+
+    src = tmp_path / "m.jsonl"
+    src.write_text('{"step": 1, "loss": 2.5, "codebook_acc": [0.1, 0.2]}\n\n{"step": 2, "loss": 2.0, "lr": 0.1}\n')
+    assert jsonl_to_csv(src, tmp_path / "m.csv") == 2
+    assert (tmp_path / "m.csv").read_text() == "step,loss,codebook_acc_0,codebook_acc_1,lr\n1,2.5,0.1,0.2,\n2,2.0,,,0.1\n"
+    src.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2"):
+        jsonl_to_csv(src, tmp_path / "m.csv")
+
+
+# ------------------------------------------------------------------------------ one real run, slow
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, lj_dir):
+    """A temporary git+DVC repository copied from this working tree, with experiment `mine`: an
+    overlay holding only `experiment` and `data.manifest`, whose manifest lies outside the repository
+    (3 clips relative to it, 2 absolute elsewhere), plus cheap training knobs in a second file.
+    `make demo EXPERIMENT=mine` runs it and records dvc.lock; the state is committed (commit A)."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    repo = tmp / "repo"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if rel == ".venv" or not os.path.lexists(src):
+            continue
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, repo / rel, follow_symlinks=False)
+    sh(["git", "init", "-q", "-b", "main"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "base"], repo)
+
+    data, elsewhere = tmp / "my_data", tmp / "elsewhere"
+    (data / "wavs").mkdir(parents=True)
+    elsewhere.mkdir()
+    texts = dict(line.rstrip("\n").split("|", 2)[:2] for line in open(lj_dir / "metadata.csv", encoding="utf-8"))
+    rows = []
+    for key, cid in CLIPS.items():
+        if key in "abc":
+            shutil.copy(lj_dir / "wavs" / f"{cid}.wav", data / "wavs" / f"{key}.wav")
+            url = f"wavs/{key}.wav"
+        else:
+            shutil.copy(lj_dir / "wavs" / f"{cid}.wav", elsewhere / f"{key}.wav")
+            url = str(elsewhere / f"{key}.wav")
+        rows.append({"messages": [{"role": "system", "content": "Generate audio following instruction."},
+                                  {"role": "user", "content": texts[cid]},
+                                  {"role": "assistant", "content": {"type": "audio", "audio_url": url}}],
+                     "misc": {"id": cid}})
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overlay = data / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"experiment": "mine", "data": {"manifest": str(data / "manifest.jsonl")}}))
+    cheap = tmp / "cheap.yaml"
+    cheap.write_text(yaml.safe_dump(CHEAP))
+
+    sh([sys.executable, "-m", "higgs_tune.dvc_stages", f"config/demo.yaml+{cheap}+{overlay}"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "experiment mine"], repo)
+    res = sh(["make", "-o", "venv", "demo", "EXPERIMENT=mine", f"VENV={BIN.parent}"], repo, timeout=1500)
+    assert "Report:" in res.stdout
+    sh(["git", "add", "dvc.lock"], repo)
+    sh(["git", "commit", "-qm", "A"], repo)
+    return {"repo": repo, "data": data, "elsewhere": elsewhere, "out": repo / "results" / "mine",
+            "commit_a": sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()}
+
+
+def dvc(run, *args, ok=True):
+    return sh([str(BIN / "dvc"), *args], run["repo"], ok=ok)
+
+
+def snakemake_dry(run):
+    return sh([str(BIN / "snakemake"), "-n", "--profile", "profiles/default", "--configfile", "params/mine.yaml"],
+              run["repo"])
+
+
+@pytest.mark.slow
+def test_overlay_runs_a_manifest_outside_the_repo_and_make_demo_leaves_nothing_to_do(run):
+    """Only `experiment` and `data.manifest` in the overlay: the demo config does not confine the
+    audio; relative paths resolve against the manifest's folder, absolute ones are kept. After
+    `make demo` neither `dvc status` nor `snakemake -n` has anything to do."""
+    out = run["out"]
+    fixes = json.loads((out / "manifest" / "fixes.json").read_text())
+    assert (fixes["rows_in"], fixes["rows_kept"], fixes["rows_quarantined"]) == (5, 5, 0)
+    urls = {json.loads(line)["messages"][2]["content"]["audio_url"]
+            for split in ("train", "val") for line in open(out / "manifest" / f"{split}.jsonl")}
+    assert urls == {str(run["data"] / "wavs" / f"{k}.wav") for k in "abc"} | {
+        str(run["elsewhere"] / f"{k}.wav") for k in "de"}
+    assert [json.loads(line)["step"] for line in open(out / "train" / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "audit" / "summary.json").read_text())["passed"] is True
+    assert len(json.loads((out / "eval" / "metrics.json").read_text())["codebook_acc"]) == 8
+    assert (out / "train" / "curves.csv").read_text().startswith("step,")
+    assert "Data and pipelines are up to date" in dvc(run, "status").stdout
+    assert "Nothing to be done" in snakemake_dry(run).stdout + snakemake_dry(run).stderr
+    stage = yaml.safe_load((run["repo"] / "dvc.yaml").read_text())["stages"]["manifest-mine"]
+    assert stage["deps"][:3] == [str(run["data"] / "manifest.jsonl"), str(run["elsewhere"]), str(run["data"] / "wavs")]
+    res = dvc(run, "plots", "show", "--json")
+    assert "failed" not in res.stdout + res.stderr.lower() and "loss-mine" in res.stdout
+
+
+@pytest.mark.slow
+def test_lineage_of_the_adapter_matches_dvc_lock(run):
+    repo = run["repo"]
+    res = sh([sys.executable, "-m", "higgs_tune.lineage", "--json", "results/mine/train/adapter"], repo)
+    t = json.loads(res.stdout)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert t["stage"]["stage"] == "train-mine" and t["stage"]["rule"] == "train" and t["stage"]["recorded"]
+    adapter = next(o for o in t["stage"]["outs"] if o["path"] == "results/mine/train/adapter")
+    assert adapter["hash"]["md5"] == next(o["md5"] for o in lock["train-mine"]["outs"]
+                                          if o["path"] == "results/mine/train/adapter")
+    assert adapter["hash"]["md5"].endswith(".dir") and adapter["hash"]["nfiles"] >= 2
+    ups = {s["stage"]: s for s in t["upstream"]}
+    assert set(ups) == {"audit-mine", "manifest-mine", "tokenize-mine"}
+    data = {d["path"]: d["hash"] for d in ups["manifest-mine"]["deps"]["data"]}
+    manifest = run["data"] / "manifest.jsonl"
+    assert data[str(manifest)]["md5"] == md5(manifest)  # the manifest's content hash
+    assert data[str(run["data"] / "wavs")]["nfiles"] == 3 and data[str(run["elsewhere"])]["nfiles"] == 2
+    index = {d["path"]: d for d in t["stage"]["deps"]["upstream"]}["results/mine/tokens/index.parquet"]
+    assert index["stage"] == "tokenize-mine" and index["hash"]["md5"] == md5(run["out"] / "tokens" / "index.parquet")
+    params = yaml.safe_load((repo / "params/mine.yaml").read_text())
+    train = t["stage"]["params"]["train"]
+    assert train["value"] == params["train"] and train["matches_file"] and train["value"]["max_steps"] == 2
+    assert train["sha256"] == value_hash(params["train"])
+    code = {d["path"]: d["hash"]["md5"] for d in t["stage"]["deps"]["code"]}
+    assert code["workflow/higgs_tune/train.py"] == md5(repo / "workflow/higgs_tune/train.py")
+    assert code["workflow/rules/train.smk"] == md5(repo / "workflow/rules/train.smk")
+    assert t["git"]["head"] == t["git"]["lock_commit"] == run["commit_a"] and t["git"]["modified"] == []
+    assert t["status"] == {}
+    text = sh([sys.executable, "-m", "higgs_tune.lineage", "results/mine/eval/metrics.json"], repo).stdout
+    assert text.startswith("results/mine/eval/metrics.json") and "stage evaluate-mine" in text
+    assert f"HEAD {run['commit_a']}" in text and "workspace: matches dvc.lock" in text
+
+
+@pytest.mark.slow
+def test_push_then_pull_restores_the_adapter(run):
+    adapter = run["out"] / "train" / "adapter"
+    before = tree_bytes(adapter)
+    assert "adapter_model.safetensors" in before
+    dvc(run, "push")
+    assert any((run["repo"] / ".dvc-remote").rglob("*"))
+    shutil.rmtree(run["repo"] / ".dvc" / "cache")
+    shutil.rmtree(run["out"])
+    dvc(run, "pull")
+    assert tree_bytes(adapter) == before
+    assert "Data and pipelines are up to date" in dvc(run, "status").stdout
+
+
+@pytest.mark.slow
+def test_a_changed_clip_reruns_the_chain_and_checkout_restores_the_earlier_adapter(run, lj_dir):
+    """Change one training clip: `dvc status` names the manifest stage; once it reran, every stage
+    reading its changed outputs. `dvc repro` changes the adapter's and the metrics' hashes; `git checkout`
+    of the earlier commit + `dvc checkout` restores the earlier adapter byte for byte."""
+    repo, out = run["repo"], run["out"]
+    adapter_a = tree_bytes(out / "train" / "adapter")
+    hashes_a = lock_hashes(repo)
+    train_ids = {json.loads(line)["misc"]["id"] for line in open(out / "manifest" / "train.jsonl")}
+    key = next(k for k in "abc" if CLIPS[k] in train_ids)  # a training clip in the folder beside the manifest
+    shutil.copy(lj_dir / "wavs" / "LJ001-0004.wav", run["data"] / "wavs" / f"{key}.wav")
+
+    status = dvc(run, "status", "--json").stdout
+    assert set(json.loads(status)) == {"manifest-mine"} and str(run["data"] / "wavs") in status
+    dvc(run, "repro", "--single-item", "manifest-mine")
+    # a training clip: train.jsonl changed (val.jsonl did not): the stages reading it are named;
+    # evaluate and curves read train's outputs and are named once train reran
+    downstream = set(json.loads(dvc(run, "status", "--json").stdout))
+    assert downstream == {"tokenize-mine", "audit-mine", "train-mine", "report-mine"}
+
+    dvc(run, "repro")
+    hashes_b = lock_hashes(repo)
+    for path in ("results/mine/train/adapter", "results/mine/eval/metrics.json", "results/mine/audit/summary.json",
+                 "results/mine/train/curves.csv", "results/mine/train/metrics.jsonl"):
+        assert hashes_a[path] != hashes_b[path], path
+    assert tree_bytes(out / "train" / "adapter") != adapter_a
+    assert "Data and pipelines are up to date" in dvc(run, "status").stdout
+    assert "Nothing to be done" in snakemake_dry(run).stdout + snakemake_dry(run).stderr
+    sh(["git", "commit", "-qam", "B"], repo)
+    diff = dvc(run, "metrics", "diff", run["commit_a"], "HEAD").stdout
+    assert "results/mine/eval/metrics.json" in diff and "loss" in diff
+
+    sh(["git", "checkout", "-q", run["commit_a"]], repo)
+    dvc(run, "checkout", "--force")
+    assert tree_bytes(out / "train" / "adapter") == adapter_a
+    assert md5(out / "eval" / "metrics.json") == hashes_a["results/mine/eval/metrics.json"]
+    sh(["git", "checkout", "-q", "main"], repo)
+    dvc(run, "checkout", "--force")
+    assert md5(out / "eval" / "metrics.json") == hashes_b["results/mine/eval/metrics.json"]

@@ -1,0 +1,421 @@
+"""Generate ``dvc.yaml`` from the Snakemake graph: the chain is described once (the rules).
+
+::
+
+    python -m higgs_tune.dvc_stages                                   # refresh with the recorded arguments
+    python -m higgs_tune.dvc_stages config/demo.yaml config/demo.yaml+my_data.yaml   # two experiments
+    python -m higgs_tune.dvc_stages --profile profiles/slurm config/cluster.yaml     # on a cluster
+    python -m higgs_tune.dvc_stages --check                           # exit 1 when the committed files are stale
+    python -m higgs_tune.dvc_stages --list-stages demo                # the demo's stage names (for dvc commit)
+
+Each positional argument is one experiment: the config files Snakemake gets for it, joined by ``+``
+(``config/demo.yaml+my_data.yaml`` = ``--configfile config/demo.yaml my_data.yaml``).
+Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# generated-with:`` line)
+are reused, else ``config/demo.yaml``.
+
+For every experiment the Snakefile is evaluated with the Snakemake API (the whole DAG, as
+``--forceall`` plans it) and every job becomes one DVC stage ``<rule>-<experiment>``:
+
+* ``cmd`` runs that Snakemake rule for that experiment only:
+  ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
+  (``profile`` is a ``vars`` entry: ``profiles/default``, or ``--profile profiles/slurm`` on a cluster).
+* ``deps``: the rule's inputs, the audio the manifest references (for the job that reads the raw
+  manifest: the folders holding the referenced files, or the files themselves where a folder would
+  hold the outputs), the rule's ``.smk`` file, and the code files ``params.code`` hashes
+  (:func:`higgs_tune.codesig.code_files`; the generator refuses to write a stage whose hash does not
+  match, so the list cannot drift from the trigger).
+* ``params``: the config sections the rule passes (the keys of its ``params.cfg``), read from
+  ``params/<exp>.yaml``: the experiment's merged, validated config (defaults filled), written by this
+  command. The stages run Snakemake with that file, so what DVC records is what ran.
+* ``outs``: the rule's outputs, all cached (``results/`` is git-ignored, so DVC's cache is where
+  earlier versions live, and ``dvc metrics diff`` / ``dvc plots diff`` between commits read them
+  there); ``eval/metrics.json`` and ``audit/summary.json`` are ``metrics``, the curves rule's
+  ``train/curves.csv`` and ``train/val_curves.csv`` (``train/metrics.jsonl`` and
+  ``val_metrics.jsonl`` as CSV: DVC does not read JSONL) are ``plots``, with top-level plot
+  definitions ``loss-<experiment>`` and ``val_loss-<experiment>`` (x ``step``; y ``loss``,
+  ``text_loss``, ``audio_loss``).
+
+Errors: a missing config file, a config that fails the schema (Snakemake's message names the key),
+an experiment named twice, or a rule whose ``params.code`` is neither ``code_sig(<rule>)`` nor
+``code_sig(<rule>, <modules its command runs with python -m higgs_tune.X>)`` exit with status 2
+and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import codesig
+
+#: the line in dvc.yaml recording the generator's arguments (the refresh reuses them)
+ARGS_MARK = "# generated-with:"
+PARAMS_DIR = "params"
+DEFAULT_EXPERIMENTS = ["config/demo.yaml"]
+DEFAULT_PROFILE = "profiles/default"
+#: named outputs that are DVC metrics: (rule, output name)
+METRICS = {("evaluate", "metrics"), ("audit", "summary")}
+#: named outputs that are DVC plots -> the top-level plot definitions over them: (id, x, y columns).
+#: DVC reads CSV, not JSONL: the curves rule writes train/metrics.jsonl and val_metrics.jsonl as CSV.
+PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
+         ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML: no anchors/aliases for repeated lists."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def _dump(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=200, allow_unicode=True)
+
+
+class GeneratorError(RuntimeError):
+    """The graph cannot be written as DVC stages (the message says why and what to do)."""
+
+
+@dataclass
+class Job:
+    """One Snakemake job as the generator needs it (paths as Snakemake renders them)."""
+
+    rule: str
+    rule_file: Path
+    inputs: dict[str, str]
+    outputs: dict[str, str]  # output name (``_<i>`` for unnamed ones) -> path
+    cfg_keys: list[str]
+    code: str | None
+    doc: str = ""
+    shell_modules: tuple[str, ...] = ()  # higgs_tune modules the shell command runs (python -m higgs_tune.X)
+
+
+@dataclass
+class Experiment:
+    """One experiment: its config files (as given), merged config and jobs."""
+
+    configfiles: list[str]
+    config: dict[str, Any]
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config["experiment"]
+
+
+# ------------------------------------------------------------------------------------ the graph
+def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
+    """Evaluate ``root/Snakefile`` with ``configfiles`` (Snakemake API, in process) and return the
+    experiment's merged config and every job of its full DAG (``--forceall``), upstream first.
+
+    Raises:
+        GeneratorError: the Snakefile or config does not evaluate (Snakemake's message included).
+    """
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness,
+                                          ResourceSettings)
+
+    cwd = os.getcwd()
+    files = [Path(os.path.abspath(f)) for f in configfiles]
+    for f in files:
+        if not f.is_file():
+            raise GeneratorError(f"config file {f} does not exist (experiment {'+'.join(configfiles)})")
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            wapi = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                config_settings=ConfigSettings(configfiles=files),
+                                snakefile=root / "Snakefile", workdir=root)
+            wapi.dag(DAGSettings(forceall=True))
+            # Snakemake has no public call returning the planned jobs; this is what --summary and
+            # --dag do before printing (snakemake 9: Workflow._prepare_dag/_build_dag, Workflow.dag.jobs)
+            wf = wapi._workflow
+            wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+            wf._build_dag()
+            config = json.loads(json.dumps(dict(wf.config)))
+            jobs = []
+            for job in wf.dag.toposorted():
+                for j in job:
+                    if not j.output:
+                        continue  # `all`: a target rule, nothing to run
+                    params = dict(j.params.items())
+                    names = {str(v): k for k, v in j.output.items()}
+                    jobs.append(Job(
+                        rule=j.rule.name, rule_file=Path(j.rule.snakefile),
+                        inputs={k: str(v) for k, v in j.input.items()},
+                        outputs={names.get(str(v), f"_{i}"): str(v) for i, v in enumerate(j.output)},
+                        cfg_keys=sorted(json.loads(params["cfg"])) if "cfg" in params else [],
+                        code=params.get("code"), doc=(j.rule.docstring or "").strip(),
+                        shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or ""))))))
+    except GeneratorError:
+        raise
+    except Exception as exc:  # WorkflowError, validation errors, ...
+        raise GeneratorError(f"Snakemake could not evaluate {root / 'Snakefile'} with {' '.join(configfiles)}: "
+                             f"{exc}") from exc
+    finally:
+        os.chdir(cwd)
+    jobs.sort(key=lambda j: _order(j, jobs))
+    return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
+
+
+def _order(job: Job, jobs: list[Job]) -> int:
+    """Depth of ``job`` in the graph (0 = reads no other job's output): a stable stage order."""
+    made = {o: j for j in jobs for o in j.outputs.values()}
+    ups = [made[i] for i in job.inputs.values() if i in made]
+    return 1 + max((_order(u, jobs) for u in ups), default=-1)
+
+
+# ----------------------------------------------------------------------------------- the stages
+def _rel(path: str | Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (POSIX), else absolute."""
+    p = Path(os.path.abspath(root / path))
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def audio_deps(manifest: str, data: dict, root: Path, results_dir: Path) -> list[str]:
+    """The audio the manifest references, as DVC deps: the folders holding the files (topmost
+    only), or the files themselves where such a folder is the repo root or holds ``results_dir``
+    (a dep may not contain the stage's outputs)."""
+    from .manifest import referenced_audio
+
+    files = referenced_audio(root / manifest, data)
+    folders = {f.parent for f in files}
+    folders = {d for d in folders if not any(o != d and o in d.parents for o in folders)}
+    bad = {d for d in folders if d == root or d in results_dir.parents or d == results_dir}
+    deps = sorted(_rel(d, root) for d in folders - bad)
+    deps += sorted(_rel(f, root) for f in files if any(f.parent == d or d in f.parents for d in bad))
+    return deps
+
+
+def code_files_of(job: Job, pkg: Path) -> list[Path]:
+    """The files the job's ``params.code`` hashes: ``code_sig(rule)`` or ``code_sig(rule, *modules the
+    shell command runs)``, whichever equals the rendered hash.
+
+    Raises:
+        GeneratorError: neither matches (the dep list could not follow the trigger).
+    """
+    tried = []
+    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules}))):
+        if names in tried:
+            continue
+        tried.append(names)
+        try:
+            if codesig.code_sig(*names, pkg=pkg) == job.code:
+                return codesig.code_files(*names, pkg=pkg)
+        except FileNotFoundError:
+            continue
+    raise GeneratorError(f"rule {job.rule!r}: params.code {job.code} is none of "
+                         + ", ".join(f"code_sig({', '.join(map(repr, n))})" for n in tried)
+                         + f"; pass code_sig({job.rule!r}[, the modules its command runs]) so that the code deps "
+                         "of its DVC stage are known")
+
+
+def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], list[dict], str, str]:
+    """The DVC stages of one experiment, its top-level plot definitions, its params file path and
+    that file's text.
+
+    Raises:
+        GeneratorError: a rule's ``params.code`` is not ``code_sig(rule)`` (the dep list would drift).
+    """
+    name = exp.name
+    params_file = f"{PARAMS_DIR}/{name}.yaml"
+    params_text = (f"# GENERATED by python -m higgs_tune.dvc_stages from {' + '.join(exp.configfiles)}: the merged,\n"
+                   f"# validated config of experiment {name!r}. DVC records its sections as the stages' params;\n"
+                   "# the dvc.yaml stages run Snakemake with it. Do not edit: edit the config files and regenerate.\n"
+                   + _dump(exp.config))
+    pkg = root / "workflow" / "higgs_tune"
+    results_dir = Path(os.path.abspath(root / exp.config["results_dir"]))
+    made = {o for j in exp.jobs for o in j.outputs.values()}
+    manifest = exp.config["data"]["manifest"]
+    stages: dict[str, dict] = {}
+    plot_defs: list[dict] = []
+    for job in exp.jobs:
+        deps = [_rel(p, root) for p in job.inputs.values()]
+        reads_raw = not any(p in made for p in job.inputs.values())
+        if reads_raw and manifest in job.inputs.values():
+            deps += audio_deps(manifest, exp.config["data"], root, results_dir)
+        deps.append(_rel(job.rule_file, root))
+        if job.code is not None:
+            deps += [_rel(f, root) for f in code_files_of(job, pkg)]
+        deps = list(dict.fromkeys(deps))
+        outs, metrics, plots = [], [], []
+        for oname, path in job.outputs.items():
+            entry = _rel(path, root)
+            if (job.rule, oname) in METRICS:
+                metrics.append(entry)
+            elif (job.rule, oname) in PLOTS:
+                plots.append(entry)
+                for pid, x, ys in PLOTS[(job.rule, oname)]:
+                    plot_defs.append({stage_name(pid, name): {"x": x, "y": {entry: ys}}})
+            else:
+                outs.append(entry)
+        target = _rel(next(iter(job.outputs.values())), root)
+        stage: dict[str, Any] = {
+            "desc": f"Snakemake rule {job.rule}, experiment {name}" + (f": {_first_sentence(job.doc)}" if job.doc else ""),
+            "meta": {"rule": job.rule, "experiment": name, "configfiles": exp.configfiles, "params_file": params_file},
+            "cmd": (f"snakemake --profile ${{profile}} --configfile {shlex.quote(params_file)} --allowed-rules "
+                    f"{job.rule} --forcerun {job.rule} -- {shlex.quote(target)}"),
+            "deps": deps,
+        }
+        if job.cfg_keys:
+            stage["params"] = [{params_file: job.cfg_keys}]
+        stage["outs"] = outs
+        if metrics:
+            stage["metrics"] = metrics
+        if plots:
+            stage["plots"] = plots
+        stages[stage_name(job.rule, name)] = stage
+    return stages, plot_defs, params_file, params_text
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.split())
+    return text.split(". ", 1)[0].rstrip(".") + "."
+
+
+def stage_name(rule: str, experiment: str) -> str:
+    """``<rule>-<experiment>`` (DVC stage names allow only letters, digits, ``_`` and ``-``: ``.`` -> ``_``)."""
+    return f"{rule}-{experiment.replace('.', '_')}"
+
+
+def generate(root: Path, experiments: list[str], profile: str = DEFAULT_PROFILE) -> dict[str, str]:
+    """``{relative path: text}`` of ``dvc.yaml`` and one ``params/<experiment>.yaml`` per experiment.
+
+    Args:
+        root: the repository root (holds ``Snakefile``).
+        experiments: one entry per experiment, config files joined by ``+``.
+        profile: the Snakemake profile the stages run with (the ``profile`` var).
+
+    Raises:
+        GeneratorError: see the module docstring.
+    """
+    root = Path(os.path.abspath(root))
+    files: dict[str, str] = {}
+    stages: dict[str, dict] = {}
+    plot_defs: list[dict] = []
+    seen: dict[str, str] = {}
+    for spec in experiments:
+        exp = snakemake_graph(root, [f for f in spec.split("+") if f])
+        if exp.name in seen:
+            raise GeneratorError(f"experiment {exp.name!r} comes from both {seen[exp.name]} and {spec}; give each "
+                                 "overlay its own `experiment:`")
+        seen[exp.name] = spec
+        exp_stages, exp_plots, params_file, params_text = experiment_stages(exp, root)
+        clash = set(exp_stages) & set(stages)
+        if clash:
+            raise GeneratorError(f"stage names {sorted(clash)} repeat (experiment names differing only in '.'/'_')")
+        stages.update(exp_stages)
+        plot_defs += exp_plots
+        files[params_file] = params_text
+    args = " ".join(shlex.quote(a) for a in ["--profile", profile, *experiments])
+    header = (
+        "# GENERATED from the Snakemake graph by `python -m higgs_tune.dvc_stages` (make dvc.yaml): do not edit.\n"
+        "# Each stage runs one Snakemake rule for one experiment; tests/test_dvc.py fails when this file is stale.\n"
+        "# Reproduce: dvc repro (all) or dvc repro --glob '*-<experiment>'; lineage: python -m higgs_tune.lineage PATH\n"
+        f"{ARGS_MARK} {args}\n")
+    body = _dump({"vars": [{"profile": profile}], "stages": stages, "plots": plot_defs})
+    files["dvc.yaml"] = header + body
+    return files
+
+
+def recorded_args(dvc_yaml: Path) -> list[str] | None:
+    """The generator arguments recorded in an existing ``dvc.yaml`` (``None`` if absent)."""
+    if not dvc_yaml.is_file():
+        return None
+    for line in dvc_yaml.read_text().splitlines():
+        if line.startswith(ARGS_MARK):
+            return shlex.split(line[len(ARGS_MARK):])
+    return None
+
+
+def experiment_stage_names(dvc_yaml: Path, experiment: str) -> list[str]:
+    """Stage names of ``experiment`` in an existing ``dvc.yaml`` (its ``meta.experiment``), in file
+    order; ``[]`` when there is none (or no file)."""
+    if not dvc_yaml.is_file():
+        return []
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    return [name for name, st in stages.items() if (st.get("meta") or {}).get("experiment") == experiment]
+
+
+def stale(root: Path, files: dict[str, str]) -> list[str]:
+    """Paths (relative to ``root``) whose committed text differs from ``files``, plus generated
+    params files no experiment produces any more."""
+    out = [rel for rel, text in files.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
+    for p in sorted((root / PARAMS_DIR).glob("*.yaml")):
+        rel = p.relative_to(root).as_posix()
+        if rel not in files and p.read_text().startswith("# GENERATED by python -m higgs_tune.dvc_stages"):
+            out.append(rel + " (no experiment produces it)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 written / up to date, 1 stale (``--check``), 2 cannot generate."""
+    parser = argparse.ArgumentParser(prog="python -m higgs_tune.dvc_stages", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiments", nargs="*", help="config files of one experiment joined by '+' "
+                        "(default: those recorded in dvc.yaml, else config/demo.yaml)")
+    parser.add_argument("--profile", default=None, help=f"Snakemake profile the stages run with (default: recorded, "
+                        f"else {DEFAULT_PROFILE}; profiles/slurm on a cluster)")
+    parser.add_argument("--root", default=".", help="repository root (holds Snakefile, dvc.yaml); default: .")
+    parser.add_argument("--out", default=None, help="write the files under this folder instead of --root")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 naming the stale files")
+    parser.add_argument("--list-stages", metavar="EXPERIMENT", default=None,
+                        help="print the stage names of EXPERIMENT in the existing dvc.yaml (one a line) and exit")
+    args = parser.parse_args(argv)
+    root = Path(os.path.abspath(args.root))
+    if args.list_stages is not None:
+        names = experiment_stage_names(root / "dvc.yaml", args.list_stages)
+        if not names:
+            print(f"error: {root / 'dvc.yaml'} has no stage of experiment {args.list_stages!r}; add the experiment "
+                  "(python -m higgs_tune.dvc_stages config/demo.yaml ... <its config files joined by +>)",
+                  file=sys.stderr)
+            return 2
+        print("\n".join(names))
+        return 0
+    if not (root / "Snakefile").is_file():
+        print(f"error: {root} has no Snakefile; run from the repository root or pass --root", file=sys.stderr)
+        return 2
+    recorded = recorded_args(root / "dvc.yaml") or []
+    rec = argparse.ArgumentParser(add_help=False)
+    rec.add_argument("experiments", nargs="*")
+    rec.add_argument("--profile", default=None)
+    rec_args = rec.parse_args(recorded)
+    experiments = args.experiments or rec_args.experiments or DEFAULT_EXPERIMENTS
+    profile = args.profile or rec_args.profile or DEFAULT_PROFILE
+    try:
+        files = generate(root, experiments, profile)
+    except GeneratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        bad = stale(root, files)
+        if bad:
+            print("stale (regenerate with `make dvc.yaml` or `python -m higgs_tune.dvc_stages`, then commit): "
+                  + ", ".join(bad), file=sys.stderr)
+            return 1
+        print("dvc.yaml and params files are up to date with the Snakemake graph")
+        return 0
+    out = Path(args.out) if args.out else root
+    for rel, text in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    if out == root:
+        for rel in stale(root, files):
+            if rel.endswith(" (no experiment produces it)"):
+                (root / rel.split(" ", 1)[0]).unlink()
+    print("wrote " + ", ".join(str(out / rel) for rel in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

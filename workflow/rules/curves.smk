@@ -1,0 +1,22 @@
+localrules:
+    curves,
+
+
+rule curves:
+    """The training curves as CSV tables for `dvc plots` (DVC does not read JSONL): one column per
+    scalar, lists as name_0..name_n."""
+    input:
+        metrics=upstream("train", "metrics"),
+        val_metrics=upstream("train", "val_metrics"),
+    output:
+        train=OUT / "train" / "curves.csv",
+        val=OUT / "train" / "val_curves.csv",
+    params:
+        code=code_sig("curves"),
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        LOGS / "curves.log",
+    shell:
+        "python -m higgs_tune.curves --metrics {input.metrics:q} --val-metrics {input.val_metrics:q}"
+        " --train-csv {output.train:q} --val-csv {output.val:q} > {log:q} 2>&1"
