@@ -205,7 +205,6 @@ def demo_train(tmp_path_factory, demo_config):
     cfg = copy.deepcopy(demo_config)
     cfg["cache_dir"] = str(out / "cache")
     cfg["data"]["manifest"] = str(ROOT / cfg["data"]["manifest"])
-    cfg["data"]["data_root"] = str(ROOT / cfg["data"]["data_root"])
     m = {k: out / "manifest" / f"{k}.{ext}" for k, ext in
          (("train", "jsonl"), ("val", "jsonl"), ("quarantine", "jsonl"), ("fixes", "json"))}
     _stage("higgs_tune.manifest", ["--config-json", json.dumps({k: cfg[k] for k in ("data", "cache_dir")}),

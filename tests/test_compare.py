@@ -137,7 +137,8 @@ def test_dry_run_without_sweep_plans_one_job_per_rule(tmp_path):
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}"])
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = _planned(res.stdout)
-    assert sorted(r for r, _ in jobs) == sorted(["manifest", "tokenize", "audit", "train", "evaluate", "report", "all"])
+    assert sorted(r for r, _ in jobs) == sorted(["manifest", "tokenize", "audit", "train", "curves", "evaluate", "report",
+                                                "all"])
     assert all(Path(o).relative_to(tmp_path).parts[0] == "demo" for _, outs in jobs for o in outs)
     # asking for a comparison that is not declared says so
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}", "--",
@@ -173,8 +174,8 @@ def test_sweep_end_to_end_compared_in_a_browser(tmp_path):
     res = run(args, timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     ran = re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M)
-    assert sorted(ran) == sorted(["manifest", "tokenize", "audit", "train", "train", "evaluate", "evaluate",
-                                  "report", "report", "compare", "all"]), ran
+    assert sorted(ran) == sorted(["manifest", "tokenize", "audit", "train", "train", "curves", "curves", "evaluate",
+                                  "evaluate", "report", "report", "compare", "all"]), ran
     check_sweep(res_dir, args)
 
 
