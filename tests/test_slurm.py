@@ -139,6 +139,12 @@ def test_preempted_train_job_is_requeued_and_resumes(chain):
         if running and run.is_file() and len(_rows(run)) >= 3:
             jobid = running[0]
             subprocess.run(["scontrol", "requeue", jobid], check=True)
+            # Slurm holds a requeued job back for a while (BeginTime); a test need not wait for it
+            for _ in range(20):
+                if subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.5)
             break
         time.sleep(0.5)
     log, _ = proc.communicate(timeout=1800)
