@@ -322,8 +322,8 @@ def test_push_then_pull_restores_the_adapter(run):
 
 @pytest.mark.slow
 def test_a_changed_clip_reruns_the_chain_and_checkout_restores_the_earlier_adapter(run, lj_dir):
-    """Change one training clip: `dvc status` names the manifest stage; once it reran, every stage
-    reading its changed outputs. `dvc repro` changes the adapter's and the metrics' hashes; `git checkout`
+    """Change one training clip: `dvc status` names every stage that opens the clips; once the manifest
+    stage reran, every stage reading its changed outputs. `dvc repro` changes the adapter's and the metrics' hashes; `git checkout`
     of the earlier commit + `dvc checkout` restores the earlier adapter byte for byte."""
     repo, out = run["repo"], run["out"]
     adapter_a = tree_bytes(out / "train" / "adapter")
@@ -333,12 +333,14 @@ def test_a_changed_clip_reruns_the_chain_and_checkout_restores_the_earlier_adapt
     shutil.copy(lj_dir / "wavs" / "LJ001-0004.wav", run["data"] / "wavs" / f"{key}.wav")
 
     status = dvc(run, "status", "--json").stdout
-    assert set(json.loads(status)) == {"manifest-mine"} and str(run["data"] / "wavs") in status
+    # the stages that open the clips: the manifest, tokenize, evaluate (scores clips), the report (embeds them)
+    assert set(json.loads(status)) == {"manifest-mine", "tokenize-mine", "evaluate-mine", "report-mine"}
+    assert str(run["data"] / "wavs") in status
     dvc(run, "repro", "--single-item", "manifest-mine")
-    # a training clip: train.jsonl changed (val.jsonl did not): the stages reading it are named;
-    # evaluate and curves read train's outputs and are named once train reran
+    # a training clip: train.jsonl changed (val.jsonl did not): the stages reading it are named too;
+    # curves reads train's outputs and is named once train reran
     downstream = set(json.loads(dvc(run, "status", "--json").stdout))
-    assert downstream == {"tokenize-mine", "audit-mine", "train-mine", "report-mine"}
+    assert downstream == {"tokenize-mine", "audit-mine", "train-mine", "evaluate-mine", "report-mine"}
 
     dvc(run, "repro")
     hashes_b = lock_hashes(repo)

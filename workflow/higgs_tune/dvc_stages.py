@@ -20,8 +20,8 @@ For every experiment the Snakefile is evaluated with the Snakemake API (the whol
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
   (``profile`` is a ``vars`` entry: ``profiles/default``, or ``--profile profiles/slurm`` on a cluster).
 * ``deps``: the rule's inputs, the audio the manifest references (for the job that reads the raw
-  manifest: the folders holding the referenced files, or the files themselves where a folder would
-  hold the outputs), the rule's ``.smk`` file, and the code files ``params.code`` hashes
+  manifest and the jobs that open the clips, :data:`AUDIO_READERS`: the folders holding the
+  referenced files, or the files themselves where a folder would hold the outputs), the rule's ``.smk`` file, and the code files ``params.code`` hashes
   (:func:`higgs_tune.codesig.code_files`; the generator refuses to write a stage whose hash does not
   match, so the list cannot drift from the trigger).
 * ``params``: the config sections the rule passes (the keys of its ``params.cfg``), read from
@@ -66,6 +66,10 @@ DEFAULT_PROFILE = "profiles/default"
 METRICS = {("evaluate", "metrics"), ("audit", "summary")}
 #: named outputs that are DVC plots -> the top-level plot definitions over them: (id, x, y columns).
 #: DVC reads CSV, not JSONL: the curves rule writes train/metrics.jsonl and val_metrics.jsonl as CSV.
+#: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
+#: evaluate scores the ground-truth and reference clips, the report embeds them; so a changed clip
+#: names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
+AUDIO_READERS = {"tokenize", "evaluate", "report"}
 PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
          ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
 
@@ -243,7 +247,7 @@ def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], lis
     for job in exp.jobs:
         deps = [_rel(p, root) for p in job.inputs.values()]
         reads_raw = not any(p in made for p in job.inputs.values())
-        if reads_raw and manifest in job.inputs.values():
+        if (reads_raw and manifest in job.inputs.values()) or job.rule in AUDIO_READERS:
             deps += audio_deps(manifest, exp.config["data"], root, results_dir)
         deps.append(_rel(job.rule_file, root))
         if job.code is not None:
