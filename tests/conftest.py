@@ -163,3 +163,11 @@ def real_batch_factory(short_codes, transcripts, text_tokenizer, lj_dir):
                                               for r in rows])
 
     return make
+
+
+def run_bench(name: str, *args: str, timeout: int = 120):
+    """Run ``bench/<name>.py ARGS`` as README says (the venv's python, from the repo root)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)

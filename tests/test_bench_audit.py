@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+
+from conftest import run_bench
 
 
 def test_bench_audit_help(repo_root):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_audit.py"), "--help"], cwd=repo_root,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_bench("bench_audit", "--help")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("usage: bench/bench_audit.py")
@@ -19,7 +18,6 @@ def test_bench_audit_help(repo_root):
 
 
 def test_bench_audit_rejects_partial_cached_inputs(repo_root):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_audit.py"), "--train", "t.jsonl"],
-                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    proc = run_bench("bench_audit", "--train", "t.jsonl")
     assert proc.returncode == 2
     assert "--train, --val and --index go together" in proc.stderr

@@ -3,13 +3,13 @@ as bench/tokenize.py, so that a bench script crashed inside ``import torch``).""
 
 from __future__ import annotations
 
-import subprocess
 import sys
+
+from conftest import run_bench
 
 
 def test_bench_tokenize_help_prints_usage(repo_root):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_tokenize.py"), "--help"],
-                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    proc = run_bench("bench_tokenize", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.startswith("usage: bench_tokenize.py")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import run_bench
 
 
 def load_bench(repo_root):
@@ -20,8 +20,7 @@ def load_bench(repo_root):
 
 
 def test_bench_train_help(repo_root):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_train.py"), "--help"], cwd=repo_root,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_bench("bench_train", "--help")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("usage: bench/bench_train.py")
@@ -32,8 +31,7 @@ def test_bench_train_help(repo_root):
 
 
 def test_bench_train_rejects_partial_cached_inputs(repo_root):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_train.py"), "--index", "i.parquet"],
-                          cwd=repo_root, capture_output=True, text=True, timeout=120)
+    proc = run_bench("bench_train", "--index", "i.parquet")
     assert proc.returncode == 2 and "--train, --val and --index go together" in proc.stderr
 
 
@@ -80,8 +78,8 @@ def test_model_flops_match_torch_flop_counter(repo_root, demo_config, real_batch
 
 @pytest.mark.slow
 def test_bench_train_quick_run(repo_root, tmp_path):
-    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "bench_train.py"), "--quick", "--threads", "1",
-                           "--workdir", str(tmp_path)], cwd=repo_root, capture_output=True, text=True, timeout=900)
+    proc = run_bench("bench_train", "--quick", "--threads", "1",
+                      "--workdir", str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     m = re.fullmatch(r"speed ratio \(audio frames/s, higgs-tune / naive\): ([\d.]+)x; padding efficiency: "
