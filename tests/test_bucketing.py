@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from higgs_tune import data as D
+from higgs_tune import packing as P
 from higgs_tune.data import SampleLength
 from higgs_tune.train import bucketed_micro_steps, epoch_order, micro_steps, next_window, rank_slice, Position
 
@@ -243,9 +244,10 @@ def efficiency_bound(lengths, size: int) -> float:
 @pytest.mark.slow
 def test_padding_efficiency_on_the_demo_data(demo_config, demo_train):
     """The demo's 35 train samples with their real tokens, through the real collator and the model's
-    merge. Bucketing: 0.978 / 0.933 / 0.866 at batch 2 / 4 / 8 against 0.83 / 0.72 / 0.64 for the
+    merge. Bucketing: 0.97 / 0.92 / 0.88 at batch 2 / 4 / 8 against 0.83 / 0.73 / 0.66 for the
     random order. On these 35 lengths no order of fixed-size micro-batches reaches 0.95 at batch 4
-    (the bound below, 0.94, ignores even the model's rounding to 8). Every sample once per epoch,
+    (the bound below, 0.93, ignores even the model's rounding to 8); packed (train.packing, one row
+    per micro-step) it is 0.99. Every sample once per epoch,
     the same order again for the same (seed, epoch), balanced process shares."""
     from higgs_tune.model import build_model
 
@@ -278,6 +280,22 @@ def test_padding_efficiency_on_the_demo_data(demo_config, demo_train):
             mask = model(**D.batch_to_model_kwargs(collator([samples[i] for i in step]))).attention_mask
             real, padded = real + int(mask.sum()), padded + mask.numel()
     assert real / padded == pytest.approx(efficiency(micro_steps(n, 4, 1, 0, 0, lengths, 64), lengths, 4, 1))
+
+    # packing (train.packing, as config/demo.yaml trains): the same micro-steps of 4, each one row
+    # (packing.py); measured on the model's merged attention mask
+    assert demo_config["train"]["packing"] and demo_config["train"]["batch_size"] == 4
+    packed_real = packed_padded = 0
+    with torch.no_grad():
+        for step in micro_steps(n, 4, 1, 0, 0, lengths, 64):
+            pk = P.packed_collate([samples[i] for i in step], [lengths[i] for i in step], collator,
+                                  demo_config["train"]["pack_positions"])
+            with P.packed_attention(model, pk):
+                mask = model(**D.batch_to_model_kwargs(pk.batch)).attention_mask
+            packed_real, packed_padded = packed_real + int(mask.sum()), packed_padded + mask.numel()
+    assert packed_real == real
+    measured["packed 4"] = round(packed_real / packed_padded, 3)
+    print("padding efficiency at batch 4, packed:", measured["packed 4"])
+    assert packed_real / packed_padded >= 0.95 > measured[4][2]
 
     # process shares: 2 processes x batch 2, full micro-steps
     shares = []

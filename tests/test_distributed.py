@@ -92,6 +92,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(train_cfg, tmp_pat
             assert close(a[key], b[key]), (a["step"], key, a[key], b[key])
         assert all(close(x, y) for x, y in zip(a["codebook_losses"], b["codebook_losses"]))
     assert [r["n_samples"] for r in m2] == [2, 2, 1, 2]
+    # config/demo.yaml packs (train.packing): 1 process packs its 2 samples into one row, 2 processes
+    # run one sample each; the equalities above hold across the two layouts
+    assert train_cfg["train"]["packing"] and all(r["padding_efficiency"] > 0.95 for r in m1), m1
     w1 = load_file(one.adapter / "adapter_model.safetensors")
     w2 = load_file(two.adapter / "adapter_model.safetensors")
     assert w1.keys() == w2.keys() and len(w1) > 10

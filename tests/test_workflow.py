@@ -56,7 +56,7 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
         "experiment": "e2e", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
         "data": {"manifest": str(corpus / "manifest.jsonl"), "data_root": str(corpus), "val_fraction": 0.2,
                  "max_duration_s": 8.0, "max_quarantine_fraction": 1.0},
-        "train": {"max_steps": 3, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
+        "train": {"max_steps": 3, "batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
                   "save_interval": 3, "predictions_interval": 3, "resume_dir": str(tmp_path / "resume")},
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
@@ -75,6 +75,8 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     assert summary["passed"] is True and summary["n_samples"] == kept
     metrics = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["n_audio_targets"] > 0 for m in metrics)
+    # the demo config packs each micro-batch into one row (train.packing): almost no padding
+    assert all(m["padding_efficiency"] >= 0.95 and m["n_samples"] == 2 for m in metrics), metrics
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     assert len(ev["codebook_acc"]) == 8 and ev["n_audio_targets"] > 0
     gen = [json.loads(line) for line in open(out / "eval" / "generated.jsonl")]
@@ -93,6 +95,7 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
         assert len(codec_wave) % 960 == 0 and len(codec_wave) > 0
     html = (out / "report.html").read_text()
     assert "random" in html.lower() and "e2e" in html
+    assert "padding efficiency (whole run)" in html and "packed (2 samples per process" in html
     assert html.count("<audio") >= 3 * len(gen) and "generation.gt_wer" in html
     res = run(args + ["-n"], ROOT)  # a rerun has nothing to do
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout + res.stderr

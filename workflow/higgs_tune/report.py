@@ -131,6 +131,7 @@ class Inputs:
 
     def __init__(self, cfg: dict):
         self.exp, self.cfg_hash, self.files = cfg["experiment"], config_hash(cfg), {}
+        self.cfg = cfg
 
     def add(self, role: str, path: Path) -> Path | None:
         path = Path(path)
@@ -245,6 +246,18 @@ PADDING_NOTE = ("Padding efficiency = the samples' positions / all positions of 
                 "1 = no padding.")
 
 
+def batching(train_cfg: dict) -> str:
+    """How the run built its micro-batches, in words (``train.packing``, ``train.length_bucketing``)."""
+    per = f"{train_cfg.get('batch_size', '?')} samples per process and micro-step"
+    if train_cfg.get("packing"):
+        cap = train_cfg.get("pack_positions")
+        rows = f"rows of at most {cap} positions" if cap else "one row"
+        return f"packed ({per} in {rows}, block-diagonal attention)"
+    if train_cfg.get("length_bucketing", True):
+        return f"length-bucketed ({per}, padded rows)"
+    return f"random order ({per}, padded rows)"
+
+
 def overall_padding_efficiency(metrics: pd.DataFrame) -> float | None:
     """Positions over padded positions summed over every step (``n_positions`` /
     ``n_padded_positions``), or the mean of ``padding_efficiency`` when the counts are absent;
@@ -270,7 +283,8 @@ def padding_figure(metrics: pd.DataFrame, inputs: Inputs) -> dict | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", frameon=False)
     return {"title": "Padding efficiency", "uri": png_uri(fig),
-            "caption": f"{PADDING_NOTE} Whole run: {overall:.3f}. {inputs.caption('metrics')}"}
+            "caption": f"{PADDING_NOTE} Batching: {batching(inputs.cfg.get('train', {}))}. Whole run: "
+                       f"{overall:.3f}. {inputs.caption('metrics')}"}
 
 
 def codebook_bars(values: dict[str, list], title: str, caption: str) -> dict:
@@ -593,7 +607,8 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
         "headline": [(k, fmt(last.get(k))) for k in ("step", "loss", "text_loss", "audio_loss", "text_acc")
                      if k in metrics] + [("eval " + k, fmt(eval_metrics.get(k)))
                                          for k in ("loss", "text_acc") if k in eval_metrics]
-                    + ([("padding efficiency (whole run)", fmt(overall_padding_efficiency(metrics)))]
+                    + ([("padding efficiency (whole run)", fmt(overall_padding_efficiency(metrics))),
+                        ("batching", batching(cfg.get("train", {})))]
                        if overall_padding_efficiency(metrics) is not None else []),
         "train_figures": training_figures(metrics, val, inputs),
         "val_missing": val.empty,

@@ -22,7 +22,10 @@ micro-steps of ``batch_size x processes`` samples, and process r takes slice r o
 processes x batch b and 1 process x batch 2b see the same samples in the same optimizer steps). With
 ``train.length_bucketing`` (default) the permutation is first cut into pools of ``train.bucket_pool``
 micro-steps, each sorted by length and cut into micro-steps, and the micro-steps are shuffled
-(:func:`bucketed_micro_steps`): less padding, every sample still once per epoch. The
+(:func:`bucketed_micro_steps`): less padding, every sample still once per epoch. With
+``train.packing`` each process's micro-batch is packed end to end into rows of at most
+``train.pack_positions`` positions (one row when null) under a block-diagonal attention mask
+(:mod:`higgs_tune.packing`): the same loss and gradients with almost no padding. The
 loss of one optimizer step is normalized by the target counts of the whole window across all
 processes (``loss.py``), so it equals the loss of the global batch as one batch. The LR schedule
 (linear warmup, cosine) counts optimizer steps, whatever the number of processes.
@@ -66,6 +69,7 @@ import torch
 
 from . import data as D
 from . import health
+from . import packing as P
 from .config import add_config_args, config_from_args
 from .fileio import append_jsonl, git_revision, read_jsonl, sha256_file, write_json, write_jsonl
 from .labels import IGNORE_INDEX, shifted_audio_targets
@@ -542,8 +546,11 @@ def train(cfg: dict, io: TrainIO) -> dict:
     model = build_model(cfg["model"], dtype, device=device)
     collator = D.make_collator(model.config)
     train_samples = [D.build_dataset_sample(r, tok, codes.get) for r in train_rows]
-    # length bucketing sorts by each sample's positions in the model's merged sequence (no forward)
-    lengths = tuple(D.sample_length(s, model.config) for s in train_samples) if tc["length_bucketing"] else None
+    # each sample's positions in the model's merged sequence (no forward): bucketing sorts by them,
+    # packing lays the samples out by them
+    sample_lengths = tuple(D.sample_length(s, model.config) for s in train_samples) \
+        if tc["length_bucketing"] or tc["packing"] else None
+    lengths = sample_lengths if tc["length_bucketing"] else None
     val_samples = [D.build_dataset_sample(r, tok, codes.get) for r in val_rows]
     val_batches = [collator(b) for b in D.batches(val_samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
     probe = (collator([val_samples[0]]), D.sample_id(val_rows[0])) if val_samples else None
@@ -600,7 +607,13 @@ def train(cfg: dict, io: TrainIO) -> dict:
         window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum, lengths,
                                       tc["bucket_pool"])
         mine = [rank_slice(w, bs, rank) for w in window_idx]
-        window = [collator([train_samples[i] for i in (m or w[:1])]) for m, w in zip(mine, window_idx)]
+        # one micro-batch per micro-step: the padded rows, or (train.packing) the samples end to end
+        # in rows with a block-diagonal attention mask (packing.py: same loss and gradients)
+        packed = [P.packed_collate([train_samples[i] for i in (m or w[:1])],
+                                   [sample_lengths[i] for i in (m or w[:1])], collator, tc["pack_positions"])
+                  if tc["packing"] else None for m, w in zip(mine, window_idx)]
+        window = [p.batch if p is not None else collator([train_samples[i] for i in (m or w[:1])])
+                  for p, m, w in zip(packed, mine, window_idx)]
         counts = None
         for m, b in zip(mine, window):
             if m:
@@ -613,10 +626,10 @@ def train(cfg: dict, io: TrainIO) -> dict:
         health.check_targets(counts.text, counts.audio, step + 1)
         sums = MetricSums()
         positions = torch.zeros(2, dtype=torch.float64)  # real, padded (model's merged sequence)
-        for i, (m, batch) in enumerate(zip(mine, window)):
+        for i, (m, batch, pk) in enumerate(zip(mine, window, packed)):
             # gradients are all-reduced once per optimizer step, on its last micro-step
             with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
-                with autocast(device, dtype):
+                with autocast(device, dtype), (P.packed_attention(model, pk) if pk else contextlib.nullcontext()):
                     out, loss = forward_loss(model, batch, device, text_weight=tw, audio_weight=aw,
                                              normalizer=counts, text_logits_at_targets=True)
                 # the merged attention mask: 1 = a sample's position, 0 = padding (a zero-weight
