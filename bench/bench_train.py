@@ -6,7 +6,9 @@
     .venv/bin/python bench/bench_train.py --geometry 3b              # on a GPU: the real 3B geometry, bf16
 
 (a) higgs-tune: ``higgs_tune.train.train`` as the train rule runs it (accelerate, one process):
-    length-bucketed micro-steps (``train.length_bucketing``), text cross-entropy on the gathered
+    length-bucketed micro-steps (``train.length_bucketing``), packed into one row each where the
+    config packs (``train.packing``: config/demo.yaml does, config/cluster.yaml and so ``--geometry
+    3b`` do not), text cross-entropy on the gathered
     target positions only, target-count normalization over the accumulation window, the health
     checks every step. Evaluation, predictions and checkpoints fall outside the timed steps.
 (b) naive: what public Higgs fine-tuning scripts do, written here: micro-batches drawn at random
@@ -122,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ set-up
 def bench_config(args) -> dict:
     """The config both sides train with: the config file's, timed-run overrides, and for ``--geometry
-    3b`` the 3B arch in bf16 with config/cluster.yaml's LoRA."""
+    3b`` the 3B arch in bf16, sdpa attention, with config/cluster.yaml's LoRA, learning rate and packing."""
     import yaml
 
     from higgs_tune.config import deep_merge, load_config
@@ -131,9 +133,10 @@ def bench_config(args) -> dict:
     if args.geometry == "3b":
         cluster = yaml.safe_load((ROOT / "config" / "cluster.yaml").read_text())
         cfg["model"] = {**cfg["model"], "source": "random_init", "arch": dict(GEOMETRY_3B), "dtype": "bfloat16",
-                        "device": "auto", "text_tokenizer": "llama3.2-bundled"}
+                        "device": "auto", "text_tokenizer": "llama3.2-bundled", "attn_implementation": "sdpa"}
         cfg["lora"] = deep_merge(cfg["lora"], cluster["lora"])
-        cfg["train"]["learning_rate"] = cluster["train"]["learning_rate"]
+        for key in ("learning_rate", "packing", "pack_positions"):  # train as the cluster config does
+            cfg["train"][key] = cluster["train"].get(key, cfg["train"].get(key))
     cfg["train"].update(batch_size=args.batch_size, grad_accum_steps=args.grad_accum, epochs=None,
                         warmup_steps=min(cfg["train"]["warmup_steps"], 1), eval_interval=10 ** 6,
                         save_interval=10 ** 6, predictions_interval=10 ** 6, log_interval=10 ** 6,

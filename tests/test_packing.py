@@ -205,3 +205,13 @@ def test_rotary_positions_restart_at_each_sample(tiny_model, mixed_samples):
     got = torch.cat([in_row[seg == k + 1] for k in range(len(mixed_samples))])
     assert torch.equal(got, torch.cat([alone[i] for i in packed.rows[0]]))
     assert all(int(a[0]) == 0 for a in alone)
+
+
+def test_model_attn_implementation(demo_config):
+    """model.attn_implementation picks the kernel packing runs on (eager by default for random init)."""
+    from higgs_tune.model import build_model
+
+    assert demo_config["model"]["attn_implementation"] is None
+    assert build_model(demo_config["model"]).config._attn_implementation == "eager"
+    cfg = {**demo_config["model"], "attn_implementation": "sdpa"}
+    assert build_model(cfg).config._attn_implementation == "sdpa"

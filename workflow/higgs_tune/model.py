@@ -129,7 +129,8 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
     ``device``; ``source: pretrained`` loads ``path`` (hub id or folder laid out as
     ``bosonai/higgs-audio-v2-generation-3B-base``: ``config.json`` + ``*.safetensors``, sharded with
     ``model.safetensors.index.json`` or not) with ``from_pretrained`` straight to ``device``
-    (``device_map``), never as a second full copy on the CPU first.
+    (``device_map``), never as a second full copy on the CPU first. ``attn_implementation``: eager
+    for random_init unless set; for pretrained, transformers' choice unless set.
 
     Raises:
         FileNotFoundError: a pretrained folder without ``config.json``.
@@ -142,14 +143,15 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
         torch.manual_seed(cfg["seed"])
         with device:
             model = HiggsAudioModel(tiny_higgs_config(cfg["arch"]))
-        model.config._attn_implementation = "eager"
+        model.config._attn_implementation = cfg.get("attn_implementation") or "eager"
         return model.to(dtype).eval()
     path = cfg["path"]
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path}: no config.json; model.path must be a HiggsAudioModel "
                                 f"checkpoint folder (config.json + *.safetensors) or hub id")
+    extra = {"attn_implementation": cfg["attn_implementation"]} if cfg.get("attn_implementation") else {}
     return HiggsAudioModel.from_pretrained(path, torch_dtype=dtype, device_map={"": device},
-                                           low_cpu_mem_usage=True).eval()
+                                           low_cpu_mem_usage=True, **extra).eval()
 
 
 def apply_lora(model, lora: dict[str, Any]):
