@@ -576,6 +576,24 @@ def test_peft_causal_lm_task_type(demo_cfg, demo_config, text_tokenizer):
     assert any("CAUSAL_LM" in c for c in causes), causes
 
 
+def test_packed_rows_without_the_block_mask_fire(demo_cfg, shared_model, text_tokenizer, monkeypatch):
+    """train.packing's isolation, probed on the real model: a packed row whose mask lets samples see
+    each other (the plain causal mask) fails probe_packed_isolation; the correct one passes both rules."""
+    from higgs_tune import packing
+
+    s = run_audit(demo_cfg, model=shared_model, text_tokenizer=text_tokenizer)
+    packed = {c["rule"]: c for c in s["leak_probe"]["checks"] if c["rule"].startswith("probe_packed")}
+    assert set(packed) == {"probe_packed_equivalence", "probe_packed_isolation"} and all(
+        c["passed"] for c in packed.values()), packed
+    assert packed["probe_packed_equivalence"]["padding_efficiency"] > 0.95
+    assert packed["probe_packed_isolation"]["others_change"] <= 1e-4 < packed["probe_packed_isolation"]["own_change"]
+
+    original = packing.block_causal_mask  # every real position one segment: the plain causal mask
+    monkeypatch.setattr(packing, "block_causal_mask", lambda seg, dtype: original((seg > 0).long(), dtype))
+    s = run_audit(demo_cfg, model=shared_model, text_tokenizer=text_tokenizer)
+    assert_fires(s, "probe_packed_isolation")
+
+
 def test_probe_handles_batch_of_one(demo_cfg, shared_model, text_tokenizer):
     """forward left-pads a batch of 1; the probe maps positions through the model's own expansion."""
     exp = demo_cfg.with_audit(leak_probe_samples=1)

@@ -454,3 +454,85 @@ def probe_indices(samples: list, metas: list[SampleMeta | None], ok: list[bool],
         if multi and not any(metas[i].out_T.numel() > 1 for i in pick):
             pick[-1] = multi[0]
     return pick
+
+
+def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol: float = 1e-4,
+                  device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Packed rows (``train.packing``, :mod:`higgs_tune.packing`) checked on the probe samples.
+
+    The samples go into one packed row and, as the reference, into a padded batch:
+
+    * ``probe_packed_equivalence``: the packed row's target counts equal the padded batch's exactly,
+      and its text and per-codebook losses within ``tol`` (relative);
+    * ``probe_packed_isolation``: changing every audio code of the row's first sample moves its own
+      audio logits and leaves the other samples' (the rows after its audio-out columns) within ``tol``.
+
+    Needs at least two samples with target audio; fewer, or a model packing does not support
+    (``flash_attention_2``, Whisper features), leaves both rules unevaluated with a ``note``.
+
+    Returns:
+        ``{"checks": [...], "failures": [Failure...], "evaluated": [rule...], "note"?}``. Errors of the
+        model are recorded as failures, not raised.
+    """
+    from .. import packing as PK
+    from ..data import sample_length
+
+    P = _Probe()
+    out: dict[str, Any] = {}
+    try:
+        model_config = PK._higgs_model(model).config
+        lengths = [sample_length(s, model_config) for s in samples]
+    except (TypeError, ValueError) as exc:
+        return {"checks": [], "failures": [], "evaluated": [], "note": f"packing not probed: {exc}"}
+    if len(samples) < 2:
+        return {"checks": [], "failures": [], "evaluated": [], "note": "packing not probed: fewer than 2 samples"}
+    sid = ",".join(sample_ids)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        ref_batch = collator(samples)
+        packed = PK.packed_collate(samples, lengths, collator)
+        with torch.no_grad():
+            _, ref = forward_loss(model, ref_batch, device)
+            try:
+                with PK.packed_attention(model, packed):
+                    out_p, got = forward_loss(model, packed.batch, device)
+            except ValueError as exc:  # a model packing does not support: nothing to probe
+                return {"checks": [], "failures": [], "evaluated": [], "note": f"packing not probed: {exc}"}
+            first = samples[packed.rows[0][0]]
+            altered = list(samples)
+            altered[packed.rows[0][0]] = dataclasses.replace(first, audio_ids_concat=(first.audio_ids_concat + 7) % 1024)
+            packed2 = PK.packed_collate(altered, lengths, collator)
+            with PK.packed_attention(model, packed2):
+                out_q = model(**batch_to_model_kwargs(packed2.batch, device))
+    except Exception as exc:  # noqa: BLE001 - the gate reports, never crashes
+        P.record("probe_packed_equivalence", False, sid, f"packed forward raised {type(exc).__name__}: {exc}")
+        return {"checks": P.checks, "failures": P.failures, "evaluated": sorted(P.evaluated)}
+    finally:
+        if was_training:
+            model.train()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-12)).max())
+
+    counts_equal = (got.n_text_targets == ref.n_text_targets
+                    and torch.equal(got.n_codebook_targets.cpu(), ref.n_codebook_targets.cpu()))
+    diff = max(rel(got.text_loss, ref.text_loss), rel(got.codebook_losses, ref.codebook_losses))
+    P.record("probe_packed_equivalence", counts_equal and diff <= tol, sid,
+             f"{len(samples)} samples in one packed row vs a padded batch: targets {got.n_text_targets} text / "
+             f"{int(got.n_audio_targets)} audio vs {ref.n_text_targets} / {int(ref.n_audio_targets)}, largest "
+             f"relative loss difference {diff:.2e} (tolerance {tol:g})", max_rel_diff=diff,
+             padding_efficiency=packed.real_positions / packed.padded_positions)
+    n_first = int((first.input_ids == model_config.audio_out_token_idx).sum())
+    starts = packed.batch.audio_out_ids_start
+    if n_first < starts.numel():
+        cut = int(starts[n_first])
+        own = float((out_q.audio_logits[:cut] - out_p.audio_logits[:cut]).abs().max())
+        others = float((out_q.audio_logits[cut:] - out_p.audio_logits[cut:]).abs().max())
+        P.record("probe_packed_isolation", others <= tol < own, sid,
+                 f"changed every audio code of {sample_ids[packed.rows[0][0]]}: its audio logits moved by up to "
+                 f"{own:.2e}, the other packed samples' by up to {others:.2e} (tolerance {tol:g})",
+                 own_change=own, others_change=others)
+    else:
+        out["note"] = "packing isolation not probed: the samples after the first have no audio-out columns"
+    return {**out, "checks": P.checks, "failures": P.failures, "evaluated": sorted(P.evaluated)}

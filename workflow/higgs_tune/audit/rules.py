@@ -132,6 +132,14 @@ RULES: dict[str, tuple[str, str]] = {
     "probe_causal_logits": (
         "changing an input at t leaves all logits before t (and other samples' logits) unchanged",
         "the attention is not causal (mask/padding handling) or samples of a batch interact"),
+    "probe_packed_equivalence": (
+        "the probe samples packed into one row (train.packing) have the padded batch's target counts and losses",
+        "the packed layout or its labels differ from the padded batch's (packing.py out of step with the "
+        "collator or the model's merge: a sample's first token became a target, positions do not restart)"),
+    "probe_packed_isolation": (
+        "in a packed row, changing one sample's audio codes leaves the other samples' audio logits unchanged",
+        "the block-diagonal attention mask is not applied (packing.packed_attention bypassed, or a kernel "
+        "that ignores the 4D mask): packed samples attend to each other"),
 }
 
 #: Where a rule is evaluated: ``sample`` (per sample; the default), ``aggregate`` (over all samples or

@@ -16,7 +16,7 @@ from ..data import CodesIndex, make_collator, read_jsonl, sample_id
 from ..config import add_config_args, config_from_args
 from .checks import BatchResult, run_tensor_checks, torch_threads
 from .expect import Expect, SampleMeta, build_samples, check_collator, config_only, model_config_of
-from .leak_probe import leak_probe, probe_indices
+from .leak_probe import leak_probe, packing_probe, probe_indices
 from .rules import Failure
 from .summary import build_summary, format_report, sample_table, write_outputs
 
@@ -106,6 +106,15 @@ def _run_probe(acfg: dict[str, Any], model, device, collator, loss_wiring, sampl
         return info, [Failure("probe_model_forward", "*", f"leak probe raised {type(exc).__name__}: {exc}")]
     failures = out.pop("failures")
     info.update(out)
+    # packed rows (train.packing) on the same samples: same targets and losses, no sample sees another
+    packed = packing_probe(model, [samples[i] for i in pick], [ids[i] for i in pick], collator,
+                           tol=float(acfg["leak_tolerance"]), device=device)
+    failures += packed.pop("failures")
+    info["checks"] = info.get("checks", []) + packed["checks"]
+    info["evaluated"] = sorted(set(info.get("evaluated", [])) | set(packed["evaluated"]))
+    info["passed"] = info.get("passed", True) and not any(not c["passed"] for c in packed["checks"])
+    if "note" in packed:
+        info["packing_note"] = packed["note"]
     return info, failures
 
 
