@@ -65,17 +65,20 @@ def mixed_samples(short_codes, transcripts, text_tokenizer, lj_dir):
     return [D.build_dataset_sample(r, text_tokenizer, by_sha.__getitem__) for r in rows]
 
 
-def lora_model(tiny_model, demo_config, impl: str):
-    from higgs_tune.model import apply_lora
+def lora_model(demo_config, impl: str):
+    """The demo's random-init model built with attention kernel ``impl``, LoRA-wrapped, B != 0."""
+    from higgs_tune.model import apply_lora, build_model
     from higgs_tune.train import trainable_to_fp32
 
+    model = build_model({**demo_config["model"], "attn_implementation": impl})
+    expected = {"eager": "LlamaAttention", "sdpa": "LlamaSdpaAttention"}[impl]
+    assert type(model.layers[0].self_attn).__name__ == expected  # the kernel itself, not only the mask path
     torch.manual_seed(1)
-    model = apply_lora(tiny_model, demo_config["lora"])
+    model = apply_lora(model, demo_config["lora"])
     for name, p in model.named_parameters():  # LoRA B starts at 0: give the adapters a gradient path
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     trainable_to_fp32(model)
-    P._higgs_model(model).config._attn_implementation = impl
     return model.train()
 
 
@@ -89,8 +92,8 @@ def loss_and_grads(model, batch, packed=None):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_packed_batch_has_the_padded_batch_loss_and_gradients(impl, tiny_model, demo_config, mixed_samples):
-    model = lora_model(tiny_model, demo_config, impl)
+def test_packed_batch_has_the_padded_batch_loss_and_gradients(impl, demo_config, mixed_samples):
+    model = lora_model(demo_config, impl)
     collator = D.make_collator(model.config)
     lengths = [D.sample_length(s, model.config) for s in mixed_samples]
     ref_out, ref, ref_grads = loss_and_grads(model, collator(mixed_samples))
@@ -126,10 +129,10 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(impl, tiny_model, 
     assert abs(float(leaky.loss) - float(ref.loss)) > 1e-4 * float(ref.loss)
 
 
-def test_no_sample_sees_another(tiny_model, demo_config, mixed_samples):
+def test_no_sample_sees_another(demo_config, mixed_samples):
     """Changing every code of the first sample in a packed row leaves the others' audio logits as
     they were, bit for bit up to float noise; without packed_attention they change."""
-    model = lora_model(tiny_model, demo_config, "eager").eval()
+    model = lora_model(demo_config, "eager").eval()
     collator = D.make_collator(model.config)
     lengths = [D.sample_length(s, model.config) for s in mixed_samples]
     packed = P.packed_collate(mixed_samples, lengths, collator)
@@ -176,8 +179,35 @@ def test_packed_labels_and_errors(tiny_model, mixed_samples):
         with P.packed_attention(tiny_model, packed):
             pass
     tiny_model.config._attn_implementation = "eager"
+    with P.packed_attention(tiny_model, packed):
+        with pytest.raises(RuntimeError, match="does not nest"):
+            with P.packed_attention(tiny_model, packed):
+                pass
     with pytest.raises(ValueError, match="one length per sample"):
         P.packed_collate(mixed_samples, lengths[:-1], collator)
+    with pytest.raises(ValueError, match="no samples"):
+        P.packed_collate([], [], collator)
+
+
+def test_audit_packing_probe_with_a_text_only_sample_first(demo_config, mixed_samples, text_tokenizer):
+    """The audit's packed-rows probe on a row that starts with a sample without audio: it changes the
+    codes of the first sample that has audio-out columns, and both rules are evaluated and pass."""
+    from higgs_tune.audit.leak_probe import packing_probe
+
+    model = lora_model(demo_config, "eager")
+    text_only = D.build_dataset_sample(
+        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello there."}], "misc": {"id": "text-only"}},
+        text_tokenizer, lambda sha: None)
+    samples = [text_only] + mixed_samples[:2]
+    out = packing_probe(model, samples, ["text-only", "a", "b"], D.make_collator(model.config))
+    assert out["evaluated"] == ["probe_packed_equivalence", "probe_packed_isolation"], out
+    assert not out["failures"] and "note" not in out
+    iso = next(c for c in out["checks"] if c["rule"] == "probe_packed_isolation")
+    assert "changed every audio code of a" in iso["message"] and iso["others_change"] <= 1e-4 < iso["own_change"]
+    assert model.training  # restored
+    one = packing_probe(model, samples[:1], ["text-only"], D.make_collator(model.config))
+    assert one["evaluated"] == [] and "fewer than 2" in one["note"]
 
 
 def test_rotary_positions_restart_at_each_sample(tiny_model, mixed_samples):

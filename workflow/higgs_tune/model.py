@@ -141,9 +141,12 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
     device = torch.device(device)
     if cfg["source"] == "random_init":
         torch.manual_seed(cfg["seed"])
+        config = tiny_higgs_config(cfg["arch"])
+        # set before construction: the decoder layers pick their attention class in __init__
+        config._attn_implementation = config.text_config._attn_implementation = (
+            cfg.get("attn_implementation") or "eager")
         with device:
-            model = HiggsAudioModel(tiny_higgs_config(cfg["arch"]))
-        model.config._attn_implementation = cfg.get("attn_implementation") or "eager"
+            model = HiggsAudioModel(config)
         return model.to(dtype).eval()
     path = cfg["path"]
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():

@@ -43,7 +43,8 @@ import torch
 from .data import MODEL_ROUND_TO, SampleLength
 from .labels import IGNORE_INDEX
 
-__all__ = ["PackedBatch", "pack_rows", "packed_attention", "packed_collate", "packed_sample"]
+__all__ = ["PackedBatch", "block_causal_mask", "pack_rows", "packed_attention", "packed_collate", "packed_sample",
+           "unsupported"]
 
 
 def pack_rows(positions: Sequence[int], capacity: int | None = None) -> list[list[int]]:
@@ -80,7 +81,7 @@ def pack_rows(positions: Sequence[int], capacity: int | None = None) -> list[lis
 def packed_sample(samples: list):
     """Concatenate ``ChatMLDatasetSample`` objects (from :func:`higgs_tune.data.build_dataset_sample`)
     into one: ``input_ids``/``label_ids`` end to end, audio codes ``(K, sum T)`` with their segment
-    starts shifted, and the first token of every sample but the first labelled ``IGNORE_INDEX``.
+    starts shifted, and the first token of every sample labelled ``IGNORE_INDEX``.
 
     Raises:
         ValueError: a sample carries waveforms (Whisper features are not packed) or audio labels
@@ -93,10 +94,9 @@ def packed_sample(samples: list):
             raise ValueError("packing takes samples of token ids and audio codes only (no waveforms, no "
                              "audio_label_ids_concat); set train.packing: false for this data")
     labels = []
-    for k, s in enumerate(samples):
+    for s in samples:
         lab = s.label_ids.clone()
-        if k:
-            lab[0] = IGNORE_INDEX
+        lab[:1] = IGNORE_INDEX
         labels.append(lab)
     code_offsets = [0]
     for s in samples[:-1]:
@@ -154,9 +154,11 @@ def packed_collate(samples: list, lengths: Sequence[SampleLength], collator, cap
         round_to: the model's padding multiple of the merged sequence.
 
     Raises:
-        ValueError: ``samples`` and ``lengths`` differ in number, or ``samples`` is empty.
+        ValueError: ``samples`` is empty, or ``samples`` and ``lengths`` differ in number.
     """
-    if len(samples) != len(lengths) or not samples:
+    if not samples:
+        raise ValueError("packed_collate got no samples: a micro-batch holds at least one")
+    if len(samples) != len(lengths):
         raise ValueError(f"packed_collate needs one length per sample (got {len(samples)} samples, "
                          f"{len(lengths)} lengths)")
     rows = pack_rows([x.positions for x in lengths], capacity)
@@ -199,6 +201,23 @@ def _higgs_model(model):
     raise TypeError(f"{type(model).__name__} holds no HiggsAudioModel")
 
 
+def unsupported(model) -> str | None:
+    """Why ``model`` (a ``HiggsAudioModel``, also inside peft/DDP wrappers) cannot run packed rows, or
+    ``None`` when it can.
+
+    Raises:
+        TypeError: ``model`` holds no ``HiggsAudioModel``.
+    """
+    inner = _higgs_model(model)
+    impl = {inner.config._attn_implementation, getattr(inner.config.text_config, "_attn_implementation", None)}
+    if "flash_attention_2" in impl:
+        return ("packing needs eager or sdpa attention (flash_attention_2 gets no 4D mask in HiggsAudioModel "
+                "0.1.1); set train.packing: false or model.attn_implementation: sdpa")
+    if inner.config.audio_decoder_proj_num_layers > 0:
+        return "packing does not support audio_decoder_proj_num_layers > 0; set train.packing: false"
+    return None
+
+
 @contextlib.contextmanager
 def packed_attention(model, packed: PackedBatch):
     """While active, forwards of ``model`` (a ``HiggsAudioModel``, also inside peft/DDP wrappers) on
@@ -206,18 +225,18 @@ def packed_attention(model, packed: PackedBatch):
     (:func:`block_causal_mask`) and per-sample position ids. Restored on exit, even on an error.
 
     Raises:
-        ValueError: ``flash_attention_2`` attention, or ``audio_decoder_proj_num_layers > 0``.
-        RuntimeError: inside the forward, when the model's merged sequence does not have the layout
+        ValueError: ``flash_attention_2`` attention, or ``audio_decoder_proj_num_layers > 0``
+            (:func:`unsupported`).
+        RuntimeError: already active on this model; or, inside the forward, when the model's merged sequence does not have the layout
             of ``packed`` (its 2D mask differs from ``segment_ids > 0``): a length count out of
             step with the model's merge.
     """
+    reason = unsupported(model)
+    if reason:
+        raise ValueError(reason)
     inner = _higgs_model(model)
-    impl = {inner.config._attn_implementation, getattr(inner.config.text_config, "_attn_implementation", None)}
-    if "flash_attention_2" in impl:
-        raise ValueError("packing needs eager or sdpa attention (flash_attention_2 gets no 4D mask in "
-                         "HiggsAudioModel 0.1.1); set train.packing: false")
-    if inner.config.audio_decoder_proj_num_layers > 0:
-        raise ValueError("packing does not support audio_decoder_proj_num_layers > 0; set train.packing: false")
+    if "_update_causal_mask" in vars(inner) or "_forward_core" in vars(inner):
+        raise RuntimeError("packed_attention is already active on this model (it does not nest)")
     expected = packed.segment_ids > 0
 
     def update_causal_mask(attention_mask, input_tensor, cache_position, past_key_values, output_attentions):
@@ -225,7 +244,9 @@ def packed_attention(model, packed: PackedBatch):
                 attention_mask.bool().cpu(), expected):
             got = None if attention_mask is None else tuple(attention_mask.shape)
             raise RuntimeError(f"packed layout {tuple(expected.shape)} does not match the model's merged "
-                               f"sequence (mask {got}): sample_length is out of step with the model")
+                               f"sequence (mask {got}): the batch must come from packed_collate with the "
+                               f"collator of data.make_collator (round_to 1, right-padded text rows) and run "
+                               f"without KV cache; otherwise data.sample_length is out of step with the model")
         return block_causal_mask(packed.segment_ids.to(input_tensor.device), input_tensor.dtype)
 
     original_core = inner._forward_core

@@ -464,11 +464,13 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
 
     * ``probe_packed_equivalence``: the packed row's target counts equal the padded batch's exactly,
       and its text and per-codebook losses within ``tol`` (relative);
-    * ``probe_packed_isolation``: changing every audio code of the row's first sample moves its own
-      audio logits and leaves the other samples' (the rows after its audio-out columns) within ``tol``.
+    * ``probe_packed_isolation``: changing every audio code of the first sample with an audio-out
+      segment moves its own audio logits and leaves the other samples' within ``tol``.
 
-    Needs at least two samples with target audio; fewer, or a model packing does not support
-    (``flash_attention_2``, Whisper features), leaves both rules unevaluated with a ``note``.
+    Runs whatever ``train.packing`` says (the audit does not read the train section): a failure
+    means packed training of this model is broken. Fewer than two samples, a model packing does not
+    support (``flash_attention_2``, Whisper features), or no second sample with audio-out columns
+    (isolation only) leave the rules unevaluated with a ``note``.
 
     Returns:
         ``{"checks": [...], "failures": [Failure...], "evaluated": [rule...], "note"?}``. Errors of the
@@ -478,33 +480,42 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
     from ..data import sample_length
 
     P = _Probe()
-    out: dict[str, Any] = {}
+
+    def skipped(why: str) -> dict[str, Any]:
+        return {"checks": [], "failures": [], "evaluated": [], "note": f"packing not probed: {why}"}
+
+    if len(samples) < 2:
+        return skipped("fewer than 2 probe samples")
     try:
+        reason = PK.unsupported(model)
         model_config = PK._higgs_model(model).config
         lengths = [sample_length(s, model_config) for s in samples]
     except (TypeError, ValueError) as exc:
-        return {"checks": [], "failures": [], "evaluated": [], "note": f"packing not probed: {exc}"}
-    if len(samples) < 2:
-        return {"checks": [], "failures": [], "evaluated": [], "note": "packing not probed: fewer than 2 samples"}
+        return skipped(str(exc))
+    if reason:
+        return skipped(reason)
     sid = ",".join(sample_ids)
+    # the sample whose codes change: the first in the row with audio-out segments; its audio_logits
+    # rows lie between its first segment's start and the next sample's first segment
+    packed = PK.packed_collate(samples, lengths, collator)
+    row = packed.rows[0]
+    n_out = [int((samples[i].input_ids == model_config.audio_out_token_idx).sum()) for i in row]
+    k = next((j for j, n in enumerate(n_out) if n), None)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        ref_batch = collator(samples)
-        packed = PK.packed_collate(samples, lengths, collator)
         with torch.no_grad():
-            _, ref = forward_loss(model, ref_batch, device)
-            try:
-                with PK.packed_attention(model, packed):
-                    out_p, got = forward_loss(model, packed.batch, device)
-            except ValueError as exc:  # a model packing does not support: nothing to probe
-                return {"checks": [], "failures": [], "evaluated": [], "note": f"packing not probed: {exc}"}
-            first = samples[packed.rows[0][0]]
-            altered = list(samples)
-            altered[packed.rows[0][0]] = dataclasses.replace(first, audio_ids_concat=(first.audio_ids_concat + 7) % 1024)
-            packed2 = PK.packed_collate(altered, lengths, collator)
-            with PK.packed_attention(model, packed2):
-                out_q = model(**batch_to_model_kwargs(packed2.batch, device))
+            _, ref = forward_loss(model, collator(samples), device)
+            with PK.packed_attention(model, packed):
+                out_p, got = forward_loss(model, packed.batch, device)
+            out_q = None
+            if k is not None:
+                first = samples[row[k]]
+                altered = list(samples)
+                altered[row[k]] = dataclasses.replace(first, audio_ids_concat=(first.audio_ids_concat + 7) % 1024)
+                packed2 = PK.packed_collate(altered, lengths, collator)
+                with PK.packed_attention(model, packed2):
+                    out_q = model(**batch_to_model_kwargs(packed2.batch, device))
     except Exception as exc:  # noqa: BLE001 - the gate reports, never crashes
         P.record("probe_packed_equivalence", False, sid, f"packed forward raised {type(exc).__name__}: {exc}")
         return {"checks": P.checks, "failures": P.failures, "evaluated": sorted(P.evaluated)}
@@ -523,16 +534,19 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
              f"{int(got.n_audio_targets)} audio vs {ref.n_text_targets} / {int(ref.n_audio_targets)}, largest "
              f"relative loss difference {diff:.2e} (tolerance {tol:g})", max_rel_diff=diff,
              padding_efficiency=packed.real_positions / packed.padded_positions)
-    n_first = int((first.input_ids == model_config.audio_out_token_idx).sum())
-    starts = packed.batch.audio_out_ids_start
-    if n_first < starts.numel():
-        cut = int(starts[n_first])
-        own = float((out_q.audio_logits[:cut] - out_p.audio_logits[:cut]).abs().max())
-        others = float((out_q.audio_logits[cut:] - out_p.audio_logits[cut:]).abs().max())
+    out: dict[str, Any] = {}
+    starts = [int(x) for x in packed.batch.audio_out_ids_start] + [int(out_p.audio_logits.shape[0])]
+    if out_q is not None and sum(n_out) > n_out[k]:
+        a = sum(n_out[:k])
+        lo, hi = starts[a], starts[a + n_out[k]]
+        inside = torch.zeros(out_p.audio_logits.shape[0], dtype=torch.bool)
+        inside[lo:hi] = True
+        change = (out_q.audio_logits - out_p.audio_logits).abs().flatten(1).amax(1).cpu()
+        own, others = float(change[inside].max()), float(change[~inside].max())
         P.record("probe_packed_isolation", others <= tol < own, sid,
-                 f"changed every audio code of {sample_ids[packed.rows[0][0]]}: its audio logits moved by up to "
+                 f"changed every audio code of {sample_ids[row[k]]}: its audio logits moved by up to "
                  f"{own:.2e}, the other packed samples' by up to {others:.2e} (tolerance {tol:g})",
                  own_change=own, others_change=others)
     else:
-        out["note"] = "packing isolation not probed: the samples after the first have no audio-out columns"
+        out["note"] = "packing isolation not probed: fewer than 2 probe samples have audio-out segments"
     return {**out, "checks": P.checks, "failures": P.failures, "evaluated": sorted(P.evaluated)}

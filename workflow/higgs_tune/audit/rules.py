@@ -135,7 +135,7 @@ RULES: dict[str, tuple[str, str]] = {
     "probe_packed_equivalence": (
         "the probe samples packed into one row (train.packing) have the padded batch's target counts and losses",
         "the packed layout or its labels differ from the padded batch's (packing.py out of step with the "
-        "collator or the model's merge: a sample's first token became a target, positions do not restart)"),
+        "collator or the model's merge, e.g. a sample's first token became a target)"),
     "probe_packed_isolation": (
         "in a packed row, changing one sample's audio codes leaves the other samples' audio logits unchanged",
         "the block-diagonal attention mask is not applied (packing.packed_attention bypassed, or a kernel "
