@@ -227,14 +227,14 @@ def packed_attention(model, packed: PackedBatch):
     Raises:
         ValueError: ``flash_attention_2`` attention, or ``audio_decoder_proj_num_layers > 0``
             (:func:`unsupported`).
-        RuntimeError: already active on this model; or, inside the forward, when the model's merged sequence does not have the layout
-            of ``packed`` (its 2D mask differs from ``segment_ids > 0``): a length count out of
-            step with the model's merge.
+        RuntimeError: already active on this model; or, inside the forward, when the model's
+            merged sequence does not have the layout of ``packed`` (its 2D mask differs from
+            ``segment_ids > 0``): a length count out of step with the model's merge.
     """
-    reason = unsupported(model)
+    inner = _higgs_model(model)
+    reason = unsupported(inner)  # one walk of the wrappers: inner finds itself first
     if reason:
         raise ValueError(reason)
-    inner = _higgs_model(model)
     if "_update_causal_mask" in vars(inner) or "_forward_core" in vars(inner):
         raise RuntimeError("packed_attention is already active on this model (it does not nest)")
     expected = packed.segment_ids > 0

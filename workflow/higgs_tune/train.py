@@ -609,11 +609,14 @@ def train(cfg: dict, io: TrainIO) -> dict:
         mine = [rank_slice(w, bs, rank) for w in window_idx]
         # one micro-batch per micro-step: the padded rows, or (train.packing) the samples end to end
         # in rows with a block-diagonal attention mask (packing.py: same loss and gradients)
-        packed = [P.packed_collate([train_samples[i] for i in (m or w[:1])],
-                                   [sample_lengths[i] for i in (m or w[:1])], collator, tc["pack_positions"])
-                  if tc["packing"] else None for m, w in zip(mine, window_idx)]
-        window = [p.batch if p is not None else collator([train_samples[i] for i in (m or w[:1])])
-                  for p, m, w in zip(packed, mine, window_idx)]
+        packed, window = [], []
+        for m, w in zip(mine, window_idx):
+            idx = m or w[:1]  # an empty share runs a zero-weight forward on one sample
+            samples = [train_samples[i] for i in idx]
+            pk = P.packed_collate(samples, [sample_lengths[i] for i in idx], collator, tc["pack_positions"]) \
+                if tc["packing"] else None
+            packed.append(pk)
+            window.append(pk.batch if pk is not None else collator(samples))
         counts = None
         for m, b in zip(mine, window):
             if m:
