@@ -297,7 +297,7 @@ def test_lineage_of_the_adapter_matches_dvc_lock(run):
     assert train["value"] == params["train"] and train["matches_file"] and train["value"]["max_steps"] == 2
     assert train["sha256"] == value_hash(params["train"])
     code = {d["path"]: d["hash"]["md5"] for d in t["stage"]["deps"]["code"]}
-    assert code["workflow/higgs_tune/train.py"] == md5(repo / "workflow/higgs_tune/train.py")
+    assert code["workflow/higgs_tune/train/loop.py"] == md5(repo / "workflow/higgs_tune/train.py")
     assert code["workflow/rules/train.smk"] == md5(repo / "workflow/rules/train.smk")
     assert t["git"]["head"] == t["git"]["lock_commit"] == run["commit_a"] and t["git"]["modified"] == []
     assert t["status"] == {}

@@ -1,0 +1,5 @@
+"""``python -m higgs_tune.train``: see :mod:`higgs_tune.train`."""
+
+from .loop import main
+
+main()

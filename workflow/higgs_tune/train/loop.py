@@ -1,0 +1,285 @@
+"""The training loop: set-up, then one optimizer step after another, top to bottom; the
+command-line entry point ``python -m higgs_tune.train``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import data as D
+from .. import health
+from .. import packing
+from ..config import add_config_args, config_from_args
+from ..fileio import append_jsonl, git_revision, read_jsonl, write_json
+from ..loss import count_targets, forward_loss
+from ..metrics import MetricSums
+from .checkpoint import Checkpoints, run_fingerprint
+from .model_prep import autocast, enable_gradient_checkpointing, trainable_to_fp32
+from .monitor import _tensorboard_row, predictions_record, val_metrics
+from .preemption import Preempted, PreemptionFlag
+from .sampler import Position, next_window, rank_slice
+
+log = logging.getLogger("higgs_tune.train")
+
+#: Exit status when the audit gate or a health alarm stops training.
+EXIT_REFUSED = 2
+
+
+class AuditNotPassed(RuntimeError):
+    """Training refused: the audit summary is missing or says ``passed: false``."""
+
+
+
+def require_passed_audit(summary_path: Path) -> dict:
+    """Load the audit summary; raise :class:`AuditNotPassed` unless ``passed`` is true."""
+    if not summary_path.exists():
+        raise AuditNotPassed(f"{summary_path} does not exist: run the audit stage first")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("passed") is not True:
+        failed = [r["name"] for r in summary.get("rules", []) if not r.get("passed", True)]
+        raise AuditNotPassed(f"audit failed ({', '.join(failed) or 'see summary'}): fix the data/labels; "
+                             f"details in {summary_path}")
+    return summary
+
+
+@dataclass(frozen=True)
+class TrainIO:
+    """Every file the train stage reads or writes: the train rule's inputs and outputs, plus the
+    resume folder (outside the outputs: Snakemake deletes those before rerunning the job)."""
+
+    audit: Path
+    train: Path
+    val: Path
+    index: Path
+    metrics: Path
+    val_metrics: Path
+    predictions: Path
+    adapter: Path
+    checkpoint: Path
+    state: Path
+    tensorboard: Path
+    resume_dir: Path
+
+    @classmethod
+    def from_args(cls, args) -> "TrainIO":
+        return cls(**{f.name: Path(getattr(args, f.name)) for f in fields(cls)})
+
+    @property
+    def logs(self) -> tuple[Path, Path, Path]:
+        """The JSONL files a checkpoint carries so that a resumed run continues them."""
+        return self.metrics, self.val_metrics, self.predictions
+
+
+
+# ------------------------------------------------------------------------------------- training
+def train(cfg: dict, io: TrainIO) -> dict:
+    """Run training as configured; returns the last metrics row.
+
+    Raises:
+        AuditNotPassed: the audit summary is missing or failed.
+        health.TrainingHealthError: a health alarm fired.
+        Preempted: SIGTERM/SIGUSR1 arrived; the checkpoint is written (exit :data:`EXIT_PREEMPTED`).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..model import apply_lora, build_model, device_and_dtype, load_text_tokenizer
+
+    tc = cfg["train"]
+    require_passed_audit(io.audit)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    torch.manual_seed(tc["seed"])
+    random.seed(tc["seed"])
+    np.random.seed(tc["seed"])
+    _, dtype = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
+    preempt = PreemptionFlag()
+
+    tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
+    codes = D.CodesIndex(io.index)
+    train_rows, val_rows = D.read_jsonl(io.train), D.read_jsonl(io.val)
+    if not train_rows:
+        raise SystemExit(f"{io.train} has no rows")
+    model = build_model(cfg["model"], dtype, device=device)
+    collator = D.make_collator(model.config)
+    train_samples = [D.build_dataset_sample(r, tok, codes.get) for r in train_rows]
+    # each sample's positions in the model's merged sequence (no forward): bucketing sorts by them,
+    # packing lays the samples out by them
+    sample_lengths = tuple(D.sample_length(s, model.config) for s in train_samples) \
+        if tc["length_bucketing"] or tc["packing"] else None
+    lengths = sample_lengths if tc["length_bucketing"] else None
+    val_samples = [D.build_dataset_sample(r, tok, codes.get) for r in val_rows]
+    val_batches = [collator(b) for b in D.batches(val_samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
+    probe = (collator([val_samples[0]]), D.sample_id(val_rows[0])) if val_samples else None
+
+    model = apply_lora(model, cfg["lora"])
+    trainable_to_fp32(model)
+    if tc["gradient_checkpointing"]:
+        log.info("gradient checkpointing on %d decoder layers", enable_gradient_checkpointing(model))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+    bs, accum = tc["batch_size"], tc["grad_accum_steps"]
+    steps_per_epoch = max(1, math.ceil(len(train_samples) / (bs * world)) // accum)
+    max_steps = tc["max_steps"] or math.ceil((tc["epochs"] or 1) * steps_per_epoch)
+    # not prepared: accelerate would step a prepared scheduler once per process per optimizer step
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tc["warmup_steps"], max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    ckpts = Checkpoints(io.resume_dir / run_fingerprint(cfg, io, world), tc["keep_checkpoints"], accelerator)
+    if accelerator.is_main_process:
+        for f in io.logs:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("")
+    accelerator.wait_for_everyone()
+    state = {"model_source": cfg["model"]["source"], "git_revision": git_revision(), "max_steps": max_steps,
+             "trainable_parameters": n_trainable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "num_processes": world, "global_batch_size": bs * world * accum, "resume_dir": str(ckpts.root)}
+    step, pos, t0 = 0, Position(), time.time()
+    latest = ckpts.latest()
+    if latest is not None:
+        step, pos, saved = ckpts.load(latest, model, optimizer, scheduler, io)
+        state.update({k: saved[k] for k in ("step", "epoch", "finished", "preempted", "elapsed_s") if k in saved})
+        state.update(resumed_from=str(latest), resumed_at_step=step, started=saved.get("started", state["started"]),
+                     resumes=saved.get("resumes", 0) + 1, preempted=False)
+        t0 -= saved.get("elapsed_s", 0.0)
+        log.info("resumed from %s at step %d (epoch %d, micro-step %d)", latest, step, pos.epoch, pos.index)
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        shutil.rmtree(io.tensorboard, ignore_errors=True)
+        writer = SummaryWriter(str(io.tensorboard))
+        for old in read_jsonl(io.metrics):  # a resumed run's curve starts where it left off
+            _tensorboard_row(writer, old)
+    log.info("training %d samples on %d process(es), global batch %d, %d steps, %d trainable parameters "
+             "(LoRA rank %d)", len(train_samples), world, bs * world * accum, max_steps, n_trainable,
+             cfg["lora"]["rank"])
+
+    alarms, tw, aw = tc["alarms"], tc["text_weight"], tc["audio_weight"]
+    row: dict = read_jsonl(io.metrics)[-1] if step and accelerator.is_main_process else {}
+    while step < max_steps:
+        window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum, lengths,
+                                      tc["bucket_pool"])
+        mine = [rank_slice(w, bs, rank) for w in window_idx]
+        # one micro-batch per micro-step: the padded rows, or (train.packing) the samples end to end
+        # in rows with a block-diagonal attention mask (packing.py: same loss and gradients)
+        packed, window = [], []
+        for m, w in zip(mine, window_idx):
+            idx = m or w[:1]  # an empty share runs a zero-weight forward on one sample
+            samples = [train_samples[i] for i in idx]
+            pk = packing.packed_collate(samples, [sample_lengths[i] for i in idx], collator, tc["pack_positions"]) \
+                if tc["packing"] else None
+            packed.append(pk)
+            window.append(pk.batch if pk is not None else collator(samples))
+        counts = None
+        for m, b in zip(mine, window):
+            if m:
+                c = count_targets(b.label_ids, b.label_audio_ids, b.audio_out_ids_start)
+                counts = c if counts is None else counts + c
+        counts = counts or count_targets(window[0].label_ids[:, :0], None, None)
+        if world > 1:
+            counts.text = int(accelerator.reduce(torch.tensor(counts.text, device=device), "sum"))
+            counts.codebooks = accelerator.reduce(counts.codebooks.to(device), "sum").cpu()
+        health.check_targets(counts.text, counts.audio, step + 1)
+        sums = MetricSums()
+        positions = torch.zeros(2, dtype=torch.float64)  # real, padded (model's merged sequence)
+        for i, (m, batch, pk) in enumerate(zip(mine, window, packed)):
+            # gradients are all-reduced once per optimizer step, on its last micro-step
+            with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
+                with autocast(device, dtype), (packing.packed_attention(model, pk) if pk else contextlib.nullcontext()):
+                    out, loss = forward_loss(model, batch, device, text_weight=tw, audio_weight=aw,
+                                             normalizer=counts, text_logits_at_targets=True)
+                # the merged attention mask: 1 = a sample's position, 0 = padding (a zero-weight
+                # forward's positions are all padding: computed, not learned)
+                positions += torch.tensor([float(out.attention_mask.sum()) if m else 0.0,
+                                           float(out.attention_mask.numel())], dtype=torch.float64)
+                if m:
+                    health.check_audio_outputs(out.audio_logits, batch.label_audio_ids)
+                    health.check_loss(loss.loss)
+                    sums.add(loss, len(m))
+                # DDP averages gradients over processes; the normalizer already counts all of them.
+                # A process without samples in this micro-step (an epoch's short end) adds zeros.
+                accelerator.backward(loss.loss * (world if m else 0.0))
+        lora_norm = health.check_lora_grad(model, step + 1)
+        grad_norm = float(accelerator.clip_grad_norm_(params, tc["max_grad_norm"]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:
+            sums = sums.all_reduce(lambda t: accelerator.reduce(t.to(device), "sum"))
+            positions = accelerator.reduce(positions.to(device), "sum").cpu()
+        n_pos, n_padded = int(positions[0]), int(positions[1])
+        row = {"step": step, "epoch": pos.epoch + 1, **sums.result(tw, aw),
+               "padding_efficiency": n_pos / max(n_padded, 1), "n_positions": n_pos, "n_padded_positions": n_padded,
+               "lr": scheduler.get_last_lr()[0],
+               "grad_norm": grad_norm, "lora_grad_norm": lora_norm, "elapsed_s": round(time.time() - t0, 3)}
+        health.check_audio_floor(row["audio_loss"], step, alarms["audio_loss_floor"], alarms["floor_check_steps"])
+        last = step == max_steps
+        if accelerator.is_main_process:
+            append_jsonl(io.metrics, row)
+            _tensorboard_row(writer, row)
+            if step % tc["log_interval"] == 0:
+                log.info("step %d/%d loss %.4f text %.4f audio %.4f lr %.2e", step, max_steps, row["loss"],
+                         row["text_loss"], row["audio_loss"], row["lr"])
+        if val_batches and (step % tc["eval_interval"] == 0 or last):
+            val = val_metrics(unwrapped, val_batches, accelerator, device, dtype, tw, aw)
+            if accelerator.is_main_process:
+                append_jsonl(io.val_metrics, {"step": step, **val})
+                writer.add_scalar("val/loss", val["loss"], step)
+        if probe and accelerator.is_main_process and (step == 1 or step % tc["predictions_interval"] == 0 or last):
+            with autocast(device, dtype):
+                append_jsonl(io.predictions, predictions_record(unwrapped, probe[0], tok, device, step, probe[1]))
+        stop = preempt.requested(accelerator)
+        if step % tc["save_interval"] == 0 or last or stop:
+            state.update(step=step, epoch=pos.epoch + 1, finished=last, elapsed_s=row["elapsed_s"],
+                         preempted=bool(stop and not last))
+            ckpts.save(step, model, optimizer, scheduler, pos, io, state)
+            if accelerator.is_main_process:
+                write_json(io.state, state)
+        if stop and not last:
+            if writer is not None:
+                writer.close()
+            log.warning("preempted: checkpoint at step %d in %s; rerun to resume", step, ckpts.root)
+            raise Preempted(step)
+    if accelerator.is_main_process:
+        writer.close()
+        unwrapped.save_pretrained(str(io.adapter), safe_serialization=True)
+        shutil.rmtree(io.checkpoint, ignore_errors=True)
+        shutil.copytree(ckpts.latest(), io.checkpoint)
+        write_json(io.state, state)
+    accelerator.wait_for_everyone()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m higgs_tune.train", description="LoRA fine-tuning of Higgs Audio v2")
+    add_config_args(parser)
+    for f in fields(TrainIO):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        train(cfg, TrainIO.from_args(args))
+    except (AuditNotPassed, health.TrainingHealthError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(EXIT_REFUSED) from exc
+
+
+if __name__ == "__main__":
+    main()
