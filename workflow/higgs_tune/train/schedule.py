@@ -14,11 +14,11 @@ class Schedule:
     """LR of optimizer step ``k`` (1-based) as a list of segments, each ``{"from_step", "to_step",
     "warmup_steps", "start", "decay_from"}`` (the plan made at ``from_step`` for a run ending at
     ``to_step``); step ``k`` follows the last segment with ``from_step < k`` and runs at
-    ``peak x factor``, where factor is ``start + (1 - start) x (k - from_step) / warmup_steps`` during the
-    segment's warmup and then the cosine ``f0 x (1 + cos(pi x j / n)) / 2`` (``j`` steps after the
+    ``peak x factor``, where factor is ``start + (1 - start) x (k - from_step) / (warmup_steps + 1)``
+    during the segment's warmup and then the cosine ``f0 x (1 + cos(pi x j / n)) / 2`` (``j`` steps after the
     warmup, ``n`` = the segment's steps after its warmup, ``f0`` = ``decay_from``). A fresh run is
-    one segment from step 0 (start 0: step 1 runs at ``peak / warmup_steps``; no warmup: at the peak),
-    so the lr never reaches 0 within the run. :meth:`apply` sets the optimizer's lr *before* the
+    one segment from step 0 (start 0): steps 1..W ramp up linearly (step 1 at ``peak / (W + 1)``),
+    step W + 1 runs at the peak, the cosine then decays and never reaches 0 within the run. :meth:`apply` sets the optimizer's lr *before* the
     step it is used for.
 
     Raises:
@@ -44,7 +44,7 @@ class Schedule:
         seg = seg[0]
         k, w = step - seg["from_step"], seg["warmup_steps"]
         if k <= w:
-            return seg["start"] + (1.0 - seg["start"]) * k / w
+            return seg["start"] + (1.0 - seg["start"]) * k / (w + 1)
         n = seg["to_step"] - seg["from_step"] - w
         return seg["decay_from"] * 0.5 * (1.0 + math.cos(math.pi * (k - w - 1) / n))
 
@@ -75,7 +75,7 @@ class Schedule:
                                 f"max_steps to at least {at_step}, or delete the experiment's train.resume_dir "
                                 f"folder to train from step 0")
         first = self.segments[0]
-        if at_step < first["warmup_steps"]:  # still warming up: the warmup's steps do not depend on the length
+        if at_step <= first["warmup_steps"]:  # the ramp to the peak (step W + 1) does not depend on the length
             if first["warmup_steps"] >= total_steps:
                 raise ScheduleError(f"train.warmup_steps ({first['warmup_steps']}) >= the run's optimizer steps "
                                     f"({total_steps}): lower warmup_steps or train longer")
