@@ -272,8 +272,8 @@ def test_raising_max_steps_continues_from_the_checkpoint(staged, caplog):
 
 def test_torn_newest_checkpoint_falls_back_to_the_previous(staged, caplog):
     """A save killed mid-write leaves a temp folder (removed on the next run) and a newest checkpoint
-    with a truncated file: the rerun says so, resumes from the previous checkpoint and ends with the
-    same curve."""
+    with a truncated file: the rerun says so, resumes from the previous checkpoint, drops the torn one
+    when it saves and ends with the same curve."""
     import logging
     from pathlib import Path
 
@@ -294,11 +294,14 @@ def test_torn_newest_checkpoint_falls_back_to_the_previous(staged, caplog):
     assert "trainable.safetensors has" in verify(newest)
     stale = root / ".step-00000006.tmp"
     (stale / "logs").mkdir(parents=True)
+    cfg["train"]["save_interval"] = 1  # a checkpointing key: the same checkpoints resume
     with caplog.at_level(logging.INFO, logger="higgs_tune.train"):
         train(cfg, io)
     assert f"checkpoint {newest} is incomplete (trainable.safetensors has" in caplog.text
     assert f"resumed from {root / 'step-00000002'} at step 2" in caplog.text
     assert not stale.exists() and verify(newest) is None  # step 4 written again, whole
+    # the save at step 3 dropped the torn step 4 (past it) and kept the newest 2
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
     rows = D.read_jsonl(io.metrics)
     drop = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
     assert drop(rows) == drop(before)

@@ -3,6 +3,7 @@ atomically, finding the newest, and restoring every rank's state from it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -125,7 +126,10 @@ class Checkpoints:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _fsync(self.root)
-            for old in sorted(p for p in self.root.glob("step-*") if p != final)[:-(self.keep - 1) or None]:
+            others = sorted(p for p in self.root.glob("step-*") if p != final)
+            # past this step: torn ones the resume skipped (a complete one would have been resumed)
+            later = [p for p in others if p.name > final.name]
+            for old in later + [p for p in others if p not in later][:-(self.keep - 1) or None]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
@@ -174,6 +178,9 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a folder: its files are synced already
+        if not (Path(path).is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 
