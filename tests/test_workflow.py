@@ -188,6 +188,8 @@ def test_edits_that_do_not_change_training_keep_it_and_a_longer_run_resumes(tmp_
                            keep_checkpoints=1)
     jobs = planned(run(args(edited) + ["-n"], ROOT))
     assert "evaluate" in jobs and "train" not in jobs, jobs
+    res = run(args(edited) + ["-n", target], ROOT)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout[-3000:]
 
     copy = tmp_path / "code"
     shutil.copytree(ROOT / "workflow", copy / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
