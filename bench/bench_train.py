@@ -440,6 +440,8 @@ def main(argv=None) -> int:
     warmup = args.warmup
     steps = epoch_steps if args.steps is None else args.steps
     cfg["train"]["max_steps"] = warmup + steps
+    # the LR warmup must be shorter than the run (the trainer refuses otherwise)
+    cfg["train"]["warmup_steps"] = min(cfg["train"]["warmup_steps"], cfg["train"]["max_steps"] - 1)
     spec = {"cfg": cfg, "inputs": inputs, "work": str(work), "warmup": warmup, "steps": steps,
             "peak_tflops": args.peak_tflops, "threads": args.threads}
     spec_path = work / "spec.json"

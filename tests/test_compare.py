@@ -240,3 +240,22 @@ def check_sweep(res_dir: Path, args: list[str]) -> None:
     page = inspect_page(compare)
     assert len(page["images"]) >= 5
     assert [c["text"] for c in table_by_id(page, "config-diff")["head"][0]] == ["key", "lr1e-3", "lr1e-2"]
+
+
+def test_dry_run_sweep_of_eval_or_logging_settings_shares_the_training(tmp_path):
+    """Runs differing only in evaluation (eval.generate) or logging/checkpoint settings of train
+    read the base's training: they evaluate again, they never train again; a longer run trains."""
+    res_dir = tmp_path / "results"
+    overlay = {"results_dir": str(res_dir), "sweep": {"name": "gen", "runs": {
+        "gen3": {"eval": {"generate": {"max_seconds": 3}}},
+        "quiet": {"train": {"log_interval": 50, "eval_interval": 7, "save_interval": 9, "keep_checkpoints": 1}},
+        "longer": {"train": {"max_steps": 200}}}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", str(tmp_path / "sweep.yaml")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folders = {}
+    for rule, outs in _planned(res.stdout):
+        folders.setdefault(rule, set()).update(Path(o).relative_to(res_dir).parts[0] for o in outs)
+    assert folders["train"] == {"demo", "demo-longer"}
+    # evaluate reads the whole train section (its loss weights): each run evaluates, on the base's adapter
+    assert folders["evaluate"] == {"demo-gen3", "demo-quiet", "demo-longer"}

@@ -58,11 +58,13 @@ def test_cluster_config_runs_on_pretrained_layouts(tmp_path, layout, transcripts
         "audio_tokenizer": {"path": str(layout.audio_tokenizer), "semantic_model": str(layout.hubert),
                             "device": "cpu", "num_workers": 2},
         "model": {"path": str(layout.model), "text_tokenizer": str(layout.model), "device": "cpu"},
-        "train": {"max_steps": 2, "batch_size": 2, "grad_accum_steps": 1, "log_interval": 1, "eval_interval": 2,
-                  "save_interval": 2, "predictions_interval": 2, "resume_dir": str(tmp_path / "resume")},
+        "train": {"max_steps": 2, "warmup_steps": 1, "batch_size": 2, "grad_accum_steps": 1, "log_interval": 1,
+                  "eval_interval": 2, "save_interval": 2, "predictions_interval": 2,
+                  "resume_dir": str(tmp_path / "resume")},
         "eval": {"batch_size": 2, "generate": {"n_samples": 1, "max_seconds": 2}},
     }
-    # the overlay changes paths, devices and sizes only: source, dtype, LoRA, loss, audit stay the cluster's
+    # the overlay changes paths, devices and sizes only (warmup_steps: below the 2 steps, or training refuses):
+    # source, dtype, LoRA, loss, audit stay the cluster's
     assert cluster["model"]["source"] == cluster["audio_tokenizer"]["source"] == "pretrained"
     assert cluster["model"]["dtype"] == "bfloat16"
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))

@@ -174,3 +174,134 @@ def test_train_writes_the_output_contract(staged):
     assert preds[0]["sample_id"] == f"tts-{SHORT[2]}" and len(preds[0]["codebooks"]) == 8
     assert preds[0]["text"]["label"][0] == "<|audio_out_bos|>"
     assert [v["step"] for v in D.read_jsonl(io.val_metrics)] == [2, 4]
+
+
+# --------------------------------------------------------- the LR schedule, resuming, checkpoints
+def _passed(staged):
+    cfg, io = staged
+    io.audit.write_text(json.dumps({"passed": True}))
+    return cfg, io
+
+
+def _lora_b(path):
+    from safetensors.torch import load_file
+
+    return {n: t for n, t in load_file(str(path / "trainable.safetensors")).items() if "lora_B" in n}
+
+
+def test_first_step_with_warmup_moves_lora_b_and_rows_log_the_lr_used(staged):
+    """LoRA B starts at zero: step 1 must be applied with lr > 0 (not the warmup's lr 0) to move it;
+    each row's lr is the lr its step ran at: peak x k / (warmup + 1) in the warmup, the peak, the cosine."""
+    from higgs_tune.train import train
+
+    cfg, io = _passed(staged)
+    cfg["train"].update(max_steps=4, warmup_steps=2, save_interval=1, keep_checkpoints=4)
+    train(cfg, io)
+    root = __import__("pathlib").Path(json.loads(io.state.read_text())["resume_dir"])
+    first = _lora_b(root / "step-00000001")
+    assert first and any(bool(t.abs().sum() > 0) for t in first.values())
+    peak, rows = cfg["train"]["learning_rate"], D.read_jsonl(io.metrics)
+    assert [r["lr"] for r in rows[:3]] == pytest.approx([peak / 3, 2 * peak / 3, peak])
+    assert peak > rows[3]["lr"] > 0
+
+
+def test_warmup_as_long_as_the_run_is_refused_naming_both(staged):
+    from higgs_tune.train import ScheduleError, train
+
+    cfg, io = _passed(staged)
+    cfg["train"].update(max_steps=3, warmup_steps=7)
+    with pytest.raises(ScheduleError, match=r"warmup_steps \(7\) >= the run's optimizer steps \(3\)"):
+        train(cfg, io)
+    # by epochs: 2 samples, batch 1 x accumulation 2 = 1 step per epoch; 2 epochs = 2 steps
+    cfg["train"].update(max_steps=None, epochs=2, warmup_steps=2)
+    with pytest.raises(ScheduleError, match=r"\(2\) >= the run's optimizer steps \(2\)"):
+        train(cfg, io)
+    assert not io.metrics.exists()
+
+
+def test_float16_training_is_refused_clearly(staged):
+    from higgs_tune.train import UnsupportedDtype, main
+
+    cfg, io = _passed(staged)
+    cfg["model"]["dtype"] = "float16"
+    args = ["--config-json", json.dumps(cfg)] + [a for f, p in vars(io).items()
+                                                  for a in ("--" + f.replace("_", "-"), str(p))]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2  # EXIT_REFUSED
+    from higgs_tune.train import train
+
+    with pytest.raises(UnsupportedDtype, match="float16.*loss scaling.*bfloat16"):
+        train(cfg, io)
+    assert not io.metrics.exists()
+
+
+def test_raising_max_steps_continues_from_the_checkpoint(staged, caplog):
+    """A finished 2-step run made 4 steps long (and its logging/eval/checkpoint intervals edited, which
+    do not identify the trajectory) resumes at step 2: the first rows stay as they were, the LR plan
+    is re-planned from there and recorded in state.json. Shorter than the checkpoint: a clear error."""
+    import logging
+
+    from higgs_tune.train import ScheduleError, train
+
+    cfg, io = _passed(staged)
+    cfg["train"].update(max_steps=2, warmup_steps=1, save_interval=2, eval_interval=2)
+    train(cfg, io)
+    before = D.read_jsonl(io.metrics)
+    first_state = json.loads(io.state.read_text())
+    assert [r["step"] for r in before] == [1, 2] and len(first_state["schedule"]["segments"]) == 1
+    cfg["train"].update(max_steps=4, log_interval=3, eval_interval=1, predictions_interval=3, keep_checkpoints=3)
+    cfg["eval"]["batch_size"] = 1
+    with caplog.at_level(logging.INFO, logger="higgs_tune.train"):
+        train(cfg, io)
+    assert "resumed from" in caplog.text and "re-planned from step 2" in caplog.text
+    rows = D.read_jsonl(io.metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == before
+    state = json.loads(io.state.read_text())
+    assert state["resumed_at_step"] == 2 and state["finished"] and state["max_steps"] == 4
+    assert state["resume_dir"] == first_state["resume_dir"]  # the same trajectory, the same checkpoints
+    segs = state["schedule"]["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segs] == [(0, 2), (2, 4)]
+    # the LR continues from the one step 2 ran at and decays, never back up to the peak
+    assert rows[1]["lr"] >= rows[2]["lr"] > rows[3]["lr"] > 0
+    assert [v["step"] for v in D.read_jsonl(io.val_metrics)] == [2, 3, 4]
+    cfg["train"]["max_steps"] = 3
+    with pytest.raises(ScheduleError, match="run is now 3 optimizer steps.*checkpoint is at step 4"):
+        train(cfg, io)
+
+
+def test_torn_newest_checkpoint_falls_back_to_the_previous(staged, caplog):
+    """A save killed mid-write leaves a temp folder (removed on the next run) and a newest checkpoint
+    with a truncated file: the rerun says so, resumes from the previous checkpoint, drops the torn one
+    when it saves and ends with the same curve."""
+    import logging
+    from pathlib import Path
+
+    from higgs_tune.train import train
+    from higgs_tune.train.checkpoint import MANIFEST, verify
+
+    cfg, io = _passed(staged)
+    cfg["train"].update(max_steps=4, save_interval=2, keep_checkpoints=2)
+    train(cfg, io)
+    before = D.read_jsonl(io.metrics)
+    root = Path(json.loads(io.state.read_text())["resume_dir"])
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    newest = root / "step-00000004"
+    assert verify(newest) is None and (newest / MANIFEST).is_file()
+    weights = newest / "trainable.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert "trainable.safetensors has" in verify(newest)
+    stale = root / ".step-00000006.tmp"
+    (stale / "logs").mkdir(parents=True)
+    cfg["train"]["save_interval"] = 1  # a checkpointing key: the same checkpoints resume
+    with caplog.at_level(logging.INFO, logger="higgs_tune.train"):
+        train(cfg, io)
+    assert f"checkpoint {newest} is incomplete (trainable.safetensors has" in caplog.text
+    assert f"resumed from {root / 'step-00000002'} at step 2" in caplog.text
+    assert not stale.exists() and verify(newest) is None  # step 4 written again, whole
+    # the save at step 3 dropped the torn step 4 (past it) and kept the newest 2
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
+    rows = D.read_jsonl(io.metrics)
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    assert drop(rows) == drop(before)

@@ -145,3 +145,69 @@ def test_gutted_dataset_stops_the_workflow_and_keeps_outputs(tmp_path):
     fixes = json.loads((out / "manifest" / "fixes.json").read_text())
     assert fixes["rows_quarantined"] / fixes["rows_in"] > 0.05
     assert not (out / "tokens").exists()
+
+
+@pytest.mark.slow
+def test_edits_that_do_not_change_training_keep_it_and_a_longer_run_resumes(tmp_path, lj_dir):
+    """A finished tiny run (6 real clips, 2 steps, through the workflow): editing eval.generate.*, the
+    logging/eval/checkpoint intervals, eval.batch_size or report.py schedules no train job; raising
+    train.max_steps reruns the job, which resumes from the last checkpoint (train.log says so) and
+    keeps the first rows as they were."""
+    rows = [json.loads(line) for line in open(ROOT / "data" / "demo" / "manifest.jsonl")][:6]
+    for r in rows:
+        r["messages"][2]["content"]["audio_url"] = str(lj_dir / "wavs" / Path(
+            r["messages"][2]["content"]["audio_url"]).name)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"experiment": "keep", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+            "data": {"manifest": str(manifest), "val_fraction": 0.34},
+            "train": {"max_steps": 2, "batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 2,
+                      "save_interval": 1, "keep_checkpoints": 3, "predictions_interval": 2,
+                      "resume_dir": str(tmp_path / "resume")},
+            "eval": {"generate": {"n_samples": 1, "max_seconds": 1}}}
+
+    def args(overlay, snakefile=ROOT / "Snakefile"):
+        (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+        return SNAKEMAKE + ["--configfile", str(ROOT / "config/demo.yaml"), str(tmp_path / "overlay.yaml"),
+                            "--snakefile", str(snakefile), "--directory", str(ROOT), "--cores", "2", "--nolock"]
+
+    def planned(res):
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return set(re.findall(r"^rule (\w+):", res.stdout, re.M))
+
+    out = tmp_path / "results" / "keep"
+    target = str(out / "train" / "state.json")
+    res = run(args(base) + [target], ROOT, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    before = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in before] == [1, 2]
+
+    edited = yaml.safe_load(yaml.safe_dump(base))
+    edited["eval"] = {"batch_size": 1, "generate": {"n_samples": 2, "max_seconds": 3}}
+    edited["train"].update(log_interval=5, eval_interval=1, predictions_interval=1, save_interval=7,
+                           keep_checkpoints=1)
+    jobs = planned(run(args(edited) + ["-n"], ROOT))
+    assert "evaluate" in jobs and "train" not in jobs, jobs
+    res = run(args(edited) + ["-n", target], ROOT)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout[-3000:]
+
+    copy = tmp_path / "code"
+    shutil.copytree(ROOT / "workflow", copy / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "Snakefile", copy / "Snakefile")
+    report_py = copy / "workflow" / "higgs_tune" / "report.py"
+    report_py.write_text(report_py.read_text() + "# a comment\n")
+    jobs = planned(run(args(base, copy / "Snakefile") + ["-n"], ROOT))
+    assert "report" in jobs and "train" not in jobs, jobs
+
+    longer = yaml.safe_load(yaml.safe_dump(base))
+    longer["train"]["max_steps"] = 4
+    assert "train" in planned(run(args(longer) + ["-n", target], ROOT))
+    res = run(args(longer) + [target], ROOT, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    log = (out / "logs" / "train.log").read_text()
+    assert re.search(r"resumed from \S+/step-00000002 at step 2", log), log[-3000:]
+    assert "re-planned from step 2" in log
+    after = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in after] == [1, 2, 3, 4] and after[:2] == before
+    state = json.loads((out / "train" / "state.json").read_text())
+    assert state["finished"] and state["resumed_at_step"] == 2 and len(state["schedule"]["segments"]) == 2

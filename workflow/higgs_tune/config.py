@@ -73,3 +73,43 @@ def config_from_args(args) -> dict[str, Any]:
     if not args.configfile:
         raise SystemExit("give --config-json JSON or --configfile FILE (e.g. config/demo.yaml)")
     return load_config(args.configfile)
+
+
+# ------------------------------------------------------------- what a training run depends on
+#: ``train`` keys that steer logging, monitoring and checkpointing, not what is learned: the train rule
+#: passes them untracked (a change takes effect the next time training runs; it never reruns a finished
+#: train job) and the resume fingerprint ignores them
+TRAIN_MONITOR_KEYS = ("log_interval", "eval_interval", "predictions_interval", "save_interval", "keep_checkpoints",
+                      "resume_dir")
+#: ``eval`` keys the trainer reads: the batch size of its in-training val pass (monitoring, untracked)
+EVAL_KEYS_IN_TRAINING = ("batch_size",)
+#: ``train`` keys that set how long the run is: a change reruns the train job, which continues from
+#: the latest checkpoint (the resume fingerprint ignores them; the LR schedule is re-planned)
+TRAIN_LENGTH_KEYS = ("max_steps", "epochs")
+#: ``train`` keys that check a run without changing it (a change reruns the job, never resets it)
+TRAIN_CHECK_KEYS = ("alarms", "processes")
+
+
+def train_job_config(cfg: dict) -> tuple[dict, dict]:
+    """The train job's config, split in two: ``(tracked, monitor)``.
+
+    ``tracked``: ``model``, ``lora`` and ``train`` without :data:`TRAIN_MONITOR_KEYS` (the train
+    rule's ``params.cfg``: a change reruns the job). ``monitor``: ``{"train": {monitor keys},
+    "eval": {EVAL_KEYS_IN_TRAINING}}`` (passed untracked). ``deep_merge(tracked, monitor)`` is the
+    config the trainer runs on.
+    """
+    tracked = {k: copy.deepcopy(cfg.get(k)) for k in ("model", "lora", "train")}
+    train = tracked["train"] or {}
+    monitor = {"train": {k: train.pop(k) for k in TRAIN_MONITOR_KEYS if k in train},
+               "eval": {k: (cfg.get("eval") or {}).get(k) for k in EVAL_KEYS_IN_TRAINING}}
+    return tracked, monitor
+
+
+def trajectory_config(cfg: dict) -> dict:
+    """What identifies a training trajectory in ``cfg``: ``model``, ``lora`` and the optimization keys
+    of ``train`` (all but :data:`TRAIN_MONITOR_KEYS`, :data:`TRAIN_LENGTH_KEYS` and
+    :data:`TRAIN_CHECK_KEYS`). Part of the resume fingerprint."""
+    tracked, _ = train_job_config(cfg)
+    for k in TRAIN_LENGTH_KEYS + TRAIN_CHECK_KEYS:
+        tracked["train"].pop(k, None)
+    return tracked

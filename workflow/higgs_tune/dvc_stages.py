@@ -156,7 +156,7 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                         rule=j.rule.name, rule_file=Path(j.rule.snakefile),
                         inputs={k: str(v) for k, v in j.input.items()},
                         outputs={names.get(str(v), f"_{i}"): str(v) for i, v in enumerate(j.output)},
-                        cfg_keys=sorted(json.loads(params["cfg"])) if "cfg" in params else [],
+                        cfg_keys=param_keys(json.loads(params["cfg"]), config) if "cfg" in params else [],
                         code=params.get("code"), doc=(j.rule.docstring or "").strip(),
                         shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or ""))))))
     except GeneratorError:
@@ -223,6 +223,21 @@ def code_files_of(job: Job, pkg: Path) -> list[Path]:
                          + ", ".join(f"code_sig({', '.join(map(repr, n))})" for n in tried)
                          + f"; pass code_sig({job.rule!r}[, the modules its command runs]) so that the code deps "
                          "of its DVC stage are known")
+
+
+def param_keys(passed: dict, config: dict) -> list[str]:
+    """The DVC params of a rule whose ``params.cfg`` is ``passed``: each top-level key, or
+    ``section.key`` for every key of a section the rule passes only in part (the train rule's
+    ``train`` without its logging/eval/checkpoint keys), so DVC reruns a stage for what Snakemake
+    reruns its rule for. Sorted."""
+    keys = []
+    for k, v in passed.items():
+        full = config.get(k)
+        if isinstance(v, dict) and isinstance(full, dict) and set(v) < set(full):
+            keys += [f"{k}.{sub}" for sub in v]
+        else:
+            keys.append(k)
+    return sorted(keys)
 
 
 def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], list[dict], str, str]:

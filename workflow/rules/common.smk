@@ -28,6 +28,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 PKG = Path(workflow.basedir) / "workflow" / "higgs_tune"
 sys.path.insert(0, str(PKG.parent))  # this checkout's higgs_tune, whatever the venv has installed
+from higgs_tune.config import train_job_config  # noqa: E402
 from higgs_tune.sweep import experiment_configs, sweep_experiments  # noqa: E402
 
 #: experiment name -> its resolved config (validated, defaults filled; no `sweep` key)
@@ -73,6 +74,35 @@ def stage_config(*keys):
     return cfg
 
 
+class Untracked:
+    """A param value the command line gets (``str``) but Snakemake does not record: it serializes
+    only builtin values into its metadata, so a change of this one never reruns a job."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+def train_config(wildcards):
+    """The train rule's params.cfg (its rerun trigger): ``model``, ``lora`` and ``train`` without the
+    logging/eval/checkpoint keys (higgs_tune.config.train_job_config). ``max_steps``/``epochs`` are
+    in it: a change reruns the job, which continues from the latest checkpoint."""
+    return json.dumps(train_job_config(experiment_config(wildcards))[0], sort_keys=True)
+
+
+train_config.sections = ("model", "lora", "train")  # read by stage_owner
+train_config.view = lambda c: train_job_config(c)[0]  # stage_owner compares this part of the sections
+
+
+def train_monitor_config(wildcards):
+    """The train rule's params.monitor: the logging/eval/checkpoint keys the trainer reads
+    (``train.log_interval``... and ``eval.batch_size`` of the in-training val pass), :class:`Untracked`:
+    editing them never reruns a train job; they apply the next time training runs."""
+    return Untracked(json.dumps(train_job_config(experiment_config(wildcards))[1], sort_keys=True))
+
+
 def resume_dir(wildcards):
     """Where training keeps the experiment's resume checkpoints: train.resume_dir/{experiment}. NOT a
     declared output (Snakemake deletes a job's outputs before rerunning it, and resuming must survive
@@ -83,14 +113,20 @@ def resume_dir(wildcards):
 @functools.cache
 def stage_owner(experiment, rule_name):
     """The experiment whose ``rule_name`` outputs ``experiment`` reads: the base experiment
-    when the rule's config sections (its params.cfg) and those of every rule upstream of it (its
-    ``upstream`` inputs) are equal in both, else ``experiment`` itself. A rule passing every section
+    when the rule's config sections (its params.cfg; the train rule: the part its params.cfg holds)
+    and those of every rule upstream of it (its ``upstream`` inputs) are equal in both, else
+    ``experiment`` itself. A rule passing every section
     (the report) is never shared."""
     if experiment == BASE:
         return BASE
     job_rule = workflow.get_rule(rule_name)
     sections = getattr(job_rule.params.cfg, "sections", ())
-    if not sections or any(EXPERIMENTS[experiment].get(k) != EXPERIMENTS[BASE].get(k) for k in sections):
+    view = getattr(job_rule.params.cfg, "view", None)  # the part of the sections the rule is rerun for
+    if view is not None:
+        differs = view(EXPERIMENTS[experiment]) != view(EXPERIMENTS[BASE])
+    else:
+        differs = any(EXPERIMENTS[experiment].get(k) != EXPERIMENTS[BASE].get(k) for k in sections)
+    if not sections or differs:
         return experiment
     ups = {f.stage for f in job_rule.input if callable(f) and hasattr(f, "stage")}
     return BASE if all(stage_owner(experiment, u) == BASE for u in ups) else experiment

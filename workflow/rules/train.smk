@@ -17,7 +17,8 @@ rule train:
         state=OUT / "train" / "state.json",
         tensorboard=directory(OUT / "train" / "tensorboard"),
     params:
-        cfg=stage_config("model", "lora", "train", "eval"),
+        cfg=train_config,
+        monitor=train_monitor_config,
         code=code_sig("train", "launch"),
         resume=resume_dir,
         nproc=lambda wc, resources: processes_per_node(resources, experiment_config(wc)),
@@ -32,7 +33,7 @@ rule train:
         LOGS / "train.benchmark.tsv"
     shell:
         "python -m higgs_tune.launch --processes-per-node {params.nproc} --config-file {input.accelerate:q} --"
-        " --config-json {params.cfg:q}"
+        " --config-json {params.cfg:q} --monitor-json {params.monitor:q}"
         " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
         " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"
         " --adapter {output.adapter:q} --checkpoint {output.checkpoint:q} --state {output.state:q}"

@@ -28,7 +28,9 @@ micro-steps, each sorted by length and cut into micro-steps, and the micro-steps
 (:mod:`higgs_tune.packing`): the same loss and gradients with almost no padding. The
 loss of one optimizer step is normalized by the target counts of the whole window across all
 processes (``loss.py``), so it equals the loss of the global batch as one batch. The LR schedule
-(linear warmup, cosine) counts optimizer steps, whatever the number of processes.
+(linear warmup, cosine; :class:`Schedule`) counts optimizer steps, whatever the number of processes:
+step k is applied with the lr its metrics row logs (step 1 > 0); ``warmup_steps`` >= the run's steps
+is refused, and so is ``model.dtype: float16`` (no loss scaling).
 
 **Outputs** (one row per optimizer step in ``metrics``: ``step, epoch, loss, text_loss, audio_loss,
 codebook_losses[K], codebook_acc[K], text_acc, n_samples, n_text_targets, n_audio_targets,
@@ -41,21 +43,25 @@ micro-batches of the step (all processes, all micro-steps) in the sequence the d
 
 **Preemption.** On SIGTERM or SIGUSR1 the trainer finishes the optimizer step in flight, writes a
 checkpoint and exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again"). Checkpoints
-(trainable parameters, optimizer, scheduler, every rank's RNG, data position, step, and the metric
-rows so far) go to ``resume_dir`` every ``save_interval`` steps, atomically, the last
-``keep_checkpoints`` kept; the next run of the same config on the same data resumes from the latest
-one, and its metrics files continue with no gap and no duplicate.
+(trainable parameters, optimizer, LR plan, every rank's RNG, data position, step, and the metric
+rows so far) go to ``resume_dir`` every ``save_interval`` steps, fsynced, renamed into place, with a
+manifest of sizes and sha256 written last, the last ``keep_checkpoints`` kept; the next run with the
+same trajectory (:func:`run_fingerprint`) resumes from the newest complete one (a torn one is skipped
+with a warning), and its metrics files continue with no gap and no duplicate. A longer run
+(``max_steps``/``epochs`` raised) continues from it with the LR schedule re-planned.
 """
 
 from .checkpoint import Checkpoints, run_fingerprint
 from .loop import EXIT_REFUSED, AuditNotPassed, TrainIO, main, require_passed_audit, train
-from .model_prep import autocast, enable_gradient_checkpointing, trainable_to_fp32
+from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import predictions_record, val_metrics
 from .preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
+from .schedule import Schedule, ScheduleError
 from .sampler import (BUCKET_POOL, Position, bucketed_micro_steps, epoch_order, micro_steps, next_window, rank_slice,
                       serpentine)
 
 __all__ = ["AuditNotPassed", "BUCKET_POOL", "Checkpoints", "EXIT_PREEMPTED", "EXIT_REFUSED", "Position", "Preempted",
            "PreemptionFlag", "TrainIO", "autocast", "bucketed_micro_steps", "enable_gradient_checkpointing",
            "epoch_order", "main", "micro_steps", "next_window", "predictions_record", "rank_slice",
-           "require_passed_audit", "run_fingerprint", "serpentine", "train", "trainable_to_fp32", "val_metrics"]
+           "require_passed_audit", "run_fingerprint", "serpentine", "train", "trainable_to_fp32", "val_metrics",
+           "Schedule", "ScheduleError", "UnsupportedDtype", "refuse_float16"]

@@ -3,8 +3,10 @@ atomically, finding the newest, and restoring every rank's state from it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -14,21 +16,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .. import codesig
+from ..config import trajectory_config
 from ..fileio import sha256_file, write_json
 from .sampler import Position
 
 if TYPE_CHECKING:
     from .loop import TrainIO
 
+log = logging.getLogger("higgs_tune.train")
+
+#: written last into a checkpoint: every other file's relative path, size (bytes) and sha256
+MANIFEST = "manifest.json"
+
 def run_fingerprint(cfg: dict, io: TrainIO, world: int) -> str:
-    """What a checkpoint may be resumed under: the model/lora/train/eval config, the training
-    inputs' bytes, the package's code and the number of processes. Any change starts from step 0."""
+    """What a checkpoint may be resumed under: exactly what changes the training trajectory, the
+    model/lora config and the optimization keys of ``train`` (:func:`higgs_tune.config.trajectory_config`:
+    not the run's length, logging, evaluation or checkpointing keys), the training inputs' bytes, the
+    trainer's code (:func:`higgs_tune.codesig.code_sig` of the ``train`` package's import closure, as the
+    rules hash it) and the number of processes. Any change of these starts from step 0; 16 hex digits."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: cfg.get(k) for k in ("model", "lora", "train", "eval")}, sort_keys=True).encode())
+    h.update(json.dumps(trajectory_config(cfg), sort_keys=True).encode())
     for p in (io.train, io.val, io.index):
         h.update(sha256_file(p).encode())
-    for src in sorted(Path(__file__).parent.parent.rglob("*.py")):
-        h.update(src.read_bytes())
+    h.update(codesig.code_sig("train").encode())
     h.update(str(world).encode())
     return h.hexdigest()[:16]
 
@@ -37,29 +48,61 @@ class Checkpoints:
     """Resume checkpoints in ``{resume_dir}/{fingerprint}/step-XXXXXXXX/``.
 
     Each holds ``trainable.safetensors`` (every trainable tensor, fp32), ``trainer.pt`` (optimizer,
-    scheduler, step, data position), ``rng-rank{r}.pt`` per process (python, numpy, torch, CUDA),
-    ``logs/`` (the metric JSONL files up to this step) and ``state.json``. A checkpoint is written
-    into a temp folder and renamed into place when complete (rename is atomic on POSIX), so a kill
-    at any moment leaves the previous one intact; the newest ``keep`` are kept.
+    LR plan, step, data position), ``rng-rank{r}.pt`` per process (python, numpy, torch, CUDA),
+    ``logs/`` (the metric JSONL files up to this step), ``state.json`` and, written last,
+    :data:`MANIFEST` (each other file's size and sha256). A checkpoint is written into a temp folder,
+    every file and folder fsynced, and renamed into place (atomic on POSIX), the parent fsynced; the
+    newest ``keep`` are kept, temp folders of killed saves are removed. :meth:`latest` uses only a
+    checkpoint whose files match its manifest, and falls back past a torn one with a warning.
     """
 
     def __init__(self, root: Path, keep: int, accelerator):
         self.root, self.keep, self.acc = Path(root), max(1, int(keep)), accelerator
 
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.root.glob("step-*") if (p / "trainer.pt").is_file())
-        return done[-1] if done else None
+        """The newest complete checkpoint (its files match its manifest), or None. Torn or
+        unverifiable ones are skipped with a warning naming what is wrong. Checked on the main
+        process, the answer broadcast to the others."""
+        choice = [None]
+        if self.acc.is_main_process:
+            self.remove_temporaries()
+            for path in sorted(self.root.glob("step-*"), reverse=True):
+                problem = verify(path)
+                if problem is None:
+                    choice[0] = str(path)
+                    break
+                log.warning("checkpoint %s is incomplete (%s): skipped, falling back to the previous one",
+                            path, problem)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice)
+        return Path(choice[0]) if choice[0] else None
+
+    def remove_temporaries(self) -> int:
+        """Remove the temp folders (``.step-*.tmp``) of saves that were killed; return how many (main process)."""
+        stale = list(self.root.glob(".step-*.tmp")) if self.root.is_dir() else []
+        for tmp in stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if stale:
+            log.info("removed %d unfinished checkpoint temp folder(s) in %s", len(stale), self.root)
+        return len(stale)
 
     def save(self, step: int, model, optimizer, scheduler, pos: Position, io: TrainIO, state: dict) -> Path:
+        """Write the checkpoint of ``step`` (every rank calls it); returns its folder. ``scheduler``:
+        anything with ``state_dict()`` (the :class:`~higgs_tune.train.schedule.Schedule`)."""
         from safetensors.torch import save_file
 
         acc, final = self.acc, self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_temporaries()
             (tmp / "logs").mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        rng = tmp / f"rng-rank{acc.process_index}.pt"
+        torch.save(_rng_state(), rng)
+        _fsync(rng)
         acc.wait_for_everyone()
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
@@ -71,9 +114,22 @@ class Checkpoints:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                         "position": {"epoch": pos.epoch, "index": pos.index}, "world": acc.num_processes},
                        tmp / "trainer.pt")
+            files = sorted(f for f in tmp.rglob("*") if f.is_file())
+            for f in files:
+                _fsync(f)
+            manifest = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                        for f in files}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1, sort_keys=True))
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp / "logs")
+            _fsync(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.root.glob("step-*") if p != final)[:-(self.keep - 1) or None]:
+            _fsync(self.root)
+            others = sorted(p for p in self.root.glob("step-*") if p != final)
+            # past this step: torn ones the resume skipped (a complete one would have been resumed)
+            later = [p for p in others if p.name > final.name]
+            for old in later + [p for p in others if p not in later][:-(self.keep - 1) or None]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
@@ -97,6 +153,36 @@ class Checkpoints:
                 shutil.copy2(path / "logs" / f.name, f)
         acc.wait_for_everyone()
         return int(trainer["step"]), Position(**trainer["position"]), json.loads((path / "state.json").read_text())
+
+
+def verify(path: Path) -> str | None:
+    """None when checkpoint folder ``path`` is complete (its :data:`MANIFEST` is readable and every
+    file it lists has the listed size and sha256), else what is wrong, in words."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable {MANIFEST}: {exc.__class__.__name__}: {exc}"
+    for rel, want in sorted(manifest.items()):
+        f = Path(path) / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if sha256_file(f) != want["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data to disk (a folder: its entries, e.g. after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a folder: its files are synced already
+        if not (Path(path).is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _rng_state() -> dict:

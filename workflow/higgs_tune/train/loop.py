@@ -20,15 +20,16 @@ import torch
 from .. import data as D
 from .. import health
 from .. import packing
-from ..config import add_config_args, config_from_args
+from ..config import add_config_args, config_from_args, deep_merge
 from ..fileio import append_jsonl, git_revision, read_jsonl, write_json
 from ..loss import count_targets, forward_loss
 from ..metrics import MetricSums
 from .checkpoint import Checkpoints, run_fingerprint
-from .model_prep import autocast, enable_gradient_checkpointing, trainable_to_fp32
+from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
 from .preemption import Preempted, PreemptionFlag
 from .sampler import Position, next_window, rank_slice
+from .schedule import Schedule, ScheduleError
 
 log = logging.getLogger("higgs_tune.train")
 
@@ -88,16 +89,19 @@ def train(cfg: dict, io: TrainIO) -> dict:
 
     Raises:
         AuditNotPassed: the audit summary is missing or failed.
+        UnsupportedDtype: ``model.dtype`` is float16 (no loss scaling).
+        ScheduleError: ``train.warmup_steps`` >= the run's optimizer steps, or the run made shorter
+            than its latest checkpoint.
         health.TrainingHealthError: a health alarm fired.
         Preempted: SIGTERM/SIGUSR1 arrived; the checkpoint is written (exit :data:`EXIT_PREEMPTED`).
     """
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
 
     from ..model import apply_lora, build_model, device_and_dtype, load_text_tokenizer
 
     tc = cfg["train"]
     require_passed_audit(io.audit)
+    refuse_float16(cfg["model"]["dtype"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     torch.manual_seed(tc["seed"])
@@ -111,6 +115,11 @@ def train(cfg: dict, io: TrainIO) -> dict:
     train_rows, val_rows = D.read_jsonl(io.train), D.read_jsonl(io.val)
     if not train_rows:
         raise SystemExit(f"{io.train} has no rows")
+    bs, accum = tc["batch_size"], tc["grad_accum_steps"]
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (bs * world)) // accum)
+    max_steps = tc["max_steps"] or math.ceil((tc["epochs"] or 1) * steps_per_epoch)
+    # the LR each optimizer step is applied with (raises when warmup_steps >= max_steps)
+    schedule = Schedule(tc["learning_rate"], tc["warmup_steps"], max_steps)
     model = build_model(cfg["model"], dtype, device=device)
     collator = D.make_collator(model.config)
     train_samples = [D.build_dataset_sample(r, tok, codes.get) for r in train_rows]
@@ -131,11 +140,6 @@ def train(cfg: dict, io: TrainIO) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
-    bs, accum = tc["batch_size"], tc["grad_accum_steps"]
-    steps_per_epoch = max(1, math.ceil(len(train_samples) / (bs * world)) // accum)
-    max_steps = tc["max_steps"] or math.ceil((tc["epochs"] or 1) * steps_per_epoch)
-    # not prepared: accelerate would step a prepared scheduler once per process per optimizer step
-    scheduler = get_cosine_schedule_with_warmup(optimizer, tc["warmup_steps"], max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -149,14 +153,17 @@ def train(cfg: dict, io: TrainIO) -> dict:
              "trainable_parameters": n_trainable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "num_processes": world, "global_batch_size": bs * world * accum, "resume_dir": str(ckpts.root)}
     step, pos, t0 = 0, Position(), time.time()
-    latest = ckpts.latest()
+    latest = ckpts.latest()  # falls back past a torn newest checkpoint (a warning says so)
     if latest is not None:
-        step, pos, saved = ckpts.load(latest, model, optimizer, scheduler, io)
+        step, pos, saved = ckpts.load(latest, model, optimizer, schedule, io)
         state.update({k: saved[k] for k in ("step", "epoch", "finished", "preempted", "elapsed_s") if k in saved})
         state.update(resumed_from=str(latest), resumed_at_step=step, started=saved.get("started", state["started"]),
                      resumes=saved.get("resumes", 0) + 1, preempted=False)
         t0 -= saved.get("elapsed_s", 0.0)
         log.info("resumed from %s at step %d (epoch %d, micro-step %d)", latest, step, pos.epoch, pos.index)
+        if schedule.replan(step, max_steps):  # max_steps/epochs changed since: the LR plan continues from here
+            log.info("the run is now %d steps: LR schedule re-planned from step %d", max_steps, step)
+    state["schedule"] = schedule.state_dict()
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -216,8 +223,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
                 accelerator.backward(loss.loss * (world if m else 0.0))
         lora_norm = health.check_lora_grad(model, step + 1)
         grad_norm = float(accelerator.clip_grad_norm_(params, tc["max_grad_norm"]))
+        lr = schedule.apply(optimizer, step + 1)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if world > 1:
@@ -226,7 +233,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
         n_pos, n_padded = int(positions[0]), int(positions[1])
         row = {"step": step, "epoch": pos.epoch + 1, **sums.result(tw, aw),
                "padding_efficiency": n_pos / max(n_padded, 1), "n_positions": n_pos, "n_padded_positions": n_padded,
-               "lr": scheduler.get_last_lr()[0],
+               "lr": lr,
                "grad_norm": grad_norm, "lora_grad_norm": lora_norm, "elapsed_s": round(time.time() - t0, 3)}
         health.check_audio_floor(row["audio_loss"], step, alarms["audio_loss_floor"], alarms["floor_check_steps"])
         last = step == max_steps
@@ -248,7 +255,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
         if step % tc["save_interval"] == 0 or last or stop:
             state.update(step=step, epoch=pos.epoch + 1, finished=last, elapsed_s=row["elapsed_s"],
                          preempted=bool(stop and not last))
-            ckpts.save(step, model, optimizer, scheduler, pos, io, state)
+            latest = ckpts.save(step, model, optimizer, schedule, pos, io, state)
             if accelerator.is_main_process:
                 write_json(io.state, state)
         if stop and not last:
@@ -260,8 +267,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
         writer.close()
         unwrapped.save_pretrained(str(io.adapter), safe_serialization=True)
         shutil.rmtree(io.checkpoint, ignore_errors=True)
-        shutil.copytree(ckpts.latest(), io.checkpoint)
-        write_json(io.state, state)
+        shutil.copytree(latest, io.checkpoint)
+        write_json(io.state, {**state, "finished": True})
     accelerator.wait_for_everyone()
     return row
 
@@ -272,11 +279,16 @@ def main(argv: list[str] | None = None) -> None:
     add_config_args(parser)
     for f in fields(TrainIO):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
+    parser.add_argument("--monitor-json", default=None,
+                        help="config keys that steer logging, evaluation and checkpointing only, as JSON, merged "
+                             "over the config (the train rule passes them apart: higgs_tune.config.train_job_config)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.monitor_json:
+        cfg = deep_merge(cfg, json.loads(args.monitor_json))
     try:
         train(cfg, TrainIO.from_args(args))
-    except (AuditNotPassed, health.TrainingHealthError) as exc:
+    except (AuditNotPassed, health.TrainingHealthError, ScheduleError, UnsupportedDtype) as exc:
         log.error("%s", exc)
         raise SystemExit(EXIT_REFUSED) from exc
 

@@ -54,3 +54,18 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class UnsupportedDtype(ValueError):
+    """Training refused for ``model.dtype``: float16 without loss scaling."""
+
+
+def refuse_float16(dtype: str) -> None:
+    """Raise :class:`UnsupportedDtype` for ``model.dtype: float16``.
+
+    The trainer has no loss scaling: fp16 activation gradients of the frozen base under/overflow
+    (fp16 spans ~6e-8..65504), so the LoRA updates would be silently wrong. bfloat16 has fp32's range.
+    """
+    if dtype == "float16":
+        raise UnsupportedDtype("model.dtype float16 cannot be trained: the trainer has no loss scaling, and fp16 "
+                               "gradients under/overflow; set model.dtype to bfloat16 (GPUs since Ampere) or float32")
