@@ -120,6 +120,8 @@ COMPARE_ROLES = {
     "train_state": ("train", "state"),
     "adapter": ("train", "adapter"),
     "eval_metrics": ("evaluate", "metrics"),
+    "paired_summary": ("evaluate", "paired_summary"),
+    "base_eval_metrics": ("evaluate_base", "metrics"),
 }
 
 
