@@ -87,9 +87,12 @@ def row_language(row: dict, default: str) -> str:
 
 
 def _asr_scores(text: str, hyp: str, language: str, prefix: str = "") -> dict:
-    """``{prefix}wer`` / ``{prefix}cer`` of one transcript: the language's metric, the other ``None``."""
+    """``{prefix}wer`` / ``{prefix}cer`` of one transcript: the language's metric, the other ``None``
+    (both ``None`` when the text is empty after the language's normalizer: nothing to score)."""
     from . import speech_metrics as S
 
+    if not S.normalizer_for(language)(text):
+        return {f"{prefix}wer": None, f"{prefix}cer": None}
     metric, value = S.error_rate([text], [hyp], language)
     return {f"{prefix}wer": value if metric == "wer" else None, f"{prefix}cer": value if metric == "cer" else None}
 
@@ -202,7 +205,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
 
     def corpus(metric, prefix=""):
         """Corpus WER or CER over the rows scored by it (per language, edits pooled over references)."""
-        picked = [r for r in results if r["asr_metric"] == metric and r[f"{prefix}hypothesis"] is not None]
+        picked = [r for r in results if r["asr_metric"] == metric and r[f"{prefix}{metric}"] is not None]
         if not picked:
             return None
         edits = units = 0.0

@@ -73,7 +73,9 @@ def normalizer_for(language: str):
     contractions spelled one way, e.g. ``"Mr. Smith's $25"`` -> ``"mister smith's $25"``; no British ->
     American spelling map is bundled, so that step is skipped). Any other language: Whisper's
     ``BasicTextNormalizer`` (lower-case, bracketed text, symbols and punctuation removed, whitespace
-    collapsed), diacritics kept.
+    collapsed), diacritics kept. Brackets and parentheses are turned into spaces first: Whisper's
+    normalizers drop bracketed text as a non-speech annotation, but a TTS prompt's parenthesis is read
+    aloud (LJSpeech has many).
     """
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -81,7 +83,7 @@ def normalizer_for(language: str):
         norm = EnglishTextNormalizer({})
     else:
         norm = BasicTextNormalizer()
-    return lambda text: " ".join(norm(unicodedata.normalize("NFKC", text or "")).split())
+    return lambda text: " ".join(norm(re.sub(r"[\[\](){}<>]", " ", unicodedata.normalize("NFKC", text or ""))).split())
 
 
 def error_rate(references: list[str], hypotheses: list[str], language: str) -> tuple[str, float]:
