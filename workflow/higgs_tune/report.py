@@ -358,6 +358,12 @@ EVAL_HELP = {
     "generation.gt_sim": "SIM of the real clip to its cloning reference",
     "generation.codec_sim": "SIM of the decoded codes to the real audio",
     "generation.asr_model": "the ASR scoring WER", "generation.speaker_model": "the speaker encoder scoring SIM",
+    "generation.cer": "ASR character error rate (corpus) of the rows in languages written without spaces",
+    "generation.hit_max_rate": "share of generations cut at eval.generate.max_seconds without EOS",
+    "generation.silent_tail_rate": "share of generations ending in at least 1 s of silence",
+    "generation.trailing_silence_s": "mean seconds of silence at the end of a generation",
+    "generation.asr_multilingual": "the ASR model transcribes languages other than English",
+    "paired.scores.err.delta": "mean paired difference fine-tuned − base of WER/CER (see the opening table)",
 }
 
 
