@@ -122,6 +122,11 @@ def test_dry_run_sweep_shares_upstream_stages(tmp_path):
     assert folders["manifest"] == folders["tokenize"] == {"demo"}
     assert folders["audit"] == {"demo", "demo-r4"}
     assert folders["train"] == folders["evaluate"] == {"demo", "demo-lr1e-3", "demo-lr1e-2", "demo-r4"}
+    # the base model is generated and scored once for the whole sweep (no run changes the model, the
+    # val set or the eval settings), and every run's evaluate pairs its rows with that one
+    assert [r for r, _ in jobs].count("evaluate_base") == 1 and folders["evaluate_base"] == {"demo"}
+    for block in (b for b in re.split(r"\n(?=rule \w+:)", res.stdout) if b.startswith("rule evaluate:")):
+        assert f"--base-generated {res_dir}/demo/eval_base/generated.jsonl" in block, block
     assert folders["report"] == {"demo-lr1e-3", "demo-lr1e-2", "demo-r4", "demo-same"}
     assert folders["compare"] == {"compare-lr.html"}
     train_lr = next(b for b in re.split(r"\n(?=rule \w+:)", res.stdout)
@@ -137,8 +142,8 @@ def test_dry_run_without_sweep_plans_one_job_per_rule(tmp_path):
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}"])
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = _planned(res.stdout)
-    assert sorted(r for r, _ in jobs) == sorted(["manifest", "tokenize", "audit", "train", "curves", "evaluate", "report",
-                                                "all"])
+    assert sorted(r for r, _ in jobs) == sorted(["manifest", "tokenize", "audit", "train", "curves", "evaluate_base",
+                                                "evaluate", "report", "all"])
     assert all(Path(o).relative_to(tmp_path).parts[0] == "demo" for _, outs in jobs for o in outs)
     # asking for a comparison that is not declared says so
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}", "--",

@@ -88,6 +88,10 @@ def test_committed_dvc_yaml_is_generated_and_current(tmp_path):
     assert dvc_stages.stale(tmp_path, files) == ["dvc.yaml"]
 
 
+#: rules defined in another rule's file
+RULE_FILE = {"evaluate_base": "evaluate"}
+
+
 def test_stages_follow_the_rules():
     """Each stage runs its rule through Snakemake with the experiment's merged config; deps are the
     rule's inputs, the audio the manifest references, the rule file and exactly the code files its
@@ -95,8 +99,8 @@ def test_stages_follow_the_rules():
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = doc["stages"]
     assert doc["vars"] == [{"profile": "profiles/default"}]
-    assert set(stages) == {f"{r}-demo" for r in ("manifest", "tokenize", "audit", "train", "curves", "evaluate",
-                                                  "report")}
+    assert set(stages) == {f"{r}-demo" for r in ("manifest", "tokenize", "audit", "train", "curves", "evaluate_base",
+                                                  "evaluate", "report")}
     params = yaml.safe_load((ROOT / "params/demo.yaml").read_text())
     demo = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
     assert params["data"]["manifest"] == demo["data"]["manifest"] and params["train"]["max_steps"] == 120
@@ -107,7 +111,7 @@ def test_stages_follow_the_rules():
         assert st["meta"]["experiment"] == "demo" and st["meta"]["params_file"] == "params/demo.yaml"
         assert st["cmd"].startswith("snakemake --profile ${profile} --configfile params/demo.yaml "
                                     f"--allowed-rules {rule} --forcerun {rule} -- results/demo/")
-        assert f"workflow/rules/{rule}.smk" in st["deps"]
+        assert f"workflow/rules/{RULE_FILE.get(rule, rule)}.smk" in st["deps"]
         modules = (rule, "launch") if rule == "train" else (rule,)
         code = [d for d in st["deps"] if d.startswith("workflow/") and not d.endswith(".smk")]
         assert code == [f.relative_to(ROOT).as_posix() for f in codesig.code_files(*modules, pkg=pkg)], name
@@ -122,7 +126,12 @@ def test_stages_follow_the_rules():
         f"train.{k}" for k in params["train"] if k not in TRAIN_MONITOR_KEYS)}]
     assert "train.log_interval" not in stages["train-demo"]["params"][0]["params/demo.yaml"]
     assert "workflow/report/report.html.j2" in stages["report-demo"]["deps"]
-    assert stages["evaluate-demo"]["metrics"] == ["results/demo/eval/metrics.json"]
+    assert stages["evaluate-demo"]["metrics"] == ["results/demo/eval/metrics.json", "results/demo/eval/paired.json"]
+    assert stages["evaluate_base-demo"]["metrics"] == ["results/demo/eval_base/metrics.json"]
+    # the base model's stage depends on no training setting and on no training output
+    assert stages["evaluate_base-demo"]["params"] == [{"params/demo.yaml": ["audio_tokenizer", "data", "eval", "model"]}]
+    assert not any("/train/" in d for d in stages["evaluate_base-demo"]["deps"])
+    assert "results/demo/eval_base/generated.jsonl" in stages["evaluate-demo"]["deps"]
     assert stages["audit-demo"]["metrics"] == ["results/demo/audit/summary.json"]
     assert set(stages["train-demo"]["outs"]) >= {"results/demo/train/adapter", "results/demo/train/checkpoint",
                                                  "results/demo/train/metrics.jsonl"}
@@ -142,7 +151,7 @@ def test_several_experiments_and_the_slurm_profile_in_one_dvc_yaml(tmp_path):
     assert res.returncode == 0, res.stderr
     doc = yaml.safe_load((out / "dvc.yaml").read_text())
     assert doc["vars"] == [{"profile": "profiles/slurm"}]
-    assert len(doc["stages"]) == 14 and "train-other_v2" in doc["stages"]
+    assert len(doc["stages"]) == 16 and "train-other_v2" in doc["stages"]
     st = doc["stages"]["train-other_v2"]
     assert st["meta"]["experiment"] == "other.v2" and "--configfile params/other.v2.yaml" in st["cmd"]
     assert "results/other.v2/train/adapter" in st["outs"]

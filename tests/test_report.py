@@ -75,15 +75,20 @@ def stage_outputs(tmp_path_factory, demo_config, short_codes, transcripts, lj_di
                         predictions_interval=2, save_interval=3)
     train(cfg, io)
     cfg["eval"]["generate"].update(n_samples=1, max_seconds=1)
-    ev = root / "exp" / "eval"
+    ev, base = root / "exp" / "eval", root / "exp" / "eval_base"
+    run_evaluate(cfg, adapter=None, val=io.val, index=io.index, metrics_out=base / "metrics.json",
+                 generated_out=base / "generated.jsonl", audio_dir=base / "audio")
     run_evaluate(cfg, adapter=io.adapter, val=io.val, index=io.index, metrics_out=ev / "metrics.json",
-                 generated_out=ev / "generated.jsonl", audio_dir=ev / "audio")
+                 generated_out=ev / "generated.jsonl", audio_dir=ev / "audio", base_generated=base / "generated.jsonl",
+                 paired_out=ev / "paired.jsonl", paired_summary_out=ev / "paired.json")
     paths = {"manifest": CORPUS / "manifest.jsonl", "train_manifest": io.train, "val_manifest": io.val,
              "fixes": m / "fixes.json", "quarantine": m / "quarantine.jsonl", "tokens_index": io.index,
              "audit_summary": audit["summary"], "audit_samples": audit["samples"], "metrics": io.metrics,
              "val_metrics": io.val_metrics, "predictions": io.predictions, "train_state": io.state,
              "adapter": io.adapter, "eval_metrics": ev / "metrics.json", "generated": ev / "generated.jsonl",
-             "audio": ev / "audio"}
+             "audio": ev / "audio", "paired": ev / "paired.jsonl", "paired_summary": ev / "paired.json",
+             "base_eval_metrics": base / "metrics.json", "base_generated": base / "generated.jsonl",
+             "base_audio": base / "audio"}
     return cfg, {k: str(v) for k, v in paths.items()}, failed
 
 
@@ -103,8 +108,8 @@ def inputs(stage_outputs, tmp_path):
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
         copied[role] = str(dst)
-    for role in ("generated", "eval_metrics"):  # eval rows name the WAVs: point them at the copy
-        text = Path(copied[role]).read_text().replace(paths["audio"], copied["audio"])
+    for role, audio in (("generated", "audio"), ("eval_metrics", "audio"), ("base_generated", "base_audio")):
+        text = Path(copied[role]).read_text().replace(paths[audio], copied[audio])  # rows name the WAVs: the copy's
         Path(copied[role]).write_text(text)
     return copy.deepcopy(cfg), copied, failed, tmp_path / "out" / "report.html"
 
@@ -173,6 +178,22 @@ def test_report_self_contained_with_provenance(inputs, repo_root):
     # the payload in the transcript is text: escaped wherever it appears, never markup
     assert PAYLOAD not in html and "<script" not in html.lower()
     assert html.count("&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;") >= 1
+    # the report opens with base -> fine-tuned: one row per score, means, delta and its interval
+    paired = json.loads(Path(paths["paired_summary"]).read_text())
+    assert html.index('id="paired"') < html.index('id="training"')
+    pt = tables["paired"]
+    assert pt["head"][0][:5] == ["score", "base → fine-tuned", "Δ", "95 % CI", "verdict"], pt["head"]
+    err = paired["scores"]["err"]
+    assert pt["body"][0][0] == "WER / CER ↓" and pt["body"][0][2] == f"{err['delta']:.4g}"
+    assert pt["body"][0][3] == f"[{err['ci_low']:.4g}, {err['ci_high']:.4g}]"
+    assert pt["body"][0][-2] == f"{ev['generation']['gt_wer']:.4g}"  # the ground-truth ceiling beside it
+    rows = [json.loads(line) for line in open(paths["paired"])]
+    assert [r["id"] for r in rows] == [g["id"] for g in gen] and rows[0]["delta_err"] == err["delta"]
+    # 1 s budget: the random-init model runs to max_seconds on both sides, flagged in the health table
+    base_rows = [json.loads(line) for line in open(paths["base_generated"])]
+    n_cut = sum(r["hit_max"] for r in gen + base_rows)
+    assert len([r for r in tables.get("flagged", {"body": []})["body"] if "cut at max_seconds" in r[2]]) == n_cut
+    assert html.count("base model: <br><audio") == 1  # the base model's clip beside the fine-tuned one
 
 
 def test_failed_audit_names_rule_and_cause(inputs):

@@ -125,7 +125,7 @@ def test_evaluate_generation_scores_dnsmos_with_calibration(tmp_path, dnsmos, ti
     from higgs_tune.evaluate import AUDIO_KEYS, DNSMOS_KEYS, evaluate_generation
 
     class Asr:
-        def __call__(self, wave, rate):
+        def __call__(self, wave, rate, language):
             return "in being comparatively modern"
 
     class Speaker:

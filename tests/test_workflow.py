@@ -32,7 +32,7 @@ def test_lint():
 def test_dry_run_plans_the_chain_and_validates_configs(tmp_path):
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}"], ROOT)
     assert res.returncode == 0, res.stderr
-    for rule in ("manifest", "tokenize", "audit", "train", "evaluate", "report", "curves"):
+    for rule in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "report", "curves"):
         assert f"rule {rule}:" in res.stdout + res.stderr
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/cluster.yaml", "--config", f"results_dir={tmp_path}"], ROOT)
     assert res.returncode == 0, res.stderr
@@ -83,17 +83,31 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     n_val = sum(1 for _ in open(out / "manifest" / "val.jsonl"))
     assert len(gen) == min(4, n_val) == ev["generation"]["n_samples"] > 0
     assert ev["generation"]["gt_wer"] < 0.35, gen  # the ASR hears the real held-out clips
-    from higgs_tune.speech_metrics import word_error_rate
+    from higgs_tune.speech_metrics import error_rate
 
     for g in gen:
         wave, rate = sf.read(g["generated"])
         assert rate == 24000 and len(wave) == 960 * g["n_frames"]
         # eval.generate.max_seconds 10 at 25 frames/s: a stream the model did not end runs to the cap
         assert g["n_frames"] <= 250 and (g["ended"] or g["n_frames"] >= 249), g
-        assert g["wer"] == word_error_rate([g["text"]], [g["hypothesis"]]) and g["text"]
+        assert g["language"] == "en" and g["asr_metric"] == "wer" and g["cer"] is None  # data.language default
+        assert g["wer"] == error_rate([g["text"]], [g["hypothesis"]], "en")[1] and g["text"]
+        assert g["hit_max"] == (not g["ended"]) and 0 <= g["trailing_silence_s"] <= g["duration_s"]
         codec_wave, _ = sf.read(g["codec"])
         assert len(codec_wave) % 960 == 0 and len(codec_wave) > 0
+    # base -> fine-tuned: the base model generated the same prompts with the same seeds; eval/ pairs them
+    base = [json.loads(line) for line in open(out / "eval_base" / "generated.jsonl")]
+    paired = [json.loads(line) for line in open(out / "eval" / "paired.jsonl")]
+    summary = json.loads((out / "eval" / "paired.json").read_text())
+    assert [r["id"] for r in base] == [r["id"] for r in paired] == [g["id"] for g in gen]
+    assert all(b["gt_wer"] is None and b["codec"] is None for b in base)  # calibration is evaluate's
+    assert summary["n_samples"] == len(gen) and ev["paired"]["scores"] == summary["scores"]
+    err = summary["scores"]["err"]
+    assert err["n"] == len(gen) and err["ci_low"] <= err["delta"] <= err["ci_high"]
+    assert err["better"] + err["worse"] + err["same"] == len(gen)
+    assert ev["generation"]["hit_max_rate"] == sum(g["hit_max"] for g in gen) / len(gen)
     html = (out / "report.html").read_text()
+    assert html.index('id="paired"') < html.index('id="training"') and "95 % CI" in html
     assert "random" in html.lower() and "e2e" in html
     assert "padding efficiency (whole run)" in html and "packed (2 samples per process" in html
     assert html.count("<audio") >= 3 * len(gen) and "generation.gt_wer" in html
@@ -105,7 +119,8 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     assert res.returncode == 0, res.stderr
     declared = [Path(line.split("\t")[0]) for line in res.stdout.splitlines()[1:] if line.strip()]
     assert declared
-    logs = {out / "logs" / f"{r}.log" for r in ("manifest", "tokenize", "audit", "train", "evaluate", "report", "curves")}
+    logs = {out / "logs" / f"{r}.log" for r in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate",
+                                                 "report", "curves")}
     logs |= {out / "logs" / f"{r}.benchmark.tsv" for r in ("tokenize", "audit", "train")}
     for f in (p for p in out.rglob("*") if p.is_file()):
         assert f in logs or any(f == d or d in f.parents for d in declared), f"{f} is in no declared output"
@@ -120,7 +135,8 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     loss_py.write_text(original + "# a comment\n")
     res = run(code_args + ["-n"], ROOT)
     planned = set(re.findall(r"^rule (\w+):", res.stdout, re.M))
-    assert res.returncode == 0 and planned >= {"audit", "train", "evaluate", "report"}, res.stdout[-3000:]
+    assert res.returncode == 0 and planned >= {"audit", "train", "evaluate_base", "evaluate", "report"}, \
+        res.stdout[-3000:]
     assert not planned & {"manifest", "tokenize"}, planned
     loss_py.write_text(original)
     res = run(code_args + ["-n"], ROOT)

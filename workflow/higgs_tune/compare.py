@@ -38,7 +38,8 @@ from higgs_tune.sweep import MISSING, config_diff
 LINEAGE_ROLES = (("manifest", "data manifest (data.manifest)"), ("train_manifest", "train manifest (kept rows)"),
                  ("val_manifest", "val manifest (kept rows)"), ("tokens_index", "token index"),
                  ("audit_summary", "audit summary"), ("metrics", "train metrics"), ("val_metrics", "val metrics"),
-                 ("train_state", "train state"), ("eval_metrics", "eval metrics"))
+                 ("train_state", "train state"), ("eval_metrics", "eval metrics"),
+                 ("paired_summary", "base -> fine-tuned summary"), ("base_eval_metrics", "base-model eval metrics"))
 #: config keys that are not a run's settings (the name is the run's column; all runs share results_dir)
 NOT_SETTINGS = ("experiment", "results_dir")
 #: eval scores drawn as bars, when present

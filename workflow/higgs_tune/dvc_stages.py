@@ -63,13 +63,13 @@ PARAMS_DIR = "params"
 DEFAULT_EXPERIMENTS = ["config/demo.yaml"]
 DEFAULT_PROFILE = "profiles/default"
 #: named outputs that are DVC metrics: (rule, output name)
-METRICS = {("evaluate", "metrics"), ("audit", "summary")}
+METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_base", "metrics"), ("audit", "summary")}
 #: named outputs that are DVC plots -> the top-level plot definitions over them: (id, x, y columns).
 #: DVC reads CSV, not JSONL: the curves rule writes train/metrics.jsonl and val_metrics.jsonl as CSV.
 #: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
-#: evaluate scores the ground-truth and reference clips, the report embeds them; so a changed clip
-#: names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
-AUDIO_READERS = {"tokenize", "evaluate", "report"}
+#: evaluate (and evaluate_base) score the ground-truth and reference clips, the report embeds them; so a
+#: changed clip names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
+AUDIO_READERS = {"tokenize", "evaluate", "evaluate_base", "report"}
 PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
          ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
 

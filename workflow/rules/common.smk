@@ -156,6 +156,8 @@ COMPARE_ROLES = {
     "train_state": ("train", "state"),
     "adapter": ("train", "adapter"),
     "eval_metrics": ("evaluate", "metrics"),
+    "paired_summary": ("evaluate", "paired_summary"),
+    "base_eval_metrics": ("evaluate_base", "metrics"),
 }
 
 
@@ -186,7 +188,8 @@ def sweep_config(wildcards):
     return json.dumps({"sweep": {"name": SWEEP["name"], "base": BASE, "runs": SWEEP["runs"],
                                  "order": TARGET_EXPERIMENTS},
                        "experiments": {e: EXPERIMENTS[e] for e in TARGET_EXPERIMENTS},
-                       "code": {s: code_sig(s) for s in ("manifest", "tokenize", "audit", "train", "evaluate")}},
+                       "code": {s: code_sig(s) for s in ("manifest", "tokenize", "audit", "train", "evaluate_base",
+                                                          "evaluate")}},
                       sort_keys=True)
 
 

@@ -1,16 +1,47 @@
+rule evaluate_base:
+    """The base model alone (no adapter): the same eval.generate prompts, seeds and sampling as
+    `evaluate`, scored the same way (without the ground-truth/codec calibration rows, which
+    `evaluate` has, and without val losses). Its config sections and upstream
+    stages name no training setting, so every run of a sweep that shares the base model, val set and
+    eval settings reads the base experiment's copy (stage_owner): generated once."""
+    input:
+        val=upstream("manifest", "val"),
+        index=upstream("tokenize", "index"),
+    output:
+        metrics=OUT / "eval_base" / "metrics.json",
+        generated=OUT / "eval_base" / "generated.jsonl",
+        audio=directory(OUT / "eval_base" / "audio"),
+    params:
+        cfg=stage_config("data", "model", "eval", "audio_tokenizer"),
+        code=code_sig("evaluate_base"),
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        LOGS / "evaluate_base.log",
+    shell:
+        "python -m higgs_tune.evaluate_base --config-json {params.cfg:q} --val {input.val:q}"
+        " --index {input.index:q} --metrics {output.metrics:q} --generated {output.generated:q}"
+        " --audio {output.audio:q} > {log:q} 2>&1"
+
+
 rule evaluate:
     """Held-out (val split) losses and teacher-forced top-1 accuracy per codebook; generated audio
-    for the first eval.generate.n_samples val rows, scored by ASR WER, speaker similarity and DNSMOS."""
+    for the first eval.generate.n_samples val rows, scored by ASR WER/CER, speaker similarity and
+    DNSMOS, and paired with the base model's rows (evaluate_base): per-sample differences and their
+    mean with a bootstrap 95 % CI (eval/paired.jsonl, eval/paired.json)."""
     input:
         adapter=upstream("train", "adapter"),
         val=upstream("manifest", "val"),
         index=upstream("tokenize", "index"),
+        base=upstream("evaluate_base", "generated"),
     output:
         metrics=OUT / "eval" / "metrics.json",
         generated=OUT / "eval" / "generated.jsonl",
         audio=directory(OUT / "eval" / "audio"),
+        paired=OUT / "eval" / "paired.jsonl",
+        paired_summary=OUT / "eval" / "paired.json",
     params:
-        cfg=stage_config("model", "lora", "train", "eval", "audio_tokenizer"),
+        cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer"),
         code=code_sig("evaluate"),
     conda:
         "../../envs/higgs-tune.yaml"
@@ -18,5 +49,6 @@ rule evaluate:
         LOGS / "evaluate.log",
     shell:
         "python -m higgs_tune.evaluate --config-json {params.cfg:q} --adapter {input.adapter:q} --val {input.val:q}"
-        " --index {input.index:q} --metrics {output.metrics:q} --generated {output.generated:q}"
-        " --audio {output.audio:q} > {log:q} 2>&1"
+        " --index {input.index:q} --base-generated {input.base:q} --metrics {output.metrics:q}"
+        " --generated {output.generated:q} --audio {output.audio:q} --paired {output.paired:q}"
+        " --paired-summary {output.paired_summary:q} > {log:q} 2>&1"

@@ -18,6 +18,11 @@ rule report:
         eval_metrics=upstream("evaluate", "metrics"),
         generated=upstream("evaluate", "generated"),
         audio=upstream("evaluate", "audio"),
+        paired=upstream("evaluate", "paired"),
+        paired_summary=upstream("evaluate", "paired_summary"),
+        base_eval_metrics=upstream("evaluate_base", "metrics"),
+        base_generated=upstream("evaluate_base", "generated"),
+        base_audio=upstream("evaluate_base", "audio"),
     output:
         report(OUT / "report.html", caption="../report/report.rst", category="higgs-tune"),
     params:
