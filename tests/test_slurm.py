@@ -203,3 +203,36 @@ def test_train_job_near_its_time_limit_checkpoints_and_is_retried(chain):
     assert _rows(out / "val_metrics.jsonl") == _rows(ref / "val_metrics.jsonl")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_trainer_reads_the_slurm_jobs_end_time():
+    """The trainer's preemption flag asks the real Slurm for a job's end time: a 1-minute job ends
+    within a minute, so a 300 s margin stops now and a 1 s margin does not (yet)."""
+    from types import SimpleNamespace
+
+    from higgs_tune.train.preemption import PreemptionFlag, slurm_end_time
+
+    jobid = subprocess.run(["sbatch", "--parsable", "-p", cfg_partition(), "--time=1", "-o", "/dev/null",
+                            "--wrap", "sleep 50"], capture_output=True, text=True, check=True).stdout.strip()
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in PreemptionFlag.SIGNALS}  # the flag sets its own
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True,
+                                                        text=True).stdout.strip() != "RUNNING":
+            time.sleep(0.5)
+        end = slurm_end_time(jobid)
+        assert end is not None and 0 < end - time.time() <= 61, end
+        acc = SimpleNamespace(device="cpu", num_processes=1)
+        assert PreemptionFlag(300, jobid).requested(acc) and not PreemptionFlag(1, jobid).requested(acc)
+        assert not PreemptionFlag(300, None).requested(acc)  # not under Slurm: signals only
+        assert slurm_end_time("999999999") is None
+    finally:
+        subprocess.run(["scancel", jobid])
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def cfg_partition() -> str:
+    return yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["default-resources"]["slurm_partition"]
