@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,8 @@ def chain(tmp_path_factory):
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     res = subprocess.run(snakemake_args(tmp_path / "profile", tmp_path / "overlay.yaml"), cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=1800)
+    if (tmp_path / "results" / "slurm" / "train").is_dir():  # the unsignalled run, before tests rerun it
+        shutil.copytree(tmp_path / "results" / "slurm" / "train", tmp_path / "reference-train")
     return tmp_path, cfg, overlay, res
 
 
@@ -157,3 +160,79 @@ def test_preempted_train_job_is_requeued_and_resumes(chain):
     assert state.get("resumes", 0) >= 1 and state["finished"], state
     assert _rows(run) == reference["metrics"] and _rows(ref / "val_metrics.jsonl") == reference["val"]
     assert (ref / "adapter" / "adapter_model.safetensors").read_bytes() == reference["adapter"]
+
+
+def test_train_job_near_its_time_limit_checkpoints_and_is_retried(chain):
+    """A running train job's time limit drops to Slurm's minimum (1 minute, ``scontrol update``):
+    under the profile's own settings the trainer, which asks Slurm for the job's end time, stops
+    train.stop_margin_s before it, checkpoints and exits 75; its outputs are removed, Snakemake
+    retries the job (``retries``), the second job resumes and ends with the unsignalled run's
+    curve and adapter. sacct shows both jobs: the first not COMPLETED, the second COMPLETED."""
+    tmp_path, cfg, overlay, res = chain
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    ref, out = tmp_path / "reference-train", tmp_path / "results" / "slurm" / "train"
+    again = copy.deepcopy(overlay)
+    again["train"]["resume_dir"] = str(tmp_path / "resume-timelimit")  # a fresh start (and a rerun of train)
+    (tmp_path / "timelimit.yaml").write_text(yaml.safe_dump(again))
+    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "timelimit.yaml") + ["--until", "train"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    first, t0 = None, time.time()
+    while first is None and time.time() - t0 < 900 and proc.poll() is None:
+        jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_train/", "".join(lines))
+        if jobs:
+            state = subprocess.run(["squeue", "-h", "-j", jobs[0], "-o", "%T"], capture_output=True, text=True).stdout
+            if state.strip() == "RUNNING":
+                subprocess.run(["scontrol", "update", f"JobId={jobs[0]}", "TimeLimit=1"], check=True)
+                first = jobs[0]
+        time.sleep(0.3)
+    proc.wait(timeout=1800)
+    reader.join(timeout=60)
+    log = "".join(lines)
+    assert first is not None, "no running train job to shorten:\n" + log[-3000:]
+    assert proc.returncode == 0, log[-6000:]
+    jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_train/", log)
+    assert len(jobs) == 2 and jobs[0] == first, jobs
+    states = [sacct(j)["state"] for j in jobs]
+    assert states[0] != "COMPLETED" and states[1] == "COMPLETED", states
+    state = json.loads((out / "state.json").read_text())
+    assert state["resumes"] == 1 and 1 <= state["resumed_at_step"] < 6 and state["finished"], state
+    assert _rows(out / "metrics.jsonl") == _rows(ref / "metrics.jsonl")
+    assert _rows(out / "val_metrics.jsonl") == _rows(ref / "val_metrics.jsonl")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (ref / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_trainer_reads_the_slurm_jobs_end_time():
+    """The trainer's preemption flag asks the real Slurm for a job's end time: a 1-minute job ends
+    within a minute, so a 300 s margin stops now and a 1 s margin does not (yet)."""
+    from types import SimpleNamespace
+
+    from higgs_tune.train.preemption import PreemptionFlag, slurm_end_time
+
+    jobid = subprocess.run(["sbatch", "--parsable", "-p", cfg_partition(), "--time=1", "-o", "/dev/null",
+                            "--wrap", "sleep 50"], capture_output=True, text=True, check=True).stdout.strip()
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in PreemptionFlag.SIGNALS}  # the flag sets its own
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 120 and subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True,
+                                                        text=True).stdout.strip() != "RUNNING":
+            time.sleep(0.5)
+        end = slurm_end_time(jobid)
+        assert end is not None and 0 < end - time.time() <= 61, end
+        acc = SimpleNamespace(device="cpu", num_processes=1)
+        assert PreemptionFlag(300, jobid).requested(acc) and not PreemptionFlag(1, jobid).requested(acc)
+        assert not PreemptionFlag(300, None).requested(acc)  # not under Slurm: signals only
+        assert slurm_end_time("999999999") is None
+    finally:
+        subprocess.run(["scancel", jobid])
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def cfg_partition() -> str:
+    return yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["default-resources"]["slurm_partition"]

@@ -11,22 +11,23 @@ group across the nodes of a Slurm allocation. The train rule calls this; it rend
   ``--port`` (default 29500 + ``SLURM_JOB_ID`` mod 1000, so two jobs sharing a node do not collide).
 * The accelerate config is always the repo's (``--config_file``), never the user's default config.
 
-Signals: SIGTERM and SIGUSR1 (Slurm preemption, ``--signal`` lead time) are passed to every process
-of the launch; the trainer finishes its optimizer step, checkpoints and exits. This command then
-exits with :data:`higgs_tune.train.EXIT_PREEMPTED` (75) when the trainer's state file (``--state`` in
-the train args) records the preemption, else with the launcher's own status.
+Signals (see :func:`run`): SIGTERM, SIGUSR1 and SIGINT, whether sent to this process alone or to
+every process of the Slurm step, reach every trainer; each finishes its optimizer step, checkpoints
+and exits. This command waits for every process it started (it is their subreaper), then exits with
+:data:`higgs_tune.train.EXIT_PREEMPTED` (75) and removes the train outputs, so that a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 EXIT_PREEMPTED = 75  # == train.EXIT_PREEMPTED (not imported: this module must not import torch)
@@ -84,41 +85,140 @@ def slurm_layout(env: dict[str, str]) -> tuple[int, str | None, int]:
     return nodes, hosts[0], 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000
 
 
-def _state_path(train_args: list[str]) -> Path | None:
+def _arg(train_args: list[str], flag: str) -> str | None:
     for i, a in enumerate(train_args[:-1]):
-        if a == "--state":
-            return Path(train_args[i + 1])
+        if a == flag:
+            return train_args[i + 1]
     return None
 
 
-def run(cmd: list[str], state: Path | None) -> int:
-    """Run ``cmd`` in its own process group, pass SIGTERM/SIGUSR1 to the whole group, wait until every
-    process of it has exited; return 75 when the trainer checkpointed on a signal."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+#: the train rule's declared outputs (flags of ``python -m higgs_tune.train``): removed after a run
+#: that did not finish, so that no target takes a preempted or failed run's files as done
+OUTPUT_FLAGS = ("--metrics", "--val-metrics", "--predictions", "--adapter", "--checkpoint", "--state", "--tensorboard")
+#: the trainer writes the step it checkpointed at to this file (a path the launcher chooses) when it
+#: stops for a preemption: the launcher's channel, not a declared output
+PREEMPTED_FILE_ENV = "HIGGS_TUNE_PREEMPTED_FILE"
+#: torchrun's agent: also handle SIGUSR1 (by default it dies of it) and pass it on to the workers;
+#: wait this long (s) for them to checkpoint before SIGKILL (torchrun's default: 30 s)
+AGENT_ENV = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900"}
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux ``prctl``), so that a worker
+    whose parent (accelerate, torchrun's agent) dies stays this process's child, and is waited for."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _descendants(root: int) -> list[tuple[int, list[str]]]:
+    """``(pid, argv)`` of every living descendant of ``root`` (from ``/proc``; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    argv: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            argv[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        except (OSError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append((pid, argv.get(pid, [])))
+        todo += children.get(pid, [])
+    return out
+
+
+def is_trainer(argv: list[str]) -> bool:
+    """Whether ``argv`` is a training process (``python [options] -m higgs_tune.train ...``), not a
+    launcher (``accelerate launch ... -m higgs_tune.train``, torchrun's agent)."""
+    for i, a in enumerate(argv[1:], start=1):
+        if a == "-m":
+            return argv[i + 1:i + 2] == ["higgs_tune.train"]
+        if not a.startswith("-"):
+            return False
+    return False
+
+
+def _signal_targets(root: int) -> list[int]:
+    """The processes a signal to the launcher is passed to: the trainers (they finish the step,
+    checkpoint and exit) and ``srun`` (which passes it to the other nodes' tasks); never torchrun's
+    agent or accelerate, which would stop or kill the trainers."""
+    return [pid for pid, argv in _descendants(root)
+            if is_trainer(argv) or (argv and os.path.basename(argv[0]) == "srun")]
+
+
+def remove_outputs(train_args: list[str]) -> list[str]:
+    """Delete the train rule's declared outputs named in ``train_args``; returns those removed."""
+    gone = []
+    for flag in OUTPUT_FLAGS:
+        p = _arg(train_args, flag)
+        if p is None or not os.path.lexists(p):
+            continue
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        gone.append(p)
+    return gone
+
+
+def run(cmd: list[str], train_args: list[str] | None = None) -> int:
+    """Run ``cmd`` (accelerate launch, or srun) in its own session and return the training's status.
+
+    SIGTERM, SIGUSR1 and SIGINT (Slurm's preemption, ``scancel``, ``--signal``; every repeat too)
+    are passed to the trainers among this process's descendants (whatever their session) and to
+    ``srun``; torchrun's agent is told (``PET_SIGNALS_TO_HANDLE``) to pass SIGUSR1 on rather than
+    die of it, for when Slurm signals every process of the step. This process is a child subreaper:
+    it returns only once every descendant has exited.
+
+    Returns:
+        75 (:data:`EXIT_PREEMPTED`) when a trainer stopped for a preemption (signal or the Slurm
+        job's end time, reported through ``$HIGGS_TUNE_PREEMPTED_FILE``) or a signal arrived and the
+        run did not finish; else the launch's own status. On any non-zero status the train outputs
+        in ``train_args`` are removed (the rows are in the resume checkpoint): a rerun resumes.
+    """
+    train_args = train_args or []
+    _become_subreaper()
+    resume = _arg(train_args, "--resume-dir")
+    marker_dir = Path(resume) if resume else Path(tempfile.gettempdir())
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    marker = marker_dir / f".preempted-{socket.gethostname()}-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, **AGENT_ENV, PREEMPTED_FILE_ENV: str(marker)}
     got: list[int] = []
 
     def forward(signum, frame):
         got.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        for pid in _signal_targets(os.getpid()):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    for s in SIGNALS:
         signal.signal(s, forward)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     rc = proc.wait()
-    while True:  # the launcher may die of the signal before its workers finish their checkpoint
+    while True:  # orphaned workers are our children now: wait for every one
         try:
-            os.killpg(proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
+            os.wait()
+        except ChildProcessError:
             break
-        time.sleep(0.2)
-    if rc != 0 and state is not None and state.is_file():
-        try:
-            if json.loads(state.read_text()).get("preempted"):
-                return EXIT_PREEMPTED
-        except (OSError, ValueError):
-            pass
+    preempted = marker.is_file() or (bool(got) and rc != 0)
+    marker.unlink(missing_ok=True)
+    if preempted:
+        rc = EXIT_PREEMPTED
+    if rc != 0:
+        gone = remove_outputs(train_args)
+        print(f"launch: exit {rc}{' (preempted: rerun to resume)' if preempted else ''}; removed the "
+              f"unfinished run's outputs: {' '.join(gone) or 'none'}", flush=True)
     return rc
 
 
@@ -139,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print("launch:", shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return run(cmd, _state_path(train_args))
+    return run(cmd, train_args)
 
 
 if __name__ == "__main__":

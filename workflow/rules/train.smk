@@ -32,7 +32,9 @@ rule train:
     benchmark:
         LOGS / "train.benchmark.tsv"
     shell:
-        "python -m higgs_tune.launch --processes-per-node {params.nproc} --config-file {input.accelerate:q} --"
+        # exec: the launcher replaces the job's shell, so a signal to every process of the Slurm step
+        # finds no bash to kill first (README: Preemption)
+        "exec python -m higgs_tune.launch --processes-per-node {params.nproc} --config-file {input.accelerate:q} --"
         " --config-json {params.cfg:q} --monitor-json {params.monitor:q}"
         " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
         " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"

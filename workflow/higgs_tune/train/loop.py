@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -27,7 +28,7 @@ from ..metrics import MetricSums
 from .checkpoint import Checkpoints, run_fingerprint
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
-from .preemption import Preempted, PreemptionFlag
+from .preemption import Preempted, PreemptionFlag, note_preempted
 from .sampler import Position, next_window, rank_slice
 from .schedule import Schedule, ScheduleError
 
@@ -108,7 +109,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
     random.seed(tc["seed"])
     np.random.seed(tc["seed"])
     _, dtype = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
-    preempt = PreemptionFlag()
+    # signals, and under Slurm the job's end time (one process asks; requested() shares the answer)
+    preempt = PreemptionFlag(tc["stop_margin_s"], os.environ.get("SLURM_JOB_ID") if accelerator.is_main_process else None)
 
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(io.index)
@@ -152,10 +154,11 @@ def train(cfg: dict, io: TrainIO) -> dict:
     state = {"model_source": cfg["model"]["source"], "git_revision": git_revision(), "max_steps": max_steps,
              "trainable_parameters": n_trainable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "num_processes": world, "global_batch_size": bs * world * accum, "resume_dir": str(ckpts.root)}
-    step, pos, t0 = 0, Position(), time.time()
+    step, pos, t0, evaluation_due = 0, Position(), time.time(), False
     latest = ckpts.latest()  # falls back past a torn newest checkpoint (a warning says so)
     if latest is not None:
         step, pos, saved = ckpts.load(latest, model, optimizer, schedule, io)
+        evaluation_due = bool(saved.get("evaluation_due"))
         state.update({k: saved[k] for k in ("step", "epoch", "finished", "preempted", "elapsed_s") if k in saved})
         state.update(resumed_from=str(latest), resumed_at_step=step, started=saved.get("started", state["started"]),
                      resumes=saved.get("resumes", 0) + 1, preempted=False)
@@ -177,6 +180,20 @@ def train(cfg: dict, io: TrainIO) -> dict:
              cfg["lora"]["rank"])
 
     alarms, tw, aw = tc["alarms"], tc["text_weight"], tc["audio_weight"]
+
+    def monitor(step: int, last: bool) -> None:
+        """The validation pass and the probe's predictions due after optimizer step ``step``."""
+        if val_batches and (step % tc["eval_interval"] == 0 or last):
+            val = val_metrics(unwrapped, val_batches, accelerator, device, dtype, tw, aw)
+            if accelerator.is_main_process:
+                append_jsonl(io.val_metrics, {"step": step, **val})
+                writer.add_scalar("val/loss", val["loss"], step)
+        if probe and accelerator.is_main_process and (step == 1 or step % tc["predictions_interval"] == 0 or last):
+            with autocast(device, dtype):
+                append_jsonl(io.predictions, predictions_record(unwrapped, probe[0], tok, device, step, probe[1]))
+
+    if evaluation_due:  # the preempted run checkpointed before its evaluation: run it first
+        monitor(step, step == max_steps)
     row: dict = read_jsonl(io.metrics)[-1] if step and accelerator.is_main_process else {}
     while step < max_steps:
         window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum, lengths,
@@ -243,18 +260,13 @@ def train(cfg: dict, io: TrainIO) -> dict:
             if step % tc["log_interval"] == 0:
                 log.info("step %d/%d loss %.4f text %.4f audio %.4f lr %.2e", step, max_steps, row["loss"],
                          row["text_loss"], row["audio_loss"], row["lr"])
-        if val_batches and (step % tc["eval_interval"] == 0 or last):
-            val = val_metrics(unwrapped, val_batches, accelerator, device, dtype, tw, aw)
-            if accelerator.is_main_process:
-                append_jsonl(io.val_metrics, {"step": step, **val})
-                writer.add_scalar("val/loss", val["loss"], step)
-        if probe and accelerator.is_main_process and (step == 1 or step % tc["predictions_interval"] == 0 or last):
-            with autocast(device, dtype):
-                append_jsonl(io.predictions, predictions_record(unwrapped, probe[0], tok, device, step, probe[1]))
+        # read before the evaluation: a preempted job has seconds; the resumed run evaluates first
         stop = preempt.requested(accelerator)
+        if not (stop and not last):
+            monitor(step, last)
         if step % tc["save_interval"] == 0 or last or stop:
             state.update(step=step, epoch=pos.epoch + 1, finished=last, elapsed_s=row["elapsed_s"],
-                         preempted=bool(stop and not last))
+                         preempted=bool(stop and not last), evaluation_due=bool(stop and not last))
             latest = ckpts.save(step, model, optimizer, schedule, pos, io, state)
             if accelerator.is_main_process:
                 write_json(io.state, state)
@@ -288,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = deep_merge(cfg, json.loads(args.monitor_json))
     try:
         train(cfg, TrainIO.from_args(args))
+    except Preempted as exc:
+        note_preempted(exc.step)
+        raise
     except (AuditNotPassed, health.TrainingHealthError, ScheduleError, UnsupportedDtype) as exc:
         log.error("%s", exc)
         raise SystemExit(EXIT_REFUSED) from exc
