@@ -264,6 +264,10 @@ def test_rendered_launches():
         assert part in script, part
     with pytest.raises(ValueError, match="rendezvous"):
         accelerate_command(args, processes_per_node=4, nodes=2)
+    layout.check(4)  # no GPUs asked: CPU processes
+    with pytest.raises(ValueError, match="split unevenly"):  # --gpus=8 on 2 nodes: maybe 6 + 2
+        SlurmLayout(nodes=2, job_id="4017", gpus_per_job=8).check(4)
+    SlurmLayout(nodes=1, job_id="4017", gpus_per_job=8).check(8)
     # the node rank is expanded on each node, by that node's shell, which says where it runs first
     out = subprocess.run(["bash", "-c", script.replace("exec accelerate", "echo accelerate")],
                          env={"SLURM_NODEID": "1", "SLURMD_NODENAME": "gpu-a18", "PATH": os.environ["PATH"]},
@@ -310,6 +314,10 @@ def test_launch_dry_run_in_a_recorded_two_node_job_step(tmp_path):
     assert f" srun --jobid {job} --overlap --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task=2 " in line, line
     assert "--num_processes 2 --num_machines 2" in line and "--main_process_ip 127.0.0.2" in line, line
     assert f"--main_process_port {29500 + int(job) % 1000}" in line, line
+    # the job asked for 1 GPU per node (--gres=gpu:1): 2 processes per node is not one per GPU
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "2", "--dry-run", "--",
+                          "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert res.returncode == 2 and "1 GPU(s) per node" in res.stderr and "launch:" not in res.stdout, res.stderr
 
 
 def test_launch_in_a_slurm_job_it_cannot_read_stops(tmp_path):

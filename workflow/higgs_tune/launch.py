@@ -110,6 +110,8 @@ class SlurmLayout:
         job_id: ``SLURM_JOB_ID`` ("" outside Slurm).
         cpus_per_node: CPUs of the job per node (``CPUs/Task`` x tasks per node), for the
             launcher's step; None when Slurm does not say.
+        gpus_per_node: GPUs asked per node (``TresPerNode``: ``--gres=gpu:N``, ``--gpus-per-node``);
+            gpus_per_job: GPUs asked for the whole job (``TresPerJob``: ``--gpus``); None if not asked.
     """
 
     nodes: int
@@ -118,6 +120,30 @@ class SlurmLayout:
     port: int = 29500
     job_id: str = ""
     cpus_per_node: int | None = None
+    gpus_per_node: int | None = None
+    gpus_per_job: int | None = None
+
+    def check(self, processes_per_node: int) -> None:
+        """Raise ValueError where ``processes_per_node`` on every node would not be one process per
+        GPU of this multi-node job: GPUs asked per job (Slurm may split them unevenly over the
+        nodes), or per node but another count."""
+        if self.nodes <= 1:
+            return
+        if self.gpus_per_node is None and self.gpus_per_job:
+            raise ValueError(
+                f"Slurm job {self.job_id} asks for {self.gpus_per_job} GPUs for the whole job (--gpus) on {self.nodes} "
+                "nodes, which Slurm may split unevenly: ask for GPUs per node (resources nodes: N and gres: "
+                "'gpu:G' on the train rule, not gpu:)")
+        if self.gpus_per_node is not None and self.gpus_per_node != processes_per_node:
+            raise ValueError(
+                f"Slurm job {self.job_id} has {self.gpus_per_node} GPU(s) per node but the launch asks for "
+                f"--processes-per-node {processes_per_node}: one process per GPU (the train rule takes it from "
+                "resources gres: 'gpu:G')")
+
+
+def _gpus(tres: str | None) -> int | None:
+    m = re.search(r"(?:^|,)gres[:/]gpu(?::[^:,]+)?:(\d+)(?:,|$)", tres or "")
+    return int(m.group(1)) if m else None
 
 
 def _scontrol(*args: str) -> str:
@@ -173,7 +199,8 @@ def slurm_layout(env: dict[str, str]) -> SlurmLayout:
     if tasks and cpus_per_task and tasks.isdigit() and cpus_per_task.isdigit() and int(tasks) % nodes == 0:
         cpus = int(cpus_per_task) * (int(tasks) // nodes)
     return SlurmLayout(nodes=nodes, hosts=hosts, main_host=addr or hosts[0], port=29500 + (int(job) if job.isdigit() else 0) % 1000,
-                       job_id=job, cpus_per_node=cpus)
+                       job_id=job, cpus_per_node=cpus, gpus_per_node=_gpus(_field(record, "TresPerNode")),
+                       gpus_per_job=_gpus(_field(record, "TresPerJob")))
 
 
 def _state_path(train_args: list[str]) -> Path | None:
@@ -224,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     try:
         layout = slurm_layout(dict(os.environ))
-    except RuntimeError as e:
+        layout.check(args.processes_per_node)
+    except (RuntimeError, ValueError) as e:
         print(f"python -m higgs_tune.launch: error: {e}", file=sys.stderr)
         return 2
     if layout.nodes > 1:
