@@ -240,7 +240,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(demo_config, real_batch_
 
 def test_rendered_launches():
     """One process, 2 CPU processes, and 2 nodes x 4 GPUs inside a Slurm allocation."""
-    from higgs_tune.launch import accelerate_command, slurm_command
+    from higgs_tune.launch import SlurmLayout, accelerate_command, slurm_command
 
     args = ["--config-json", "{}", "--state", "s.json"]
     one = accelerate_command(args, processes_per_node=1)
@@ -249,33 +249,90 @@ def test_rendered_launches():
     assert one[-len(args) - 2:] == ["-m", "higgs_tune.train", *args]
     two = accelerate_command(args, processes_per_node=2)
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
-    cmd = slurm_command(args, processes_per_node=4, nodes=2, main_host="gpu-a17", port=29517)
-    assert cmd[:10] == ["srun", "--overlap", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
-                        "--kill-on-bad-exit=1", "bash"]
+    layout = SlurmLayout(nodes=2, hosts=("gpu-a17", "gpu-a18"), main_host="10.1.0.17", port=29517, job_id="4017",
+                         cpus_per_node=16)
+    step_env = {"SLURM_JOB_ID": "4017", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_CONF": "/x.conf",
+                "HOME": "/root"}
+    cmd = slurm_command(args, processes_per_node=4, layout=layout, env=step_env)
+    assert cmd[:3] == ["env", "--unset=SLURM_JOB_NODELIST", "--unset=SLURM_NNODES"]
+    assert cmd[3:16] == ["srun", "--jobid", "4017", "--overlap", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node",
+                         "1", "--cpus-per-task=16", "--kill-on-bad-exit=1", "bash"]
     script = cmd[-1]
     for part in ("--num_processes 8", "--num_machines 2", "--machine_rank $SLURM_NODEID",
-                 "--main_process_ip gpu-a17", "--main_process_port 29517", "--multi_gpu",
+                 "--main_process_ip 10.1.0.17", "--main_process_port 29517", "--multi_gpu",
                  "--config_file config/accelerate.yaml", "-m higgs_tune.train --config-json '{}'"):
         assert part in script, part
     with pytest.raises(ValueError, match="rendezvous"):
         accelerate_command(args, processes_per_node=4, nodes=2)
-    # the node rank is expanded on each node, by that node's shell
-    out = subprocess.run(["bash", "-c", "echo " + script.split("--machine_rank ")[1].split()[0]],
-                         env={"SLURM_NODEID": "1"}, capture_output=True, text=True).stdout.strip()
-    assert out == "1"
+    layout.check(4)  # no GPUs asked: CPU processes
+    with pytest.raises(ValueError, match="split unevenly"):  # --gpus=8 on 2 nodes: maybe 6 + 2
+        SlurmLayout(nodes=2, job_id="4017", gpus_per_job=8).check(4)
+    SlurmLayout(nodes=1, job_id="4017", gpus_per_job=8).check(8)
+    # the node rank is expanded on each node, by that node's shell, which says where it runs first
+    out = subprocess.run(["bash", "-c", script.replace("exec accelerate", "echo accelerate")],
+                         env={"SLURM_NODEID": "1", "SLURMD_NODENAME": "gpu-a18", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0] == "launch: node gpu-a18, machine rank 1 of 2" and "--machine_rank 1 " in out[1], out
 
 
-def test_launch_dry_run_in_a_two_node_allocation(tmp_path):
-    """``python -m higgs_tune.launch`` inside a (simulated) 2-node allocation renders the srun launch
-    from Slurm's environment; the first host comes from ``scontrol show hostnames``."""
+STEP = ROOT / "tests" / "data" / "slurm_two_node_step"  # recorded in a real jobstep (see its README.md)
+
+
+def _replayed_slurm(tmp_path: Path) -> dict:
+    """The environment of the rule's job step recorded on a real 2-node Slurm (through the executor
+    plugins), with an ``scontrol`` that answers what the real one answered in that step."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-a17\\ngpu-a18\\n'\n")
+    (fake / "scontrol").write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "show job") cat {STEP}/scontrol-show-job.txt ;;
+  "show hostnames") cat {STEP}/scontrol-show-hostnames.txt ;;
+  "show node") cat {STEP}/scontrol-show-node.txt ;;
+  *) echo "scontrol: unexpected $*" >&2; exit 1 ;;
+esac
+""")
     (fake / "scontrol").chmod(0o755)
-    e = {**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NUM_NODES": "2",
-         "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_JOB_ID": "4242"}
-    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "4", "--dry-run", "--",
+    recorded = dict(line.split("=", 1) for line in (STEP / "step.env").read_text().splitlines() if "=" in line)
+    base = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    return {**base, **recorded, "PATH": f"{fake}{os.pathsep}{base['PATH']}"}
+
+
+def test_launch_dry_run_in_a_recorded_two_node_job_step(tmp_path):
+    """``python -m higgs_tune.launch`` in the job step of a real 2-node job, as the executor plugin
+    runs the rule (``srun -n1``: its environment names one node, ``SLURM_NNODES=1``,
+    ``SLURM_JOB_NODELIST=n1``): the layout comes from Slurm (``scontrol``), so the launch spans both
+    nodes, meets at the first node's address and drops the step's one-node limits for its srun."""
+    e = _replayed_slurm(tmp_path)
+    assert e["SLURM_NNODES"] == "1" and e["SLURM_JOB_NODELIST"] == "n1" and "SLURM_JOB_NUM_NODES" not in e
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "1", "--dry-run", "--",
                           "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("launch: srun --overlap --nodes 2") and "--main_process_ip gpu-a17" in res.stdout
-    assert "--main_process_port 29742" in res.stdout and "--num_processes 8" in res.stdout
+    line = res.stdout.strip()
+    job = e["SLURM_JOB_ID"]
+    assert line.startswith("launch: env --unset=") and "--unset=SLURM_NNODES" in line, line
+    assert "--unset=SLURM_JOB_NODELIST" in line and "--unset=SLURM_CONF" not in line and "--unset=SLURM_JOB_ID " not in line
+    assert f" srun --jobid {job} --overlap --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task=2 " in line, line
+    assert "--num_processes 2 --num_machines 2" in line and "--main_process_ip 127.0.0.2" in line, line
+    assert f"--main_process_port {29500 + int(job) % 1000}" in line, line
+    # the job asked for 1 GPU per node (--gres=gpu:1): 2 processes per node is not one per GPU
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "2", "--dry-run", "--",
+                          "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert res.returncode == 2 and "1 GPU(s) per node" in res.stderr and "launch:" not in res.stdout, res.stderr
+
+
+def test_launch_in_a_slurm_job_it_cannot_read_stops(tmp_path):
+    """Inside a Slurm job (``SLURM_JOB_ID``) whose nodes ``scontrol`` cannot give, the launch stops
+    with an error naming the job and what to do, rather than training on this node alone."""
+    e = _replayed_slurm(tmp_path)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\n"
+                                               "exit 1\n")
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "1", "--dry-run", "--",
+                          "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert res.returncode == 2 and "launch:" not in res.stdout, res.stdout
+    assert f"Slurm job {e['SLURM_JOB_ID']} (SLURM_JOB_ID)" in res.stderr and "Invalid job id" in res.stderr, res.stderr
+    assert "unset SLURM_JOB_ID" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (tmp_path / "bin" / "scontrol").unlink()  # and where there is no scontrol at all
+    e["PATH"] = os.pathsep.join(p for p in e["PATH"].split(os.pathsep) if not (Path(p) / "scontrol").exists())
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.launch", "--processes-per-node", "1", "--dry-run", "--",
+                          "--config-json", "{}"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert res.returncode == 2 and "scontrol" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -5,10 +5,12 @@ group across the nodes of a Slurm allocation. The train rule calls this; it rend
 
 * Processes: ``--processes-per-node`` (the rule passes the GPUs granted, ``resources.gpu``, or
   ``train.processes`` where no GPU is granted: CPU processes on gloo) times the nodes.
-* Nodes: inside a Slurm allocation of ``SLURM_JOB_NUM_NODES`` > 1 nodes, one launcher per node is
-  started with ``srun --overlap --nodes N --ntasks-per-node 1``; each passes ``--machine_rank $SLURM_NODEID``
-  and all meet at the first host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames``) on
-  ``--port`` (default 29500 + ``SLURM_JOB_ID`` mod 1000, so two jobs sharing a node do not collide).
+* Nodes: inside a Slurm job of N > 1 nodes, one launcher per node is started with ``srun --jobid JOB
+  --overlap --nodes N --ntasks-per-node 1`` (the job step's ``SLURM_*`` limits removed for it); each
+  passes ``--machine_rank $SLURM_NODEID`` and all meet at the first node's address on ``--port``
+  (29500 + ``SLURM_JOB_ID`` mod 1000, so two jobs sharing a node do not collide). The layout is
+  asked of Slurm (``scontrol show job``/``hostnames``/``node``), not read from the environment:
+  the Snakemake jobstep executor runs the rule in an ``srun -n1`` step that sees one node.
 * The accelerate config is always the repo's (``--config_file``), never the user's default config.
 
 Signals (see :func:`run`): SIGTERM, SIGUSR1 and SIGINT, whether sent to this process alone or to
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,6 +31,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_PREEMPTED = 75  # == train.EXIT_PREEMPTED (not imported: this module must not import torch)
@@ -63,26 +68,141 @@ def accelerate_command(train_args: list[str], *, processes_per_node: int, nodes:
     return cmd + ["-m", "higgs_tune.train", *train_args]
 
 
-def slurm_command(train_args: list[str], *, processes_per_node: int, nodes: int, main_host: str, port: int,
-                  config_file: str = "config/accelerate.yaml") -> list[str]:
-    """The ``srun`` argv that starts one accelerate launcher per node of the allocation; each node's
-    rank comes from its own ``$SLURM_NODEID``."""
-    inner = accelerate_command(train_args, processes_per_node=processes_per_node, nodes=nodes,
-                               machine_rank="$SLURM_NODEID", main_host=main_host, port=port, config_file=config_file)
-    script = " ".join(a if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner)
-    # --overlap: this runs inside the Snakemake job's own step, which holds the allocation's CPUs
-    return ["srun", "--overlap", "--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1",
-            "--kill-on-bad-exit=1", "bash", "-c", script]
+def slurm_command(train_args: list[str], *, processes_per_node: int, layout: "SlurmLayout",
+                  env: dict[str, str] | None = None, config_file: str = "config/accelerate.yaml") -> list[str]:
+    """The argv that starts one accelerate launcher on every node of the allocation ``layout``
+    (``srun --jobid JOB --overlap --nodes N --ntasks N --ntasks-per-node 1``); each node's rank comes
+    from its own ``$SLURM_NODEID``, rank 0 on the first node, where the rendezvous is.
+
+    The command runs inside the job step that the Snakemake executor started with ``srun -n1`` on
+    one node: that step's ``SLURM_*`` variables (``SLURM_NNODES=1``, ``SLURM_NTASKS=1``,
+    ``SLURM_JOB_NODELIST`` of that one node, ...) would be read by ``srun`` as the limits of the
+    new step ("Only allocated 1 nodes asked for 2"), so every ``SLURM_*`` variable of ``env`` except
+    ``SLURM_CONF`` and the job id is removed for it (``env -u``). ``--overlap``: the rule's own step
+    holds CPUs (and GPUs) of the first node.
+    """
+    inner = accelerate_command(train_args, processes_per_node=processes_per_node, nodes=layout.nodes,
+                               machine_rank="$SLURM_NODEID", main_host=layout.main_host, port=layout.port,
+                               config_file=config_file)
+    # each node says where it runs (Slurm's node name) before it becomes its accelerate launcher
+    script = (f'echo "launch: node ${{SLURMD_NODENAME:-$(hostname)}}, machine rank $SLURM_NODEID of {layout.nodes}"; '
+              "exec " + " ".join(a if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner))
+    drop = sorted(k for k in (env or {}) if k.startswith("SLURM_") and k not in _KEEP_SLURM)
+    cmd = ["env", *(f"--unset={k}" for k in drop)] if drop else []
+    cmd += ["srun", "--jobid", layout.job_id, "--overlap", "--nodes", str(layout.nodes), "--ntasks", str(layout.nodes),
+            "--ntasks-per-node", "1"]
+    if layout.cpus_per_node:
+        cmd.append(f"--cpus-per-task={layout.cpus_per_node}")
+    return cmd + ["--kill-on-bad-exit=1", "bash", "-c", script]
 
 
-def slurm_layout(env: dict[str, str]) -> tuple[int, str | None, int]:
-    """``(nodes, first_host, port)`` of the Slurm allocation in ``env`` (1 node when not in Slurm)."""
-    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    if nodes <= 1:
-        return 1, None, 29500
-    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
-                           text=True, check=True).stdout.split()
-    return nodes, hosts[0], 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000
+_KEEP_SLURM = {"SLURM_CONF", "SLURM_JOB_ID", "SLURM_JOBID"}
+
+
+@dataclass(frozen=True)
+class SlurmLayout:
+    """The nodes of the Slurm job the launcher runs in, as Slurm's controller reports them.
+
+    Attributes:
+        nodes: nodes allocated to the job (1 outside Slurm).
+        hosts: their names, in Slurm's order (``scontrol show hostnames``); node rank i runs on hosts[i].
+        main_host: the rendezvous address: the first node's ``NodeAddr`` (``scontrol show node``),
+            its name where Slurm gives no address; None for one node.
+        port: the rendezvous TCP port, 29500 + job id mod 1000 (two jobs sharing a node do not collide).
+        job_id: ``SLURM_JOB_ID`` ("" outside Slurm).
+        cpus_per_node: CPUs of the job per node (``CPUs/Task`` x tasks per node), for the
+            launcher's step; None when Slurm does not say.
+        gpus_per_node: GPUs asked per node (``TresPerNode``: ``--gres=gpu:N``, ``--gpus-per-node``);
+            gpus_per_job: GPUs asked for the whole job (``TresPerJob``: ``--gpus``); None if not asked.
+    """
+
+    nodes: int
+    hosts: tuple[str, ...] = ()
+    main_host: str | None = None
+    port: int = 29500
+    job_id: str = ""
+    cpus_per_node: int | None = None
+    gpus_per_node: int | None = None
+    gpus_per_job: int | None = None
+
+    def check(self, processes_per_node: int) -> None:
+        """Raise ValueError where ``processes_per_node`` on every node would not be one process per
+        GPU of this multi-node job: GPUs asked per job (Slurm may split them unevenly over the
+        nodes), or per node but another count."""
+        if self.nodes <= 1:
+            return
+        if self.gpus_per_node is None and self.gpus_per_job:
+            raise ValueError(
+                f"Slurm job {self.job_id} asks for {self.gpus_per_job} GPUs for the whole job (--gpus) on {self.nodes} "
+                "nodes, which Slurm may split unevenly: ask for GPUs per node (resources nodes: N and gres: "
+                "'gpu:G' on the train rule, not gpu:)")
+        if self.gpus_per_node is not None and self.gpus_per_node != processes_per_node:
+            raise ValueError(
+                f"Slurm job {self.job_id} has {self.gpus_per_node} GPU(s) per node but the launch asks for "
+                f"--processes-per-node {processes_per_node}: one process per GPU (the train rule takes it from "
+                "resources gres: 'gpu:G')")
+
+
+def _gpus(tres: str | None) -> int | None:
+    m = re.search(r"(?:^|,)gres[:/]gpu(?::[^:,]+)?:(\d+)(?:,|$)", tres or "")
+    return int(m.group(1)) if m else None
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _field(record: str, key: str) -> str | None:
+    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S*)", record)
+    return m.group(1) if m else None
+
+
+def slurm_layout(env: dict[str, str]) -> SlurmLayout:
+    """The layout of the Slurm job named by ``env`` (``SLURM_JOB_ID``), asked of Slurm itself:
+    ``scontrol show job`` (NumNodes, NodeList, CPUs/Task, NumTasks), ``scontrol show hostnames``,
+    ``scontrol show node`` (the first node's NodeAddr). Not from the step's environment: the
+    Snakemake jobstep executor removes the job's ``SLURM_*`` variables and runs the rule in an
+    ``srun -n1`` step, whose own ``SLURM_NNODES``/``SLURM_JOB_NODELIST`` name one node.
+
+    Outside Slurm (no ``SLURM_JOB_ID``): one node.
+
+    Raises:
+        RuntimeError: inside a Slurm job whose layout ``scontrol`` cannot give (not on PATH, the
+            controller unreachable, the job unknown, an unreadable answer): training on one node of
+            an allocation of several would be silently wrong, so the launch stops.
+    """
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
+    if not job:
+        return SlurmLayout(nodes=1)
+    try:
+        record = _scontrol("show", "job", "--oneliner", job)
+        nodes_field, nodelist = _field(record, "NumNodes"), _field(record, "NodeList")
+        if not nodes_field or not nodelist or nodelist == "(null)":
+            raise ValueError(f"no NumNodes/NodeList in {record.strip()[:300]!r}")
+        nodes = int(nodes_field.split("-")[0])
+        hosts = tuple(_scontrol("show", "hostnames", nodelist).split())
+        if len(hosts) != nodes:
+            raise ValueError(f"NumNodes={nodes} but NodeList={nodelist} names {len(hosts)} hosts")
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+        raise RuntimeError(
+            f"running in Slurm job {job} (SLURM_JOB_ID) but its nodes could not be read with "
+            f"`scontrol show job {job}`: {detail}. The launcher asks Slurm for the job's nodes (the job "
+            "step's environment names one node); make scontrol reach this job's controller (PATH, "
+            "SLURM_CONF), or unset SLURM_JOB_ID to train on this machine alone") from e
+    if nodes == 1:
+        return SlurmLayout(nodes=1, hosts=hosts, job_id=job)
+    try:
+        addr = _field(_scontrol("show", "node", "--oneliner", hosts[0]), "NodeAddr")
+    except (OSError, subprocess.SubprocessError):
+        addr = None
+    tasks, cpus_per_task = _field(record, "NumTasks"), _field(record, "CPUs/Task")
+    cpus = None
+    if tasks and cpus_per_task and tasks.isdigit() and cpus_per_task.isdigit() and int(tasks) % nodes == 0:
+        cpus = int(cpus_per_task) * (int(tasks) // nodes)
+    return SlurmLayout(nodes=nodes, hosts=hosts, main_host=addr or hosts[0], port=29500 + (int(job) if job.isdigit() else 0) % 1000,
+                       job_id=job, cpus_per_node=cpus, gpus_per_node=_gpus(_field(record, "TresPerNode")),
+                       gpus_per_job=_gpus(_field(record, "TresPerJob")))
 
 
 def _arg(train_args: list[str], flag: str) -> str | None:
@@ -230,10 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments of higgs_tune.train")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    nodes, host, port = slurm_layout(dict(os.environ))
-    if nodes > 1:
-        cmd = slurm_command(train_args, processes_per_node=args.processes_per_node, nodes=nodes, main_host=host,
-                            port=port, config_file=args.config_file)
+    try:
+        layout = slurm_layout(dict(os.environ))
+        layout.check(args.processes_per_node)
+    except (RuntimeError, ValueError) as e:
+        print(f"python -m higgs_tune.launch: error: {e}", file=sys.stderr)
+        return 2
+    if layout.nodes > 1:
+        cmd = slurm_command(train_args, processes_per_node=args.processes_per_node, layout=layout,
+                            env=dict(os.environ), config_file=args.config_file)
     else:
         cmd = accelerate_command(train_args, processes_per_node=args.processes_per_node, config_file=args.config_file)
     print("launch:", shlex.join(cmd), flush=True)
