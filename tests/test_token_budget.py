@@ -107,3 +107,32 @@ def test_training_with_a_token_budget(tmp_config, tmp_path, short_codes, transcr
     assert [r["n_samples"] for r in rows] == planned and len(set(planned)) > 1 or planned[0] > 2
     state = json.loads(io.state.read_text())
     assert state["max_tokens"] == 400 and state["global_batch_size"] is None and state["finished"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_config, tmp_path, short_codes, transcripts,
+                                                                    lj_dir):
+    """With a token budget, 2 processes x accumulation 1 and 1 process x accumulation 2 train the
+    same micro-batches in the same optimizer steps (launched as the train rule does, gloo): the same
+    losses, sample counts and positions per step; the loss normalized over the whole window across
+    processes. 5 samples, 3 steps: the stream crosses an epoch's end."""
+    from test_distributed import close, launch, rows
+
+    cfg = copy.deepcopy(tmp_config)
+    cfg["train"].update(max_steps=3, warmup_steps=1, eval_interval=3, predictions_interval=3, save_interval=3,
+                        log_interval=1, learning_rate=3e-3, max_tokens=400, packing=False)
+    one = stage_train_inputs(tmp_path / "one", short_codes, transcripts, lj_dir, n_train=5, audit_passed=True)
+    two = stage_train_inputs(tmp_path / "two", short_codes, transcripts, lj_dir, n_train=5, audit_passed=True)
+    cfg1, cfg2 = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    cfg1["train"]["grad_accum_steps"], cfg2["train"]["grad_accum_steps"] = 2, 1
+    r1 = launch(cfg1, one, 1)
+    assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
+    r2 = launch(cfg2, two, 2)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    m1, m2 = rows(one.metrics), rows(two.metrics)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        for key in ("n_samples", "n_positions", "n_padded_positions", "n_audio_targets", "n_text_targets"):
+            assert a[key] == b[key], (a["step"], key)
+        for key in ("loss", "text_loss", "audio_loss", "grad_norm", "lr"):
+            assert close(a[key], b[key]), (a["step"], key, a[key], b[key])
