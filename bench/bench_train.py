@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_train.py [--configfile config/demo.yaml] [--batch-size 4] [--grad-accum 1]
                                           [--steps N] [--warmup N] [--train T --val V --index I]
     .venv/bin/python bench/bench_train.py --quick                    # smallest setting (batch 2, 2 steps)
+    .venv/bin/python bench/bench_train.py --max-tokens 2048          # (a) by token budget, (b) by --batch-size
     .venv/bin/python bench/bench_train.py --geometry 3b              # on a GPU: the real 3B geometry, bf16
 
 (a) higgs-tune: ``higgs_tune.train.train`` as the train rule runs it (accelerate, one process):
@@ -94,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "init, bf16, LoRA as config/cluster.yaml (for a GPU)")
     ap.add_argument("--batch-size", type=int, default=4, help="samples per micro-step (train.batch_size)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="(a) by token budget (train.max_tokens: positions per micro-batch, padding included) "
+                         "instead of --batch-size; (b) keeps --batch-size")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed optimizer steps per side (default: one epoch, so both sides time the same samples)")
     ap.add_argument("--warmup", type=int, default=0,
@@ -138,6 +142,7 @@ def bench_config(args) -> dict:
         for key in ("learning_rate", "packing", "pack_positions"):  # train as the cluster config does
             cfg["train"][key] = cluster["train"].get(key, cfg["train"].get(key))
     cfg["train"].update(batch_size=args.batch_size, grad_accum_steps=args.grad_accum, epochs=None,
+                        max_tokens=args.max_tokens,
                         warmup_steps=min(cfg["train"]["warmup_steps"], 1), eval_interval=10 ** 6,
                         save_interval=10 ** 6, predictions_interval=10 ** 6, log_interval=10 ** 6,
                         gradient_checkpointing=False, length_bucketing=True)
@@ -306,6 +311,7 @@ def child_ours(spec: dict) -> dict:
 
     from higgs_tune import train as T
     from higgs_tune.fileio import read_jsonl
+    from higgs_tune.train.sampler import Batching
 
     cfg, samples, lengths, frames, text, mc = _load(spec)
     work = Path(spec["work"]) / "ours"
@@ -319,12 +325,11 @@ def child_ours(spec: dict) -> dict:
     w, tc = spec["warmup"], cfg["train"]
     seconds = rows[-1]["elapsed_s"] - (rows[w - 1]["elapsed_s"] if w else 0.0)  # from train()'s t0 (set-up done)
     # the same order the trainer drew (deterministic from the seed), for the timed steps' samples
-    pos, steps = T.Position(), []
+    pos, steps, plan = T.Position(), [], Batching(tc, len(samples), 1, tuple(lengths))
     for k in range(len(rows)):
-        window, pos = T.next_window(pos, len(samples), tc["batch_size"], 1, tc["seed"], tc["grad_accum_steps"],
-                                    tuple(lengths), tc["bucket_pool"])
+        window, pos = plan.next_window(pos)
         if k >= w:
-            steps += window
+            steps += [m[0] for m in window]
     padded = sum(r["n_padded_positions"] for r in rows[w:])
     assert sum(r["n_positions"] for r in rows[w:]) == sum(lengths[i].positions for s in steps for i in s)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -437,6 +442,13 @@ def main(argv=None) -> int:
     inputs = stage_inputs(args, cfg, work)
     n_train = sum(1 for _ in open(inputs["train"]))
     epoch_steps = math.ceil(math.ceil(n_train / args.batch_size) / args.grad_accum)
+    micro_per_epoch = math.ceil(n_train / args.batch_size)
+    if args.max_tokens:  # (a)'s epoch in token-budget micro-batches; (b) keeps its fixed batch
+        from higgs_tune.train.sampler import Batching
+
+        _, _, lengths, *_ = _load({"cfg": cfg, "inputs": inputs})
+        micro_per_epoch = len(Batching(cfg["train"], n_train, 1, tuple(lengths)).epoch_batches(0))
+        epoch_steps = math.ceil(micro_per_epoch / args.grad_accum)
     warmup = args.warmup
     steps = epoch_steps if args.steps is None else args.steps
     cfg["train"]["max_steps"] = warmup + steps
@@ -446,12 +458,13 @@ def main(argv=None) -> int:
             "peak_tflops": args.peak_tflops, "threads": args.threads}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    whole = math.ceil(n_train / args.batch_size) % args.grad_accum == 0 and warmup % epoch_steps == 0 \
+    whole = not args.max_tokens and micro_per_epoch % args.grad_accum == 0 and warmup % epoch_steps == 0 \
         and steps % epoch_steps == 0
     arch = cfg["model"]["arch"]
     print(f"data: {n_train} train samples ({'cached codes' if args.index else 'random codes of the real clip lengths'})"
           f"; model: hidden {arch['hidden_size']}, {arch['num_layers']} layers, {cfg['model']['dtype']}; "
-          f"batch {args.batch_size} x accum {args.grad_accum}; {warmup} warm-up + {steps} timed steps "
+          f"batch {f'of {args.max_tokens} positions (b: {args.batch_size} samples)' if args.max_tokens else args.batch_size}"
+          f" x accum {args.grad_accum}; {warmup} warm-up + {steps} timed steps "
           f"({epoch_steps} per epoch); torch threads {args.threads or 'default'}; "
           f"load {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     if not whole:

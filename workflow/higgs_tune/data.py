@@ -36,10 +36,15 @@ def audio_items(sample: dict) -> list[tuple[int, str, dict]]:
 
 
 class CodesIndex:
-    """Lookup of cached audio codes by content hash (the tokenize stage's ``index.parquet``).
+    """Lookup of cached audio codes by content hash (the tokenize stage's ``index.parquet``), read on demand.
 
-    ``get(sha)`` returns a long tensor ``(K, T)``; raises ``KeyError`` naming the hash if absent.
+    Holds, per clip, only its hash, its codes path and its frame count (sorted numpy arrays: about
+    ``64 + len(path) + 8`` bytes a clip); codes are read from their ``.npy`` file at each call, never
+    cached, so a process holds the codes of the samples it builds and no others.
     ``codes_path`` entries may be absolute or relative to ``root`` (the workflow root).
+
+    Raises:
+        ValueError: (constructor) the index lacks ``audio_sha256`` or ``codes_path``.
     """
 
     def __init__(self, index_path: str | Path, root: str | Path = "."):
@@ -47,22 +52,79 @@ class CodesIndex:
 
         self.path = Path(index_path)
         df = pd.read_parquet(self.path)
+        missing = {"audio_sha256", "codes_path"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{self.path} lacks column(s) {sorted(missing)}: rerun the tokenize stage")
         root = Path(root)
-        self._paths = {
-            row.audio_sha256: (Path(row.codes_path) if Path(row.codes_path).is_absolute() else root / row.codes_path)
-            for row in df.itertuples()
-        }
-        self._cache: dict[str, torch.Tensor] = {}
+        shas = np.array([str(h).encode() for h in df["audio_sha256"]], dtype=bytes)
+        order = np.argsort(shas, kind="stable")
+        self._shas = shas[order]
+        self._paths = np.array([str(Path(p) if Path(p).is_absolute() else root / p).encode()
+                                for p in df["codes_path"]], dtype=bytes)[order]
+        self._frames = (np.asarray(df["n_frames"], dtype=np.int64)[order] if "n_frames" in df.columns else None)
+
+    def __len__(self) -> int:
+        return len(self._shas)
+
+    def _row(self, sha: str) -> int | None:
+        key = sha.encode()
+        i = int(np.searchsorted(self._shas, key))
+        return i if i < len(self._shas) and self._shas[i] == key else None
 
     def __contains__(self, sha: str) -> bool:
-        return sha in self._paths
+        return self._row(sha) is not None
+
+    def _find(self, sha: str) -> int:
+        i = self._row(sha)
+        if i is None:
+            raise KeyError(f"audio {sha[:12]}… has no codes in {self.path}: rerun the tokenize stage")
+        return i
+
+    def n_frames(self, sha: str) -> int:
+        """T, the codec frames of ``sha``'s codes, from the index alone (no file read).
+
+        Raises:
+            KeyError: naming the hash when the index does not hold it.
+            ValueError: the index has no ``n_frames`` column (rerun the tokenize stage).
+        """
+        i = self._find(sha)
+        if self._frames is None:
+            raise ValueError(f"{self.path} has no n_frames column: rerun the tokenize stage")
+        return int(self._frames[i])
+
+    def load(self, sha: str) -> torch.Tensor:
+        """The codes of ``sha`` as stored: int16 ``(K, T)`` (values < 1026 fit), read from disk now.
+
+        Raises:
+            KeyError: naming the hash when the index does not hold it.
+            ValueError: naming the file when its values do not fit int16.
+        """
+        path = self._paths[self._find(sha)].decode()
+        arr = np.load(path)
+        if arr.dtype != np.int16:
+            if arr.size and (int(arr.min()) < -(2 ** 15) or int(arr.max()) >= 2 ** 15):
+                raise ValueError(f"{path}: codes outside int16 ({arr.min()}..{arr.max()}): rerun the tokenize stage")
+            arr = arr.astype(np.int16)
+        return torch.from_numpy(arr)
 
     def get(self, sha: str) -> torch.Tensor:
-        if sha not in self._cache:
-            if sha not in self._paths:
-                raise KeyError(f"audio {sha[:12]}… has no codes in {self.path}: rerun the tokenize stage")
-            self._cache[sha] = torch.from_numpy(np.load(self._paths[sha]).astype(np.int64))
-        return self._cache[sha]
+        """The codes of ``sha`` as a long ``(K, T)`` tensor (:meth:`load` widened; not cached).
+
+        Raises:
+            KeyError: naming the hash when the index does not hold it.
+        """
+        return self.load(sha).long()
+
+
+def _prepare(sample: dict, text_tokenizer):
+    """``prepare_chatml_sample`` of a kept row: ``(input_tokens, label_tokens, audio_contents, hashes)``."""
+    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+
+    chatml = {k: sample[k] for k in ("messages", "start_index", "misc", "speaker") if k in sample}
+    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(json.loads(json.dumps(chatml)), text_tokenizer)
+    if input_tokens is None:
+        raise ValueError(f"sample {sample_id(sample)}: prepare_chatml_sample rejected it (see the log above)")
+    return input_tokens, label_tokens, audio_contents, sample.get("misc", {}).get("audio_sha256", {})
 
 
 def build_dataset_sample(sample: dict, text_tokenizer, codes_of: Callable[[str], torch.Tensor]):
@@ -71,18 +133,16 @@ def build_dataset_sample(sample: dict, text_tokenizer, codes_of: Callable[[str],
     Args:
         sample: a kept manifest row (``ChatMLSample`` JSON with ``misc.audio_sha256``).
         text_tokenizer: the Higgs text tokenizer.
-        codes_of: ``sha256 -> (K, T)`` long codes (e.g. ``CodesIndex.get``).
+        codes_of: ``sha256 -> (K, T)`` integer codes (``CodesIndex.load``: int16, or ``CodesIndex.get``:
+            long); ``audio_ids_concat`` keeps their dtype (the collator of :func:`make_collator` widens
+            it to long).
 
     Raises:
         ValueError: naming the sample id when ``prepare_chatml_sample`` rejects the row.
     """
-    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
-    chatml = {k: sample[k] for k in ("messages", "start_index", "misc", "speaker") if k in sample}
-    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(json.loads(json.dumps(chatml)), text_tokenizer)
-    if input_tokens is None:
-        raise ValueError(f"sample {sample_id(sample)}: prepare_chatml_sample rejected it (see the log above)")
-    hashes = sample.get("misc", {}).get("audio_sha256", {})
+    input_tokens, label_tokens, audio_contents, hashes = _prepare(sample, text_tokenizer)
     codes = [codes_of(hashes[c.audio_url]) for c in audio_contents]
     if codes:
         starts = torch.tensor(np.cumsum([0] + [c.shape[1] for c in codes[:-1]]), dtype=torch.long)
@@ -100,6 +160,58 @@ def build_dataset_sample(sample: dict, text_tokenizer, codes_of: Callable[[str],
         audio_sample_rate=torch.zeros(0),
         audio_speaker_indices=torch.zeros(0, dtype=torch.long),
     )
+
+
+class ManifestSamples:
+    """The training samples of a kept manifest, each built when it is asked for.
+
+    Holds the byte offset of each row in the file (8 bytes a row) and nothing else: ``samples[i]``
+    reads row ``i``, tokenizes it and loads its codes (int16, :meth:`CodesIndex.load`) into a
+    ``ChatMLDatasetSample`` (:func:`build_dataset_sample`), every time (no cache). A training
+    process thus holds the codes of the micro-batches in flight, the samples of its own share, and
+    never reads the codes of samples it does not train. :meth:`lengths` counts every row's positions
+    from its tokens and the index's frame counts, without reading any codes.
+
+    Raises:
+        ValueError: (constructor) naming the file and line of a row that is not JSON.
+    """
+
+    def __init__(self, path: str | Path, text_tokenizer, codes: CodesIndex):
+        self.path, self.text_tokenizer, self.codes = Path(path), text_tokenizer, codes
+        offsets, at = [], 0
+        with open(self.path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{self.path}:{n}: not JSON ({exc.msg}); fix or remove that line") from exc
+                    offsets.append(at)
+                at += len(line)
+        self._offsets = np.array(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def row(self, i: int) -> dict:
+        """Row ``i`` (0-based, blank lines not counted) as read from the file now."""
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[i]))
+            return json.loads(f.readline())
+
+    def __getitem__(self, i: int):
+        return build_dataset_sample(self.row(i), self.text_tokenizer, self.codes.load)
+
+    def rows(self) -> Iterator[dict]:
+        """Every row, in order, read from the file as it goes (one row in memory at a time)."""
+        with open(self.path, "rb") as f:
+            for at in self._offsets:
+                f.seek(int(at))
+                yield json.loads(f.readline())
+
+    def lengths(self, model_config) -> tuple[SampleLength, ...]:
+        """:class:`SampleLength` of every row, in order: :func:`row_length` (tokens + index frame counts)."""
+        return tuple(row_length(r, self.text_tokenizer, self.codes.n_frames, model_config) for r in self.rows())
 
 
 def sample_id(sample: dict) -> str:
@@ -149,6 +261,7 @@ class NonMutatingCollator:
     **in place** in each sample's ``label_ids``, then derives "this audio segment is not trained"
     from that same label being -100. Collating the same sample a second time (epoch 2, or eval
     after train) therefore turns every audio label into -100: training silently stops learning audio.
+    It also widens each sample's codes to long (samples hold them in their stored int16).
     """
 
     def __init__(self, collator):
@@ -160,8 +273,9 @@ class NonMutatingCollator:
     def __call__(self, samples):
         import dataclasses
 
-        return self.collator([dataclasses.replace(s, label_ids=s.label_ids.clone()) if s.label_ids is not None
-                              else s for s in samples])
+        return self.collator([dataclasses.replace(s, audio_ids_concat=s.audio_ids_concat.long(),
+                                                  **({"label_ids": s.label_ids.clone()} if s.label_ids is not None
+                                                     else {})) for s in samples])
 
 
 def batch_to_model_kwargs(batch, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -213,23 +327,43 @@ def sample_length(sample, model_config) -> SampleLength:
             frames, which this count does not model), or when the sample has fewer audio segments
             than placeholders.
     """
+    ids = sample.input_ids
+    starts = [int(x) for x in sample.audio_ids_start]
+    ends = starts[1:] + [int(sample.audio_ids_concat.shape[-1])]
+    return _length(ids, [b - a for a, b in zip(starts, ends)], model_config)
+
+
+def row_length(row: dict, text_tokenizer, n_frames_of: Callable[[str], int], model_config) -> SampleLength:
+    """:class:`SampleLength` of a kept manifest row without its codes: its tokens
+    (``prepare_chatml_sample``, as :func:`build_dataset_sample`) and each audio segment's frame count
+    (``n_frames_of``, e.g. :meth:`CodesIndex.n_frames`). Equals :func:`sample_length` of the built
+    sample (tested).
+
+    Raises:
+        ValueError: as :func:`sample_length`, or when ``prepare_chatml_sample`` rejects the row.
+        KeyError: an audio segment's hash is not in the index.
+    """
+    input_tokens, _, audio_contents, hashes = _prepare(row, text_tokenizer)
+    return _length(torch.tensor(input_tokens, dtype=torch.long),
+                   [n_frames_of(hashes[c.audio_url]) for c in audio_contents], model_config)
+
+
+def _length(ids: torch.Tensor, segment_frames: list[int], model_config) -> SampleLength:
+    """:class:`SampleLength` of ``input_ids`` whose audio segments have ``segment_frames`` frames, in order."""
     s = collator_settings(model_config)
     if s["encode_whisper_embed"]:
         raise ValueError("sample_length does not count Whisper embeddings (encode_whisper_embed: true)")
-    ids = sample.input_ids
     is_in, is_out = ids == s["audio_in_token_id"], ids == s["audio_out_token_id"]
     placeholders = is_in | is_out
     n_seg = int(placeholders.sum())
-    starts = [int(x) for x in sample.audio_ids_start]
-    if n_seg > len(starts):
-        raise ValueError(f"sample has {n_seg} audio placeholders but {len(starts)} audio segments")
-    ends = starts[1:] + [int(sample.audio_ids_concat.shape[-1])]
+    if n_seg > len(segment_frames):
+        raise ValueError(f"sample has {n_seg} audio placeholders but {len(segment_frames)} audio segments")
     extra = 2 + (s["audio_num_codebooks"] - 1 if s["use_delay_pattern"] else 0)
     # the collator numbers audio segments in order of appearance over both kinds of placeholder
     kinds = ["in" if bool(x) else "out" for x in is_in[placeholders]]
     positions = int(ids.shape[0]) - n_seg
-    for kind, a, b in zip(kinds, starts, ends):
-        positions += 1 if kind == "in" and not s["return_audio_in_tokens"] else (b - a) + extra
+    for kind, t in zip(kinds, segment_frames):
+        positions += 1 if kind == "in" and not s["return_audio_in_tokens"] else t + extra
     return SampleLength(tokens=int(ids.shape[0]), positions=positions)
 
 
@@ -259,7 +393,7 @@ def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: in
 
 
 __all__ = [
-    "MODEL_ROUND_TO", "CodesIndex", "SampleLength", "audio_items", "batch_positions", "batch_to_model_kwargs",
-    "batches", "build_dataset_sample", "collator_settings", "iter_contents", "make_collator", "read_jsonl",
-    "sample_id", "sample_length", "write_jsonl",
+    "MODEL_ROUND_TO", "CodesIndex", "ManifestSamples", "SampleLength", "audio_items", "batch_positions",
+    "batch_to_model_kwargs", "batches", "build_dataset_sample", "collator_settings", "iter_contents", "make_collator",
+    "read_jsonl", "row_length", "sample_id", "sample_length", "write_jsonl",
 ]

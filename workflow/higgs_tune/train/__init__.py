@@ -23,6 +23,8 @@ processes x batch b and 1 process x batch 2b see the same samples in the same op
 ``train.length_bucketing`` (default) the permutation is first cut into pools of ``train.bucket_pool``
 micro-steps, each sorted by length and cut into micro-steps, and the micro-steps are shuffled
 (:func:`bucketed_micro_steps`): less padding, every sample still once per epoch. With
+``train.max_tokens`` micro-batches are filled up to a token budget instead, one per process and
+micro-step (:class:`~higgs_tune.train.sampler.Batching`; samples per step vary). With
 ``train.packing`` each process's micro-batch is packed end to end into rows of at most
 ``train.pack_positions`` positions (one row when null) under a block-diagonal attention mask
 (:mod:`higgs_tune.packing`): the same loss and gradients with almost no padding. The

@@ -29,7 +29,7 @@ from .checkpoint import Checkpoints, run_fingerprint
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
 from .preemption import Preempted, PreemptionFlag, note_preempted
-from .sampler import Position, next_window, rank_slice
+from .sampler import Batching, Position
 from .schedule import Schedule, ScheduleError
 
 log = logging.getLogger("higgs_tune.train")
@@ -114,23 +114,19 @@ def train(cfg: dict, io: TrainIO) -> dict:
 
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(io.index)
-    train_rows, val_rows = D.read_jsonl(io.train), D.read_jsonl(io.val)
-    if not train_rows:
+    # built when a micro-batch needs them: a process holds (and reads) the codes of its own share only
+    train_samples, val_rows = D.ManifestSamples(io.train, tok, codes), D.read_jsonl(io.val)
+    if not len(train_samples):
         raise SystemExit(f"{io.train} has no rows")
-    bs, accum = tc["batch_size"], tc["grad_accum_steps"]
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (bs * world)) // accum)
-    max_steps = tc["max_steps"] or math.ceil((tc["epochs"] or 1) * steps_per_epoch)
-    # the LR each optimizer step is applied with (raises when warmup_steps >= max_steps)
-    schedule = Schedule(tc["learning_rate"], tc["warmup_steps"], max_steps)
     model = build_model(cfg["model"], dtype, device=device)
     collator = D.make_collator(model.config)
-    train_samples = [D.build_dataset_sample(r, tok, codes.get) for r in train_rows]
-    # each sample's positions in the model's merged sequence (no forward): bucketing sorts by them,
-    # packing lays the samples out by them
-    sample_lengths = tuple(D.sample_length(s, model.config) for s in train_samples) \
-        if tc["length_bucketing"] or tc["packing"] else None
-    lengths = sample_lengths if tc["length_bucketing"] else None
-    val_samples = [D.build_dataset_sample(r, tok, codes.get) for r in val_rows]
+    # each sample's positions in the model's merged sequence, from its tokens and the index's frame
+    # counts (no codes, no forward): bucketing sorts by them, packing lays the samples out by them,
+    # the token budget fills micro-batches by them
+    sample_lengths = train_samples.lengths(model.config) \
+        if tc["length_bucketing"] or tc["packing"] or tc["max_tokens"] else None
+    plan = Batching(tc, len(train_samples), world, sample_lengths)
+    val_samples = [D.build_dataset_sample(r, tok, codes.load) for r in val_rows]
     val_batches = [collator(b) for b in D.batches(val_samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
     probe = (collator([val_samples[0]]), D.sample_id(val_rows[0])) if val_samples else None
 
@@ -142,6 +138,10 @@ def train(cfg: dict, io: TrainIO) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+    steps_per_epoch = plan.steps_per_epoch()
+    max_steps = tc["max_steps"] or math.ceil((tc["epochs"] or 1) * steps_per_epoch)
+    # the LR each optimizer step is applied with (raises when warmup_steps >= max_steps)
+    schedule = Schedule(tc["learning_rate"], tc["warmup_steps"], max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -153,7 +153,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
     accelerator.wait_for_everyone()
     state = {"model_source": cfg["model"]["source"], "git_revision": git_revision(), "max_steps": max_steps,
              "trainable_parameters": n_trainable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "num_processes": world, "global_batch_size": bs * world * accum, "resume_dir": str(ckpts.root)}
+             "num_processes": world, "global_batch_size": plan.global_batch_size, "max_tokens": tc["max_tokens"],
+             "resume_dir": str(ckpts.root)}
     step, pos, t0, evaluation_due = 0, Position(), time.time(), False
     latest = ckpts.latest()  # falls back past a torn newest checkpoint (a warning says so)
     if latest is not None:
@@ -175,8 +176,9 @@ def train(cfg: dict, io: TrainIO) -> dict:
         writer = SummaryWriter(str(io.tensorboard))
         for old in read_jsonl(io.metrics):  # a resumed run's curve starts where it left off
             _tensorboard_row(writer, old)
-    log.info("training %d samples on %d process(es), global batch %d, %d steps, %d trainable parameters "
-             "(LoRA rank %d)", len(train_samples), world, bs * world * accum, max_steps, n_trainable,
+    log.info("training %d samples on %d process(es), global batch %s, %d steps, %d trainable parameters "
+             "(LoRA rank %d)", len(train_samples), world, plan.global_batch_size or
+             f"of {tc['max_tokens']} positions x {world * tc['grad_accum_steps']} micro-batches", max_steps, n_trainable,
              cfg["lora"]["rank"])
 
     alarms, tw, aw = tc["alarms"], tc["text_weight"], tc["audio_weight"]
@@ -196,14 +198,13 @@ def train(cfg: dict, io: TrainIO) -> dict:
         monitor(step, step == max_steps)
     row: dict = read_jsonl(io.metrics)[-1] if step and accelerator.is_main_process else {}
     while step < max_steps:
-        window_idx, pos = next_window(pos, len(train_samples), bs, world, tc["seed"], accum, lengths,
-                                      tc["bucket_pool"])
-        mine = [rank_slice(w, bs, rank) for w in window_idx]
+        window_idx, pos = plan.next_window(pos)  # window_idx[i][r]: process r's samples in micro-step i
+        mine = [w[rank] for w in window_idx]
         # one micro-batch per micro-step: the padded rows, or (train.packing) the samples end to end
         # in rows with a block-diagonal attention mask (packing.py: same loss and gradients)
         packed, window = [], []
         for m, w in zip(mine, window_idx):
-            idx = m or w[:1]  # an empty share runs a zero-weight forward on one sample
+            idx = m or w[0][:1]  # an empty share runs a zero-weight forward on one sample
             samples = [train_samples[i] for i in idx]
             pk = packing.packed_collate(samples, [sample_lengths[i] for i in idx], collator, tc["pack_positions"]) \
                 if tc["packing"] else None
