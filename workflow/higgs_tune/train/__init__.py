@@ -54,7 +54,8 @@ with a warning), and its metrics files continue with no gap and no duplicate. A 
 """
 
 from .checkpoint import Checkpoints, run_fingerprint
-from .loop import EXIT_REFUSED, AuditNotPassed, TrainIO, main, require_passed_audit, train
+from .contract import AuditNotPassed, TrainIO, require_passed_audit
+from .loop import EXIT_REFUSED, main, train
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import predictions_record, val_metrics
 from .preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag

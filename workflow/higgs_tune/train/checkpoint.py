@@ -22,7 +22,7 @@ from ..fileio import sha256_file, write_json
 from .sampler import Position
 
 if TYPE_CHECKING:
-    from .loop import TrainIO
+    from .contract import TrainIO
 
 log = logging.getLogger("higgs_tune.train")
 

@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..fileio import append_jsonl, git_revision, read_jsonl, write_json
 from ..loss import count_targets, forward_loss
 from ..metrics import MetricSums
 from .checkpoint import Checkpoints, run_fingerprint
+from .contract import AuditNotPassed, TrainIO, require_passed_audit
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
 from .preemption import Preempted, PreemptionFlag, note_preempted
@@ -36,52 +37,6 @@ log = logging.getLogger("higgs_tune.train")
 
 #: Exit status when the audit gate or a health alarm stops training.
 EXIT_REFUSED = 2
-
-
-class AuditNotPassed(RuntimeError):
-    """Training refused: the audit summary is missing or says ``passed: false``."""
-
-
-
-def require_passed_audit(summary_path: Path) -> dict:
-    """Load the audit summary; raise :class:`AuditNotPassed` unless ``passed`` is true."""
-    if not summary_path.exists():
-        raise AuditNotPassed(f"{summary_path} does not exist: run the audit stage first")
-    summary = json.loads(summary_path.read_text())
-    if summary.get("passed") is not True:
-        failed = [r["name"] for r in summary.get("rules", []) if not r.get("passed", True)]
-        raise AuditNotPassed(f"audit failed ({', '.join(failed) or 'see summary'}): fix the data/labels; "
-                             f"details in {summary_path}")
-    return summary
-
-
-@dataclass(frozen=True)
-class TrainIO:
-    """Every file the train stage reads or writes: the train rule's inputs and outputs, plus the
-    resume folder (outside the outputs: Snakemake deletes those before rerunning the job)."""
-
-    audit: Path
-    train: Path
-    val: Path
-    index: Path
-    metrics: Path
-    val_metrics: Path
-    predictions: Path
-    adapter: Path
-    checkpoint: Path
-    state: Path
-    tensorboard: Path
-    resume_dir: Path
-
-    @classmethod
-    def from_args(cls, args) -> "TrainIO":
-        return cls(**{f.name: Path(getattr(args, f.name)) for f in fields(cls)})
-
-    @property
-    def logs(self) -> tuple[Path, Path, Path]:
-        """The JSONL files a checkpoint carries so that a resumed run continues them."""
-        return self.metrics, self.val_metrics, self.predictions
-
 
 
 # ------------------------------------------------------------------------------------- training
