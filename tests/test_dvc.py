@@ -307,11 +307,14 @@ def test_lineage_of_the_adapter_matches_dvc_lock(run):
     index = {d["path"]: d for d in t["stage"]["deps"]["upstream"]}["results/mine/tokens/index.parquet"]
     assert index["stage"] == "tokenize-mine" and index["hash"]["md5"] == md5(run["out"] / "tokens" / "index.parquet")
     params = yaml.safe_load((repo / "params/mine.yaml").read_text())
-    train = t["stage"]["params"]["train"]
-    assert train["value"] == params["train"] and train["matches_file"] and train["value"]["max_steps"] == 2
-    assert train["sha256"] == value_hash(params["train"])
+    recorded = {k: p for k, p in t["stage"]["params"].items() if k.startswith("train.")}
+    assert recorded and recorded["train.max_steps"]["value"] == 2  # DVC's dotted keys, one per trajectory key
+    for key, p in recorded.items():
+        assert p["value"] == params["train"][key.removeprefix("train.")] and p["matches_file"], key
+        assert p["sha256"] == value_hash(p["value"])
+    assert "train.log_interval" not in recorded  # a monitoring key: not part of what the adapter depends on
     code = {d["path"]: d["hash"]["md5"] for d in t["stage"]["deps"]["code"]}
-    assert code["workflow/higgs_tune/train/loop.py"] == md5(repo / "workflow/higgs_tune/train.py")
+    assert code["workflow/higgs_tune/train/loop.py"] == md5(repo / "workflow/higgs_tune/train/loop.py")
     assert code["workflow/rules/train.smk"] == md5(repo / "workflow/rules/train.smk")
     assert t["git"]["head"] == t["git"]["lock_commit"] == run["commit_a"] and t["git"]["modified"] == []
     assert t["status"] == {}
@@ -348,13 +351,16 @@ def test_a_changed_clip_reruns_the_chain_and_checkout_restores_the_earlier_adapt
 
     status = dvc(run, "status", "--json").stdout
     # the stages that open the clips: the manifest, tokenize, evaluate (scores clips), the report (embeds them)
-    assert set(json.loads(status)) == {"manifest-mine", "tokenize-mine", "evaluate-mine", "report-mine"}
+    assert set(json.loads(status)) == {"manifest-mine", "tokenize-mine", "evaluate-mine", "evaluate_base-mine",
+                                       "report-mine"}
     assert str(run["data"] / "wavs") in status
     dvc(run, "repro", "--single-item", "manifest-mine")
     # a training clip: train.jsonl changed (val.jsonl did not): the stages reading it are named too;
     # curves reads train's outputs and is named once train reran
     downstream = set(json.loads(dvc(run, "status", "--json").stdout))
-    assert downstream == {"tokenize-mine", "audit-mine", "train-mine", "evaluate-mine", "report-mine"}
+    # evaluate_base: the clips it scores are still the changed folder's
+    assert downstream == {"tokenize-mine", "audit-mine", "train-mine", "evaluate-mine", "evaluate_base-mine",
+                          "report-mine"}
 
     dvc(run, "repro")
     hashes_b = lock_hashes(repo)

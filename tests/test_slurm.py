@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RULES = {"tokenize", "audit", "train", "evaluate"}  # profiles/slurm puts these on the gpu partition
+GPU_RULES = {"tokenize", "audit", "train", "evaluate", "evaluate_base"}  # profiles/slurm puts these on the gpu partition
 
 
 def _slurm_missing() -> str | None:
@@ -100,7 +100,7 @@ def test_workflow_runs_through_the_slurm_profile(chain):
 
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+)/", log)
     rules = {rule for _, rule in submitted}
-    assert rules == {"manifest", "tokenize", "audit", "train", "evaluate", "report"}, log[-3000:]
+    assert rules == {"manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "report"}, log[-3000:]
     for jobid, rule in submitted:
         job = sacct(jobid)
         assert job["state"] == "COMPLETED", (rule, job)
@@ -174,7 +174,9 @@ def test_train_job_near_its_time_limit_checkpoints_and_is_retried(chain):
     again = copy.deepcopy(overlay)
     again["train"]["resume_dir"] = str(tmp_path / "resume-timelimit")  # a fresh start (and a rerun of train)
     (tmp_path / "timelimit.yaml").write_text(yaml.safe_dump(again))
-    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "timelimit.yaml") + ["--until", "train"],
+    # the resume folder is where checkpoints live, not what the trajectory is: force the train job
+    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "timelimit.yaml")
+                            + ["--until", "train", "--forcerun", "train"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

@@ -89,6 +89,19 @@ def code_revision(root: Path) -> dict[str, Any]:
     return {"head": head, "lock_commit": lock_commit, "modified": modified}
 
 
+_MISSING = object()
+
+
+def _dotted(tree: dict, key: str):
+    """``tree["train"]["max_steps"]`` for ``key="train.max_steps"`` (DVC's dotted param keys); ``_MISSING`` if absent."""
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def _hash_of(rec: dict | None) -> dict[str, Any] | None:
     if not rec:
         return None
@@ -160,10 +173,11 @@ class Lineage:
                 current = self._current_params(pfile)
                 for key in keys:
                     value = recorded.get(key) if key in recorded else None
+                    now = _dotted(current, key)
                     params[key] = {"file": pfile, "recorded": key in recorded, "value": value,
                                    "sha256": value_hash(value) if key in recorded else None,
-                                   "matches_file": (key in recorded and key in current
-                                                    and value_hash(current[key]) == value_hash(value))}
+                                   "matches_file": (key in recorded and now is not _MISSING
+                                                    and value_hash(now) == value_hash(value))}
         return {
             "stage": name, "rule": meta.get("rule"), "experiment": meta.get("experiment"),
             "configfiles": meta.get("configfiles"), "cmd": cmd, "recorded": rec is not None,
