@@ -132,27 +132,65 @@ class SourceRow:
 
 
 # ------------------------------------------------------------------------------------------ readers
+#: ``data.format`` values besides ``auto`` (see :func:`read_rows`).
+FORMATS = ("chatml", "ljspeech", "csv", "train_higgs_audio", "ms_swift", "raw_jsonl")
+
+
+def _json_format(path: Path, first: str) -> str:
+    """The format of a JSON/JSONL file from its first non-blank line (the whole file when that line
+    alone is not JSON and opens an object: an indented ``metadata.json``)."""
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        obj = None
+        if first.lstrip().startswith("{"):
+            try:
+                obj = json.loads(path.read_bytes().decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                obj = None
+    if not isinstance(obj, dict):
+        return "chatml"
+    if isinstance(obj.get("samples"), list):
+        return "train_higgs_audio"
+    if "messages" in obj:
+        return "ms_swift" if "audios" in obj else "chatml"
+    if "audio" in obj and "text" in obj:
+        return "raw_jsonl"
+    return "chatml"
+
+
 def detect_format(path: Path, fmt: str = "auto") -> str:
-    """``chatml``, ``ljspeech`` or ``csv`` for ``path`` (``fmt`` other than ``auto`` is returned as is).
+    """One of :data:`FORMATS` for ``path`` (``fmt`` other than ``auto`` is returned as is).
+
+    ``auto``: a folder is ``train_higgs_audio``; a ``.json``/``.jsonl`` file (or one opening with
+    ``{``/``[``) is told by its first row: ``{"samples": [...]}`` -> ``train_higgs_audio``,
+    ``messages`` + ``audios`` -> ``ms_swift``, ``audio`` + ``text`` -> ``raw_jsonl``, else
+    ``chatml``; other files by their first line (a header with ``audio`` and ``text`` -> ``csv``,
+    ``|``-separated -> ``ljspeech``).
 
     Raises:
-        ManifestError: when ``auto`` cannot tell.
+        ManifestError: when ``auto`` cannot tell, or a folder is given with a format other than
+            ``train_higgs_audio``.
     """
+    if path.is_dir():
+        if fmt not in ("auto", "train_higgs_audio"):
+            raise ManifestError(f"data.manifest {path} is a folder, which only data.format train_higgs_audio (or auto)"
+                                f" reads; data.format is {fmt}: point data.manifest at the file")
+        return "train_higgs_audio"
     if fmt != "auto":
         return fmt
-    if path.suffix.lower() in (".jsonl", ".json"):
-        return "chatml"
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
-    if path.suffix.lower() not in (".csv", ".tsv", ".txt") and first.lstrip()[:1] in ("{", "["):
-        return "chatml"
+    if path.suffix.lower() in (".jsonl", ".json") or (
+            path.suffix.lower() not in (".csv", ".tsv", ".txt") and first.lstrip()[:1] in ("{", "[")):
+        return _json_format(path, first)
     header = {c.strip().lower() for c in re.split(r"[,\t]", first)}
     if {"audio", "text"} <= header:
         return "csv"
     if "|" in first:
         return "ljspeech"
     raise ManifestError(f"{path}: cannot tell its format from the first line; set data.format "
-                        "(chatml, ljspeech or csv)")
+                        f"({', '.join(FORMATS)})")
 
 
 def _malformed(line: int, text: str, why: str) -> SourceRow:
@@ -196,35 +234,46 @@ def read_chatml(path: Path) -> list[SourceRow]:
     return rows
 
 
-def tts_sample(text: str, audio: str, speaker: str | None = None, sample_id: str | None = None) -> dict:
-    """A plain TTS ChatML row: system -> user ``text`` -> assistant ``audio`` (as in the demo)."""
+def tts_sample(text: str, audio: str, speaker: str | None = None, sample_id: str | None = None, *,
+               system: str = TTS_SYSTEM_PROMPT, language: str | None = None, extra: dict | None = None) -> dict:
+    """A plain TTS ChatML row: system -> user ``text`` -> assistant ``audio`` (as in the demo).
+    ``language`` goes to ``misc.language``, ``extra`` (the input's unmapped fields) to ``misc.extra``."""
     row: dict[str, Any] = {"messages": [
-        {"role": "system", "content": {"type": "text", "text": TTS_SYSTEM_PROMPT}},
+        {"role": "system", "content": {"type": "text", "text": system}},
         {"role": "user", "content": {"type": "text", "text": text}},
         {"role": "assistant", "content": {"type": "audio", "audio_url": audio}},
     ]}
-    return _finish_converted(row, speaker, sample_id)
+    return _finish_converted(row, speaker, sample_id, language, extra)
 
 
 def clone_sample(text: str, audio: str, ref_text: str, ref_audio: str, speaker: str | None = None,
-                 sample_id: str | None = None) -> dict:
+                 sample_id: str | None = None, *, system: str = CLONE_SYSTEM_PROMPT, language: str | None = None,
+                 extra: dict | None = None) -> dict:
     """A voice-cloning ChatML row: system -> user ``ref_text`` -> assistant ``ref_audio`` -> user
     ``text`` -> assistant ``audio`` with ``start_index=4`` (only the target turn is learned)."""
     row: dict[str, Any] = {"messages": [
-        {"role": "system", "content": {"type": "text", "text": CLONE_SYSTEM_PROMPT}},
+        {"role": "system", "content": {"type": "text", "text": system}},
         {"role": "user", "content": {"type": "text", "text": ref_text}},
         {"role": "assistant", "content": {"type": "audio", "audio_url": ref_audio}},
         {"role": "user", "content": {"type": "text", "text": text}},
         {"role": "assistant", "content": {"type": "audio", "audio_url": audio}},
     ], "start_index": 4}
-    return _finish_converted(row, speaker, sample_id)
+    return _finish_converted(row, speaker, sample_id, language, extra)
 
 
-def _finish_converted(row: dict, speaker: str | None, sample_id: str | None) -> dict:
+def _finish_converted(row: dict, speaker: str | None, sample_id: str | None, language: str | None = None,
+                      extra: dict | None = None) -> dict:
     if speaker:
         row["speaker"] = speaker
+    misc = {}
     if sample_id:
-        row["misc"] = {"id": sample_id}
+        misc["id"] = sample_id
+    if language:
+        misc["language"] = language
+    if extra:
+        misc["extra"] = extra
+    if misc:
+        row["misc"] = misc
     return row
 
 
@@ -291,9 +340,9 @@ def read_csv_manifest(path: Path) -> list[SourceRow]:
             if missing:
                 raise ManifestError(f"{path}: header {fields} lacks column(s) {sorted(missing)}; "
                                     "expected audio,text[,speaker,ref_audio,ref_text]")
-            unknown = set(header) - {"audio", "text", "speaker", "ref_audio", "ref_text", "id"}
+            unknown = set(header) - set(PAIR_KEYS)
             if unknown:
-                log.warning("%s: ignoring unknown column(s) %s", path, sorted(unknown))
+                log.warning("%s: column(s) %s are not read; each row keeps them in misc.extra", path, sorted(unknown))
             continue
         original = dict(zip(header, fields)) if len(fields) == len(header) else {"fields": fields}
         if len(fields) != len(header):
@@ -305,21 +354,234 @@ def read_csv_manifest(path: Path) -> list[SourceRow]:
     return rows
 
 
-def _csv_row(line: int, row: dict[str, str]) -> SourceRow:
+#: Fields of a CSV/TSV header and of a raw JSONL row that the readers map; others go to ``misc.extra``.
+PAIR_KEYS = ("audio", "text", "speaker", "ref_audio", "ref_text", "id", "language")
+
+
+def _csv_row(line: int, row: dict[str, str], what: str = "column") -> SourceRow:
     get = lambda k: (row.get(k) or "").strip()  # noqa: E731
     audio, ref_audio, ref_text = get("audio"), get("ref_audio"), row.get("ref_text") or ""
     if not audio:
         return SourceRow(line, original=row, error=Reject(
-            "schema_violation", f"line {line}: the audio column is empty; give the clip's path", field="audio"))
+            "schema_violation", f"line {line}: the audio {what} is empty; give the clip's path", field="audio"))
     if bool(ref_audio) != bool(ref_text.strip()):
         which = "ref_text" if ref_audio else "ref_audio"
         return SourceRow(line, original=row, error=Reject(
             "schema_violation", f"line {line}: voice cloning needs both ref_audio and ref_text; {which} is empty: "
             "fill it or clear the other", field=which))
     text, speaker, sid = row.get("text") or "", get("speaker") or None, get("id") or None
-    sample = (clone_sample(text, audio, ref_text, ref_audio, speaker, sid) if ref_audio
-              else tts_sample(text, audio, speaker, sid))
+    language = get("language") or None
+    extra = {k: v for k, v in row.items() if k not in PAIR_KEYS} or None
+    sample = (clone_sample(text, audio, ref_text, ref_audio, speaker, sid, language=language, extra=extra)
+              if ref_audio else tts_sample(text, audio, speaker, sid, language=language, extra=extra))
     return SourceRow(line, original=row, sample=sample)
+
+
+def _from_json_rows(rows: list[SourceRow], convert) -> list[SourceRow]:
+    """``rows`` as :func:`read_chatml` parsed them, each ``original`` turned into a ChatML ``sample``
+    by ``convert(original, line)`` (a :class:`Reject` it raises becomes the row's error)."""
+    for src in rows:
+        if src.error is None:
+            try:
+                src.sample = convert(src.original, src.line)
+            except Reject as rej:
+                src.sample, src.error = None, rej
+    return rows
+
+
+def _raw_jsonl_sample(obj: Any, line: int) -> dict:
+    if not isinstance(obj, dict):
+        raise _schema("<row>", f"line {line} is a JSON {type(obj).__name__}; each line must be an object "
+                      '{"audio": ..., "text": ...}')
+    for key in PAIR_KEYS:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str) and not (key == "id" and isinstance(value, int)
+                                                                     and not isinstance(value, bool)):
+            raise _schema(key, f"line {line}: {key} must be a string, got a JSON {type(value).__name__}")
+    if not isinstance(obj.get("text"), str):
+        raise _schema("text", f"line {line}: no text; give the transcript of the audio")
+    row = {k: (str(v) if k == "id" and v is not None else v) for k, v in obj.items()}
+    src = _csv_row(line, row, what="field")
+    if src.error:
+        raise src.error
+    return src.sample
+
+
+def read_raw_jsonl(path: Path) -> list[SourceRow]:
+    """Rows of a raw JSONL file: one ``{"audio", "text"[, "ref_audio", "ref_text", "speaker",
+    "language", "id"]}`` object per line (string values; ``id`` may be an integer). ``audio`` paths
+    resolve like ChatML ``audio_url`` ones; a row with ``ref_audio`` and ``ref_text`` is a
+    voice-cloning sample, else a plain TTS one; other fields are kept in ``misc.extra``."""
+    return _from_json_rows(read_chatml(path), _raw_jsonl_sample)
+
+
+#: ms-swift's placeholder for one entry of ``audios`` in a message's text.
+SWIFT_AUDIO_TAG = "<audio>"
+
+
+def _swift_sample(obj: Any, line: int) -> dict:
+    if not isinstance(obj, dict):
+        raise _schema("<row>", f"line {line} is a JSON {type(obj).__name__}; each line must be an ms-swift object "
+                      '{"messages": [...], "audios": [...]}')
+    messages, audios = obj.get("messages"), obj.get("audios")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise _schema("messages", f"line {line}: ms-swift messages must be a non-empty list of "
+                      '{"role": ..., "content": "<text>"} objects')
+    if not isinstance(audios, list) or not all(isinstance(a, str) and a.strip() for a in audios):
+        raise _schema("audios", f"line {line}: audios must be a list of audio paths")
+    tags = sum(m["content"].count(SWIFT_AUDIO_TAG) for m in messages)
+    if tags and tags != len(audios):
+        raise _schema("audios", f"line {line}: {tags} {SWIFT_AUDIO_TAG} tag(s) in the messages but {len(audios)} "
+                      "entries in audios; ms-swift pairs each tag with one entry")
+    if len(audios) != 1:
+        raise _schema("audios", f"line {line}: {len(audios)} audios; a TTS row has exactly one (the speech of the "
+                      "transcript): split the row")
+    # the transcript: the last assistant text (TTS rows, ASR rows), else the last user text, tags removed
+    picked = None
+    for role in ("assistant", "user"):
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i]["role"].strip().lower() == role and messages[i]["content"].replace(
+                    SWIFT_AUDIO_TAG, "").strip():
+                picked = i
+                break
+        if picked is not None:
+            break
+    if picked is None:
+        raise Reject("empty_transcript", f"line {line}: no assistant or user text besides {SWIFT_AUDIO_TAG} tags; "
+                     "write the transcript in the assistant message", field="messages")
+    text = messages[picked]["content"].replace(SWIFT_AUDIO_TAG, "")
+    extra = {k: v for k, v in obj.items() if k not in ("messages", "audios", "speaker", "language", "id")}
+    others = [m for i, m in enumerate(messages) if i != picked]
+    if others:
+        extra["messages"] = others
+    for key in ("speaker", "language", "id"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise _schema(key, f"line {line}: {key} must be a string")
+    return tts_sample(text, audios[0], obj.get("speaker"), obj.get("id"), language=obj.get("language"),
+                      extra=extra or None)
+
+
+def read_ms_swift(path: Path) -> list[SourceRow]:
+    """Rows of an ms-swift JSONL file: ``{"messages": [{"role", "content": "<text>"}, ...],
+    "audios": ["/x.wav"]}`` per line, one audio per row. The transcript is the last assistant text
+    (ms-swift TTS and ASR rows alike), else the last user text, with ``<audio>`` tags removed; the
+    audio is ``audios[0]`` (paths resolve like ChatML ``audio_url`` ones). When the text has
+    ``<audio>`` tags their count must match ``audios``. The other messages and unknown keys are kept
+    in ``misc.extra``; optional top-level ``speaker``, ``language`` and ``id`` are read."""
+    return _from_json_rows(read_chatml(path), _swift_sample)
+
+
+#: train-higgs-audio's fields; others are kept in ``misc.extra``. ``audio_id`` is its loader's id key.
+THA_KEYS = ("id", "audio_id", "audio_file", "transcript_file", "speaker_id", "language", "scene",
+            "ref_audio_file", "ref_transcript")
+#: Audio suffixes of the folder of ``X.wav`` + ``X.txt`` pairs.
+PAIR_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3")
+
+
+def scene_system_prompt(scene: str | None) -> str:
+    """train-higgs-audio's system prompt for a ``scene``, underscores read as spaces (``phone_call``
+    -> "Audio is recorded from phone call."); no scene is its default "a quiet room", which gives
+    :data:`TTS_SYSTEM_PROMPT`."""
+    scene = (scene or "a quiet room").replace("_", " ")
+    return ("Generate audio following instruction.\n\n<|scene_desc_start|>\n"
+            f"Audio is recorded from {scene}.\n<|scene_desc_end|>")
+
+
+def _tha_sample(obj: Any, line: int, folder: Path) -> dict:
+    where = f"samples[{line - 1}]"
+    if not isinstance(obj, dict):
+        raise _schema("<row>", f"{where} is a JSON {type(obj).__name__}; each sample must be an object")
+    for key in THA_KEYS:
+        if obj.get(key) is not None and not isinstance(obj[key], str) and not (
+                key in ("id", "audio_id") and isinstance(obj[key], int) and not isinstance(obj[key], bool)):
+            raise _schema(key, f"{where}.{key} must be a string")
+    audio, tfile = (obj.get("audio_file") or "").strip(), (obj.get("transcript_file") or "").strip()
+    if not audio:
+        raise _schema("audio_file", f"{where} has no audio_file; give the clip's path (relative to {folder})")
+    if not tfile:
+        raise _schema("transcript_file", f"{where} has no transcript_file; give the path of a text file holding "
+                      f"the transcript (relative to {folder})")
+    tpath = Path(tfile) if os.path.isabs(tfile) else folder / tfile
+    try:
+        text = tpath.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise Reject("missing_file", f"{where}.transcript_file {tfile!r} not found ({tpath}); add the file or fix "
+                     "the path", field="transcript_file") from None
+    except UnicodeDecodeError:
+        raise _schema("transcript_file", f"{where}.transcript_file {tpath} is not UTF-8; re-save it as UTF-8") from None
+    except OSError as exc:
+        raise Reject("missing_file", f"{where}.transcript_file {tpath} cannot be read ({exc})",
+                     field="transcript_file") from None
+    ref_audio, ref_text = (obj.get("ref_audio_file") or "").strip(), obj.get("ref_transcript") or ""
+    if bool(ref_audio) != bool(ref_text.strip()):
+        which = "ref_transcript" if ref_audio else "ref_audio_file"
+        raise _schema(which, f"{where}: voice cloning needs both ref_audio_file and ref_transcript; {which} is "
+                      "empty: fill it or clear the other")
+    sid = obj.get("id", obj.get("audio_id"))
+    sid = None if sid is None else str(sid)
+    speaker, language = obj.get("speaker_id") or None, obj.get("language") or None
+    extra = {k: v for k, v in obj.items() if k not in THA_KEYS} or None
+    system = scene_system_prompt(obj.get("scene"))
+    if ref_audio:
+        return clone_sample(text, audio, ref_text, ref_audio, speaker, sid, system=system, language=language,
+                            extra=extra)
+    return tts_sample(text, audio, speaker, sid, system=system, language=language, extra=extra)
+
+
+def read_train_higgs_audio(path: Path) -> list[SourceRow]:
+    """Rows of a train-higgs-audio (JimmyMa99) dataset folder, or of its ``metadata.json``.
+
+    ``metadata.json`` is ``{"samples": [{"id" (or "audio_id"), "audio_file", "transcript_file",
+    "speaker_id", "language", "scene", "ref_audio_file", "ref_transcript"}, ...]}`` (other top-level
+    keys such as ``dataset_info`` are ignored): ``audio_file``, ``transcript_file`` and
+    ``ref_audio_file`` are paths relative to the folder, ``transcript_file`` names a UTF-8 text file
+    holding the transcript, ``ref_transcript`` is the reference's transcript itself, ``scene``
+    (default ``quiet_room``) becomes the system prompt's scene (:func:`scene_system_prompt`). A
+    sample with a reference is a voice-cloning row. Other sample fields are kept in ``misc.extra``.
+    ``line`` is the sample's index + 1.
+
+    A folder without ``metadata.json`` is read as that trainer reads it: every ``X.wav`` (``.flac``,
+    ``.mp3``) with ``X.txt`` beside it, in name order, id ``X``; an audio file without its ``.txt``
+    is quarantined (``missing_file``).
+
+    Raises:
+        ManifestError: ``metadata.json`` is not JSON or has no ``samples`` list; a folder holds
+            neither ``metadata.json`` nor audio files.
+    """
+    folder = path if path.is_dir() else path.parent
+    meta = folder / "metadata.json" if path.is_dir() else path
+    if path.is_dir() and not meta.is_file():
+        audio = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PAIR_AUDIO_SUFFIXES)
+        if not audio:
+            raise ManifestError(f"{folder} holds neither metadata.json nor audio files ({', '.join(PAIR_AUDIO_SUFFIXES)})"
+                                " with a .txt transcript beside each; point data.manifest at the dataset")
+        rows = []
+        for i, clip in enumerate(audio, 1):
+            original = {"audio_file": clip.name, "transcript_file": clip.with_suffix(".txt").name}
+            if not clip.with_suffix(".txt").is_file():
+                rows.append(SourceRow(i, original=original, error=Reject(
+                    "missing_file", f"{clip} has no transcript {clip.with_suffix('.txt').name} beside it; add it",
+                    field="transcript_file")))
+                continue
+            original["id"] = clip.stem
+            rows.append(SourceRow(i, original=original))
+        txt_alone = sorted(p.name for p in folder.glob("*.txt")
+                           if not any(p.with_suffix(s).is_file() for s in PAIR_AUDIO_SUFFIXES))
+        if txt_alone:
+            log.warning("%s: %d .txt file(s) without audio beside them are not rows: %s", folder, len(txt_alone),
+                        txt_alone[:5])
+    else:
+        try:
+            doc = json.loads(meta.read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{meta} is not valid UTF-8 JSON ({exc}); fix it") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
+            raise ManifestError(f'{meta} has no "samples" list; train-higgs-audio metadata is '
+                                '{"samples": [{"audio_file": ..., "transcript_file": ...}, ...]}')
+        rows = [SourceRow(i + 1, original=obj) for i, obj in enumerate(doc["samples"])]
+    return _from_json_rows(rows, lambda obj, line: _tha_sample(obj, line, folder))
 
 
 # ------------------------------------------------------------------------------------- normalization
@@ -474,6 +736,29 @@ def normalize_structure(obj: Any, fixes: list[dict]) -> dict:
     return out
 
 
+#: What a row's ``language`` must look like (as ``data.language`` in the config schema).
+LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]+)?$")
+
+
+def carry_language(sample: dict) -> None:
+    """Put the row's language (top-level ``language``, else ``misc.language``) in ``misc.language``,
+    where the evaluation reads it (``evaluate.row_language``) to choose WER or CER; rows naming none
+    keep none (the evaluation then uses ``data.language``).
+
+    Raises:
+        Reject: ``schema_violation`` when it is not an ISO 639 code such as ``en``, ``zh`` or ``zh-TW``.
+    """
+    top, misc = sample.get("language"), sample["misc"].get("language")
+    lang = top if top is not None else misc
+    if lang is None:
+        return
+    where = "language" if top is not None else "misc.language"
+    if not isinstance(lang, str) or not LANGUAGE_RE.match(lang.strip()):
+        raise _schema(where, f"{lang!r} is not an ISO 639 language code; write e.g. \"en\", \"zh\" or \"zh-TW\" "
+                             "(or drop it: data.language is the default)")
+    sample["misc"]["language"] = lang.strip()
+
+
 def _items(msg: dict) -> list[dict]:
     return msg["content"] if isinstance(msg["content"], list) else [msg["content"]]
 
@@ -581,9 +866,9 @@ def referenced_audio(manifest: str | Path, data: dict[str, Any]) -> list[Path]:
         ManifestError: the input as a whole is unusable (as in the stage).
     """
     manifest = Path(manifest)
-    if not manifest.is_file():
+    if not manifest.exists():
         raise FileNotFoundError(f"data.manifest {manifest} does not exist")
-    manifest_dir = manifest.resolve().parent
+    manifest_dir = manifest_folder(manifest)
     root = data_root(data)
     found: set[str] = set()
     for src in read_rows(manifest, detect_format(manifest, data.get("format", "auto"))):
@@ -818,7 +1103,8 @@ def assign_splits(sizes: dict[str, int], val_fraction: float, seed: int) -> dict
             if n_val + sizes[key] <= target:
                 val.append(key)
                 n_val += sizes[key]
-        rest = [k for k in order if k not in set(val)]
+        in_val = set(val)
+        rest = [k for k in order if k not in in_val]
         best = min(rest, key=lambda k: abs(n_val + sizes[k] - target), default=None)
         if best is not None and abs(n_val + sizes[best] - target) < abs(n_val - target):
             val.append(best)
@@ -861,6 +1147,106 @@ def split_summary(samples: list[dict], by: str, groups: dict[str, list[int]], sp
             "val_fraction": val_fraction, "val_fraction_samples": n_val / len(samples) if samples else 0.0}
 
 
+def _tts_parts(sample: dict) -> tuple[str, dict] | None:
+    """``(text, audio item)`` of a plain TTS row (its only audio is the last message, an assistant
+    one, right after a user message of one text item), else ``None``."""
+    msgs = sample["messages"]
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user" or len(_audio_refs(sample)) != 1:
+        return None
+    target, user = _items(msgs[-1]), _items(msgs[-2])
+    if len(target) != 1 or target[0]["type"] != "audio" or len(user) != 1 or user[0]["type"] != "text":
+        return None
+    return user[0]["text"], target[0]
+
+
+def build_cloning(samples: list[dict], cloning: dict[str, Any]) -> tuple[list[dict], set[int], dict[str, Any]]:
+    """Voice-cloning samples from the plain TTS rows that name a speaker (``data.cloning``).
+
+    Each such row (the target) is paired with ``references_per_target`` other rows of the same
+    speaker on the same side of the split (``misc.split``, already assigned) whose clip differs
+    (another audio hash: never a clip with itself) and lasts ``min_ref_s`` to ``max_ref_s`` seconds
+    (``null``: no upper bound); fewer when fewer exist. The references are drawn without repeats
+    from the candidates in id order by ``random.Random(f"{seed}:{target id}")``: deterministic,
+    independent of the row order, linear in the rows. Each pair becomes a :func:`clone_sample`
+    (reference turn, then the target turn, ``start_index=4``) with ``misc.id``
+    ``{target id}~ref~{reference id}``, ``misc.cloning`` ``{"target", "reference"}`` (ids), the
+    target's ``split``, ``source_line`` and ``language``, both clips' ``audio_sha256`` / ``audio_info``
+    and durations set.
+
+    Args:
+        samples: kept rows with ``misc.split``, ``misc.audio_sha256`` and audio ``duration`` set.
+        cloning: the ``data.cloning`` section (``references_per_target``, ``min_ref_s``,
+            ``max_ref_s``, ``seed``).
+
+    Returns:
+        ``(built, targets, record)``: the new samples (target order: side, speaker, id), the
+        indices into ``samples`` of the targets that got at least one pair, and the ``cloning``
+        record of ``fixes.json``: ``built`` / ``built_train`` / ``built_val``, ``eligible`` (plain
+        TTS rows naming a speaker), ``targets``, ``targets_without_reference``, ``speakers``.
+    """
+    import random
+
+    k, seed = int(cloning["references_per_target"]), int(cloning["seed"])
+    lo, hi = float(cloning["min_ref_s"]), cloning["max_ref_s"]
+    pools: dict[tuple[str, str], list[tuple[str, int, str, dict]]] = {}
+    for i, s in enumerate(samples):
+        speaker, parts = sample_speaker(s), _tts_parts(s)
+        if speaker is None or parts is None:
+            continue
+        pools.setdefault((s["misc"]["split"], speaker), []).append((s["misc"]["id"], i, *parts))
+    built: list[dict] = []
+    targets: set[int] = set()
+    without = 0
+    for (side, speaker), pool in sorted(pools.items()):
+        pool.sort()
+        sha = {i: samples[i]["misc"]["audio_sha256"][item["audio_url"]] for _, i, _, item in pool}
+        refs = [entry for entry in pool if lo <= entry[3]["duration"] and (hi is None or entry[3]["duration"] <= hi)]
+        per_clip: dict[str, int] = {}
+        for _, i, _, _ in refs:
+            per_clip[sha[i]] = per_clip.get(sha[i], 0) + 1
+        for tid, ti, text, item in pool:
+            available = len(refs) - per_clip.get(sha[ti], 0)
+            if available <= k:
+                chosen = [r for r in refs if sha[r[1]] != sha[ti]]
+            else:
+                rng, picked, chosen = random.Random(f"{seed}:{tid}"), set(), []
+                while len(chosen) < k:
+                    j = rng.randrange(len(refs))
+                    if j not in picked and sha[refs[j][1]] != sha[ti]:
+                        picked.add(j)
+                        chosen.append(refs[j])
+            if not chosen:
+                without += 1
+                continue
+            targets.add(ti)
+            target = samples[ti]
+            for rid, ri, ref_text, ref_item in chosen:
+                ref = samples[ri]
+                row = clone_sample(text, item["audio_url"], ref_text, ref_item["audio_url"], speaker,
+                                   f"{tid}~ref~{rid}")
+                row["messages"][2]["content"]["duration"] = ref_item["duration"]
+                row["messages"][4]["content"]["duration"] = item["duration"]
+                urls = (ref_item["audio_url"], item["audio_url"])
+                misc = row["misc"]
+                misc["cloning"] = {"target": tid, "reference": rid}
+                if target["misc"].get("language"):
+                    misc["language"] = target["misc"]["language"]
+                misc["audio_sha256"] = {u: src["misc"]["audio_sha256"][u] for u, src in zip(urls, (ref, target))}
+                misc["audio_info"] = {u: src["misc"]["audio_info"][u] for u, src in zip(urls, (ref, target))}
+                misc["source_line"] = target["misc"]["source_line"]
+                warnings = sorted(set(ref["misc"].get("warnings", [])) | set(target["misc"].get("warnings", [])))
+                if warnings:
+                    misc["warnings"] = warnings
+                misc["fixes"] = []
+                misc["split"] = side
+                built.append(row)
+    record = {"built": len(built), "built_train": sum(r["misc"]["split"] == "train" for r in built),
+              "built_val": sum(r["misc"]["split"] == "val" for r in built),
+              "eligible": sum(len(p) for p in pools.values()), "targets": len(targets),
+              "targets_without_reference": without, "speakers": len({sp for _, sp in pools})}
+    return built, targets, record
+
+
 def _quarantine_entry(src: SourceRow, rej: Reject) -> dict:
     entry: dict[str, Any] = {"line": src.line, "reason": rej.reason, "message": rej.message}
     if rej.field:
@@ -873,9 +1259,32 @@ def _quarantine_entry(src: SourceRow, rej: Reject) -> dict:
 
 
 def read_rows(path: Path, fmt: str) -> list[SourceRow]:
-    """Rows of ``path`` in format ``fmt`` (``chatml``, ``ljspeech`` or ``csv``)."""
-    readers = {"chatml": read_chatml, "ljspeech": read_ljspeech, "csv": read_csv_manifest}
+    """Rows of ``path`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    readers = {"chatml": read_chatml, "ljspeech": read_ljspeech, "csv": read_csv_manifest,
+               "train_higgs_audio": read_train_higgs_audio, "ms_swift": read_ms_swift, "raw_jsonl": read_raw_jsonl}
     return readers[fmt](path)
+
+
+def manifest_folder(manifest: Path) -> Path:
+    """The folder relative audio paths resolve against: ``manifest`` itself when it is a folder
+    (train-higgs-audio), else its parent."""
+    return manifest.resolve() if manifest.is_dir() else manifest.resolve().parent
+
+
+def input_digest(manifest: Path) -> str:
+    """sha256 hex of the input as read: the file's bytes; for a folder its ``metadata.json``, or
+    (``X.wav`` + ``X.txt`` pairs) the sorted file names and the ``.txt`` contents."""
+    if not manifest.is_dir():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if (manifest / "metadata.json").is_file():
+        return hashlib.sha256((manifest / "metadata.json").read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for p in sorted(manifest.iterdir()):
+        if p.is_file():
+            h.update(p.name.encode() + b"\0")
+            if p.suffix.lower() == ".txt":
+                h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | Path, quarantine_out: str | Path,
@@ -904,9 +1313,9 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
     cache = Path(cfg.get("cache_dir") or ".cache/higgs-tune")
     quarantine_out = Path(quarantine_out)
     manifest = Path(manifest or data["manifest"])
-    if not manifest.is_file():
+    if not manifest.exists():
         raise FileNotFoundError(f"data.manifest {manifest} does not exist")
-    manifest_dir = manifest.resolve().parent
+    manifest_dir = manifest_folder(manifest)
     root = data_root(data)
     fmt = detect_format(manifest, data.get("format", "auto"))
     min_s, max_s = float(data.get("min_duration_s", 0.3)), float(data.get("max_duration_s", 30.0))
@@ -924,6 +1333,7 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
                 raise src.error
             sample = normalize_structure(src.sample, src.fixes)
             sample["misc"]["id"] = resolve_id(sample, src.original, src.fixes)
+            carry_language(sample)
             refs = []
             for where, item in _audio_refs(sample):
                 if item.get("raw_audio") is not None:
@@ -983,26 +1393,28 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
 
     # 4. duplicates: same id + same content -> dropped (quarantined); same id, other content -> renamed
     all_ids = {s["misc"]["id"] for _, s in checked}
-    seen: dict[str, list[tuple[str, int]]] = {}
+    seen: dict[str, dict[str, int]] = {}  # id -> {content key -> first line}, in reading order
+    next_suffix: dict[str, int] = {}
     kept: list[dict] = []
     for src, sample in checked:
         sid = sample["misc"]["id"]
         key = _canonical({k: v for k, v in sample.items() if k != "misc"})
-        earlier = seen.setdefault(sid, [])
-        dup = next((line for k, line in earlier if k == key), None)
+        earlier = seen.setdefault(sid, {})
+        dup = earlier.get(key)
         if dup is not None:
             quarantine.append(_quarantine_entry(src, Reject(
                 "duplicate", f"exact duplicate of line {dup} (id {sid!r}); dropped, nothing lost: delete the repeat")))
             continue
         if earlier:
-            n = 2
+            n = next_suffix.get(sid, 2)  # ids only join all_ids, so the first free suffix never moves back
             while f"{sid}~{n}" in all_ids:
                 n += 1
+            next_suffix[sid] = n + 1
             new = f"{sid}~{n}"
             all_ids.add(new)
-            _fix(src.fixes, "duplicate_id_renamed", "misc.id", f"{sid!r} (also line {earlier[0][1]}) -> {new!r}")
+            _fix(src.fixes, "duplicate_id_renamed", "misc.id", f"{sid!r} (also line {next(iter(earlier.values()))}) -> {new!r}")
             sample["misc"]["id"] = new
-        earlier.append((key, src.line))
+        earlier.setdefault(key, src.line)
         sample["misc"]["fixes"] = src.fixes
         kept.append(sample)
 
@@ -1013,9 +1425,15 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
     for key, idx in groups.items():
         for i in idx:
             kept[i]["misc"]["split"] = split[key]
-    split_record = split_summary(kept, split_by, groups, split, split_reason, val_fraction)
-    train = [s for s in kept if s["misc"]["split"] == "train"]
-    val = [s for s in kept if s["misc"]["split"] == "val"]
+    out_rows, cloning_record = kept, None
+    if data["cloning"]["enabled"]:  # pairs within each side, after the split: nothing crosses it
+        built, targets, cloning_record = build_cloning(kept, data["cloning"])
+        keep_tts = data["cloning"]["keep_tts"]
+        out_rows = [s for i, s in enumerate(kept) if keep_tts or i not in targets] + built
+        cloning_record["tts_replaced"] = 0 if keep_tts else len(targets)
+    split_record = split_summary(out_rows, split_by, groups, split, split_reason, val_fraction)
+    train = [s for s in out_rows if s["misc"]["split"] == "train"]
+    val = [s for s in out_rows if s["misc"]["split"] == "val"]
     quarantine.sort(key=lambda q: q["line"])
     fix_counts: dict[str, int] = {}
     warn_counts: dict[str, int] = {}
@@ -1032,8 +1450,8 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
         "rows_train": len(train), "rows_val": len(val),
         "fixes": dict(sorted(fix_counts.items())), "warnings": dict(sorted(warn_counts.items())),
         "reasons": dict(sorted(reason_counts.items())),
-        "split_by": split_by, "split": split_record,
-        "format": fmt, "input": str(manifest), "input_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "split_by": split_by, "split": split_record, **({"cloning": cloning_record} if cloning_record else {}),
+        "format": fmt, "input": str(manifest), "input_sha256": input_digest(manifest),
     }
     if summary["rows_in"] != summary["rows_kept"] + summary["rows_quarantined"]:
         raise RuntimeError(f"manifest invariant broken: {summary['rows_in']} rows in != {summary['rows_kept']} kept + "
