@@ -1,13 +1,25 @@
 """The manifest stage: any supported input -> one validated Higgs ChatML JSONL, split train/val.
 
-Inputs (``data.manifest``, ``data.format: auto|chatml|ljspeech|csv``):
+Inputs (``data.manifest``, ``data.format``: ``auto`` or one of :data:`FORMATS`, told by
+:func:`detect_format`):
 
-* Higgs ChatML: JSONL (one ``ChatMLSample`` per line) or a JSON list of them.
-* LJSpeech ``metadata.csv``: ``id|text[|normalized]`` (no header, no quoting), audio at
+* ``chatml``: Higgs ChatML JSONL (one ``ChatMLSample`` per line) or a JSON list of them; content
+  may be a string, an item or a list of text/audio items in any turn.
+* ``ljspeech``: LJSpeech ``metadata.csv``: ``id|text[|normalized]`` (no header, no quoting), audio at
   ``wavs/{id}.wav`` beside it. The ``normalized`` column wins when it is non-empty.
-* CSV/TSV with a header ``audio,text[,speaker,ref_audio,ref_text,id]``: rows with ``ref_audio`` and
-  ``ref_text`` become voice-cloning samples, the others plain TTS samples (the layouts and system
-  prompts of ``data/demo/manifest.jsonl``).
+* ``csv``: CSV/TSV with a header ``audio,text[,speaker,ref_audio,ref_text,id,language]``: rows with
+  ``ref_audio`` and ``ref_text`` become voice-cloning samples, the others plain TTS samples (the
+  layouts and system prompts of ``data/demo/manifest.jsonl``).
+* ``train_higgs_audio``: a JimmyMa99/train-higgs-audio folder (``metadata.json`` or ``X.wav`` +
+  ``X.txt`` pairs) or its ``metadata.json`` (:func:`read_train_higgs_audio`).
+* ``ms_swift``: ms-swift JSONL ``{"messages": [...], "audios": [...]}`` (:func:`read_ms_swift`).
+* ``raw_jsonl``: ``{"audio", "text"[, "ref_audio", "ref_text", "speaker", "language", "id"]}`` per
+  line (:func:`read_raw_jsonl`).
+
+Fields a reader does not map are kept in ``misc.extra``; a row's language (``language`` of any
+format) is checked and kept in ``misc.language`` (:func:`carry_language`). With
+``data.cloning.enabled``, voice-cloning pairs are built from the rows naming a speaker, within each
+side of the split (:func:`build_cloning`; ``fixes.json`` ``cloning``).
 
 Every row ends up in exactly one place: ``manifest/train.jsonl`` or ``manifest/val.jsonl`` (kept,
 possibly fixed; each fix recorded in ``misc.fixes``) or ``manifest/quarantine.jsonl`` (with a

@@ -1,5 +1,5 @@
 rule manifest:
-    """Read data.manifest (ChatML / LJSpeech / CSV), fix what can be fixed, quarantine the rest."""
+    """Read data.manifest (ChatML / LJSpeech / CSV / train-higgs-audio / ms-swift / raw JSONL), fix what can be fixed, quarantine the rest."""
     input:
         manifest=lambda wc: experiment_config(wc)["data"]["manifest"],
     output:
