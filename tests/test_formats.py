@@ -297,11 +297,12 @@ def test_unreadable_rows_quarantined_with_reasons(tmp_config, tmp_path, lj_dir):
 
     raw = tmp_path / "r.jsonl"
     raw.write_text("\n".join(json.dumps(r) for r in [
-        {"audio": wav, "text": text[ids[0]]}, {"audio": wav, "text": 5}, {"text": "no audio"},
+        {"audio": wav, "text": text[ids[0]], "speaker": 7}, {"audio": wav, "text": 5}, {"text": "no audio"},
         {"audio": wav, "text": "x", "ref_audio": wav}, {"audio": str(tmp_path / "gone.wav"), "text": "x"},
         {"audio": wav, "text": "   "}]) + "\n")
     summary, train, val, q = run(with_data(cfg, manifest=raw), tmp_path, "raw")
     assert summary["format"] == "raw_jsonl" and summary["rows_kept"] == 1
+    assert [r["speaker"] for r in train + val] == ["7"]  # a numeric speaker id is read as its string
     assert [(e["line"], e["reason"], e.get("field")) for e in q] == [
         (2, "schema_violation", "text"), (3, "schema_violation", "audio"), (4, "schema_violation", "ref_text"),
         (5, "missing_file", "messages[2].content"), (6, "empty_transcript", "messages[1].content")]
@@ -336,7 +337,8 @@ def speaker_corpus(dest: Path, lj_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("split_by,k,keep_tts", [("speaker", 2, True), ("clip", 1, False)])
-def test_cloning_pairs_stay_within_speaker_and_side(tmp_config, tmp_path, lj_dir, split_by, k, keep_tts, text_tokenizer):
+def test_cloning_pairs_stay_within_speaker_and_side(tmp_config, tmp_path, lj_dir, split_by, k, keep_tts,
+                                                    text_tokenizer):
     """data.cloning on a two-speaker corpus: every built row's reference is another clip of the
     target's speaker on the target's side of the split (speaker split: whole speakers per side; clip
     split: one speaker spans both sides, pairs still never cross); deterministic; counted in fixes.json."""

@@ -63,6 +63,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import sys
 import unicodedata
@@ -407,12 +408,12 @@ def _raw_jsonl_sample(obj: Any, line: int) -> dict:
                       '{"audio": ..., "text": ...}')
     for key in PAIR_KEYS:
         value = obj.get(key)
-        if value is not None and not isinstance(value, str) and not (key == "id" and isinstance(value, int)
-                                                                     and not isinstance(value, bool)):
+        if value is not None and not isinstance(value, str) and not (key in ("id", "speaker") and isinstance(
+                value, int) and not isinstance(value, bool)):
             raise _schema(key, f"line {line}: {key} must be a string, got a JSON {type(value).__name__}")
     if not isinstance(obj.get("text"), str):
         raise _schema("text", f"line {line}: no text; give the transcript of the audio")
-    row = {k: (str(v) if k == "id" and v is not None else v) for k, v in obj.items()}
+    row = {k: (str(v) if k in ("id", "speaker") and v is not None else v) for k, v in obj.items()}
     src = _csv_row(line, row, what="field")
     if src.error:
         raise src.error
@@ -421,7 +422,7 @@ def _raw_jsonl_sample(obj: Any, line: int) -> dict:
 
 def read_raw_jsonl(path: Path) -> list[SourceRow]:
     """Rows of a raw JSONL file: one ``{"audio", "text"[, "ref_audio", "ref_text", "speaker",
-    "language", "id"]}`` object per line (string values; ``id`` may be an integer). ``audio`` paths
+    "language", "id"]}`` object per line (string values; ``id`` and ``speaker`` may be integers). ``audio`` paths
     resolve like ChatML ``audio_url`` ones; a row with ``ref_audio`` and ``ref_text`` is a
     voice-cloning sample, else a plain TTS one; other fields are kept in ``misc.extra``."""
     return _from_json_rows(read_chatml(path), _raw_jsonl_sample)
@@ -506,8 +507,9 @@ def _tha_sample(obj: Any, line: int, folder: Path) -> dict:
     if not isinstance(obj, dict):
         raise _schema("<row>", f"{where} is a JSON {type(obj).__name__}; each sample must be an object")
     for key in THA_KEYS:
-        if obj.get(key) is not None and not isinstance(obj[key], str) and not (
-                key in ("id", "audio_id") and isinstance(obj[key], int) and not isinstance(obj[key], bool)):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                key in ("id", "audio_id", "speaker_id") and isinstance(value, int) and not isinstance(value, bool)):
             raise _schema(key, f"{where}.{key} must be a string")
     audio, tfile = (obj.get("audio_file") or "").strip(), (obj.get("transcript_file") or "").strip()
     if not audio:
@@ -533,7 +535,8 @@ def _tha_sample(obj: Any, line: int, folder: Path) -> dict:
                       "empty: fill it or clear the other")
     sid = obj.get("id", obj.get("audio_id"))
     sid = None if sid is None else str(sid)
-    speaker, language = obj.get("speaker_id") or None, obj.get("language") or None
+    speaker = None if obj.get("speaker_id") in (None, "") else str(obj["speaker_id"])
+    language = obj.get("language") or None
     extra = {k: v for k, v in obj.items() if k not in THA_KEYS} or None
     system = scene_system_prompt(obj.get("scene"))
     if ref_audio:
@@ -567,8 +570,9 @@ def read_train_higgs_audio(path: Path) -> list[SourceRow]:
     if path.is_dir() and not meta.is_file():
         audio = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PAIR_AUDIO_SUFFIXES)
         if not audio:
-            raise ManifestError(f"{folder} holds neither metadata.json nor audio files ({', '.join(PAIR_AUDIO_SUFFIXES)})"
-                                " with a .txt transcript beside each; point data.manifest at the dataset")
+            raise ManifestError(f"{folder} holds neither metadata.json nor audio files "
+                                f"({', '.join(PAIR_AUDIO_SUFFIXES)}) with a .txt transcript beside each; point "
+                                "data.manifest at the dataset")
         rows = []
         for i, clip in enumerate(audio, 1):
             original = {"audio_file": clip.name, "transcript_file": clip.with_suffix(".txt").name}
@@ -1196,8 +1200,6 @@ def build_cloning(samples: list[dict], cloning: dict[str, Any]) -> tuple[list[di
         record of ``fixes.json``: ``built`` / ``built_train`` / ``built_val``, ``eligible`` (plain
         TTS rows naming a speaker), ``targets``, ``targets_without_reference``, ``speakers``.
     """
-    import random
-
     k, seed = int(cloning["references_per_target"]), int(cloning["seed"])
     lo, hi = float(cloning["min_ref_s"]), cloning["max_ref_s"]
     pools: dict[tuple[str, str], list[tuple[str, int, str, dict]]] = {}
@@ -1424,7 +1426,8 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
             next_suffix[sid] = n + 1
             new = f"{sid}~{n}"
             all_ids.add(new)
-            _fix(src.fixes, "duplicate_id_renamed", "misc.id", f"{sid!r} (also line {next(iter(earlier.values()))}) -> {new!r}")
+            first_line = next(iter(earlier.values()))
+            _fix(src.fixes, "duplicate_id_renamed", "misc.id", f"{sid!r} (also line {first_line}) -> {new!r}")
             sample["misc"]["id"] = new
         earlier.setdefault(key, src.line)
         sample["misc"]["fixes"] = src.fixes
