@@ -98,7 +98,7 @@ def tha_folder(dest: Path, lj_dir: Path, ids: list[str]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- each reader, through the CLI
-def test_community_formats_all_rows_kept_via_overlay(tmp_path, lj_dir):
+def test_community_formats_all_rows_kept_via_overlay(tmp_path, lj_dir, text_tokenizer):
     """A train-higgs-audio folder (and its metadata.json, and its X.wav + X.txt fallback), an ms-swift
     JSONL, a raw JSONL and a ChatML JSONL of content lists, all from the shipped clips, through an
     overlay setting only experiment and data.manifest: every row kept, read as written."""
@@ -224,6 +224,13 @@ def test_community_formats_all_rows_kept_via_overlay(tmp_path, lj_dir):
                 assert row["messages"][3]["content"][1]["audio_url"] == os.path.abspath(wav[sid])
                 assert row["misc"]["audio_sha256"][str(wav[sid])] == sha[sid]
                 assert row["misc"]["language"] == "en" and row["language"] == "en"
+                fake = lambda h: torch.randint(0, 1024, (8, 4), generator=torch.Generator().manual_seed(  # noqa
+                    int(h[:8], 16)))
+                sample = build_dataset_sample(row, text_tokenizer, fake)  # list content trains downstream
+                assert sample.audio_ids_start.numel() == 2 and (sample.label_ids != -100).any()
+        # the audio the DVC stages declare as deps: what the stage reads, for every format
+        assert set(mf.referenced_audio(manifest, {"format": "auto", "data_root": None})) == {
+            Path(i["audio_url"]) for r in rows for _, _, i in audio_items(r)}, name
 
 
 def test_format_detection_and_explicit_names(tmp_path, lj_dir):
