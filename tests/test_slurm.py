@@ -79,6 +79,7 @@ def chain(tmp_path_factory):
     overlay = {
         "experiment": "slurm", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
         "data": {"val_fraction": 0.25},
+        "eval": {"generate": {"n_samples": 1, "max_seconds": 1}},  # generation is evaluate's own test
         "train": {"max_steps": 6, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
                   "save_interval": 2, "predictions_interval": 3, "resume_dir": str(tmp_path / "resume")},
     }
@@ -119,88 +120,69 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in open(path) if line.strip()]
 
 
-def test_preempted_train_job_is_requeued_and_resumes(chain):
-    """A running train job is requeued by Slurm (``scontrol requeue``: SIGTERM to every process of
-    the job, back to the queue, as on preemption): it resumes from its last checkpoint and finishes
-    with the same curve and adapter as the unsignalled run above."""
-    tmp_path, cfg, overlay, res = chain
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    ref = tmp_path / "results" / "slurm" / "train"
-    again = copy.deepcopy(overlay)
-    again["train"]["resume_dir"] = str(tmp_path / "resume-requeued")  # a fresh start (and a rerun of train)
-    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
-    run = tmp_path / "results" / "slurm" / "train" / "metrics.jsonl"
-    reference = {"metrics": _rows(ref / "metrics.jsonl"), "val": _rows(ref / "val_metrics.jsonl"),
-                 "adapter": (ref / "adapter" / "adapter_model.safetensors").read_bytes()}
-    run.unlink()  # the rerun's rows only (Snakemake would delete it too, but only once the job starts)
-    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "again.yaml") + ["--until", "train"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    jobid, t0 = None, time.time()  # requeue once the job has checkpointed step 2 and logged step 3
-    while time.time() - t0 < 900 and proc.poll() is None:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.split("\n")
-        running = [line.split()[0] for line in out if line.strip() and line.split()[2] == "RUNNING"]
-        if running and run.is_file() and len(_rows(run)) >= 3:
-            jobid = running[0]
-            subprocess.run(["scontrol", "requeue", jobid], check=True)
-            # Slurm holds a requeued job back for a while (BeginTime); a test need not wait for it
-            for _ in range(20):
-                if subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"],
-                                  capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.5)
-            break
-        time.sleep(0.5)
-    log, _ = proc.communicate(timeout=1800)
-    assert jobid is not None, "the train job ended before it could be requeued:\n" + log[-3000:]
-    assert proc.returncode == 0, log[-6000:]
-    history = subprocess.run(["sacct", "-j", jobid, "--duplicates", "-X", "-n", "-P", "-o", "State"],
-                             capture_output=True, text=True, check=True).stdout.split()
-    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
-    state = json.loads((ref / "state.json").read_text())
-    assert state.get("resumes", 0) >= 1 and state["finished"], state
-    assert _rows(run) == reference["metrics"] and _rows(ref / "val_metrics.jsonl") == reference["val"]
-    assert (ref / "adapter" / "adapter_model.safetensors").read_bytes() == reference["adapter"]
+def _squeue_state(jobid: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def test_train_job_near_its_time_limit_checkpoints_and_is_retried(chain):
-    """A running train job's time limit drops to Slurm's minimum (1 minute, ``scontrol update``):
-    under the profile's own settings the trainer, which asks Slurm for the job's end time, stops
-    train.stop_margin_s before it, checkpoints and exits 75; its outputs are removed, Snakemake
-    retries the job (``retries``), the second job resumes and ends with the unsignalled run's
-    curve and adapter. sacct shows both jobs: the first not COMPLETED, the second COMPLETED."""
+def test_train_job_requeued_then_near_its_time_limit_resumes_to_the_same_curve(chain):
+    """One train job meets both things a cluster does to it, under the profile's own settings:
+
+    1. Slurm requeues it (``scontrol requeue``: SIGTERM to every process of the job, back to the
+       queue, as on preemption) once it has logged step 2: the requeued job resumes;
+    2. the requeued job's time limit then drops to Slurm's minimum (1 minute, ``scontrol update``):
+       the trainer, which asks Slurm for the job's end time, stops train.stop_margin_s before it,
+       checkpoints and exits 75; its outputs are removed and Snakemake retries the job
+       (``retries``), which resumes again.
+
+    The run ends with the unsignalled run's curve, val curve and adapter, byte for byte; sacct shows
+    the first job REQUEUED and then not COMPLETED, the retry COMPLETED."""
     tmp_path, cfg, overlay, res = chain
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     ref, out = tmp_path / "reference-train", tmp_path / "results" / "slurm" / "train"
     again = copy.deepcopy(overlay)
-    again["train"]["resume_dir"] = str(tmp_path / "resume-timelimit")  # a fresh start (and a rerun of train)
-    (tmp_path / "timelimit.yaml").write_text(yaml.safe_dump(again))
+    again["train"]["resume_dir"] = str(tmp_path / "resume-interrupted")  # a fresh start
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
+    metrics = out / "metrics.jsonl"
     # the resume folder is where checkpoints live, not what the trajectory is: force the train job
-    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "timelimit.yaml")
+    proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "again.yaml")
                             + ["--until", "train", "--forcerun", "train"],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    first, t0 = None, time.time()
-    while first is None and time.time() - t0 < 900 and proc.poll() is None:
+    first, phase, t0 = None, "requeue", time.time()
+    while phase != "done" and time.time() - t0 < 900 and proc.poll() is None:
         jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_train/", "".join(lines))
-        if jobs:
-            state = subprocess.run(["squeue", "-h", "-j", jobs[0], "-o", "%T"], capture_output=True, text=True).stdout
-            if state.strip() == "RUNNING":
-                subprocess.run(["scontrol", "update", f"JobId={jobs[0]}", "TimeLimit=1"], check=True)
-                first = jobs[0]
+        state = _squeue_state(jobs[0]) if jobs else ""
+        if phase == "requeue" and state == "RUNNING" and metrics.is_file() and len(_rows(metrics)) >= 2:
+            first = jobs[0]
+            subprocess.run(["scontrol", "requeue", first], check=True)
+            # Slurm holds a requeued job back for a while (BeginTime); a test need not wait for it
+            for _ in range(20):
+                if subprocess.run(["scontrol", "update", f"JobId={first}", "StartTime=now"],
+                                  capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.5)
+            phase = "requeued"
+        elif phase == "requeued" and state != "RUNNING":
+            phase = "restarting"  # seen back in the queue
+        elif phase == "restarting" and state == "RUNNING":
+            subprocess.run(["scontrol", "update", f"JobId={first}", "TimeLimit=1"], check=True)
+            phase = "done"
         time.sleep(0.3)
     proc.wait(timeout=1800)
     reader.join(timeout=60)
     log = "".join(lines)
-    assert first is not None, "no running train job to shorten:\n" + log[-3000:]
+    assert phase == "done", f"the train job ended in phase {phase!r}:\n" + log[-3000:]
     assert proc.returncode == 0, log[-6000:]
     jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_train/", log)
     assert len(jobs) == 2 and jobs[0] == first, jobs
-    states = [sacct(j)["state"] for j in jobs]
-    assert states[0] != "COMPLETED" and states[1] == "COMPLETED", states
+    history = subprocess.run(["sacct", "-j", first, "--duplicates", "-X", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert "REQUEUED" in history[:-1] and history[-1] != "COMPLETED", history
+    assert sacct(jobs[1])["state"] == "COMPLETED"
     state = json.loads((out / "state.json").read_text())
-    assert state["resumes"] == 1 and 1 <= state["resumed_at_step"] < 6 and state["finished"], state
+    assert state["resumes"] == 2 and 2 <= state["resumed_at_step"] < 6 and state["finished"], state
     assert _rows(out / "metrics.jsonl") == _rows(ref / "metrics.jsonl")
     assert _rows(out / "val_metrics.jsonl") == _rows(ref / "val_metrics.jsonl")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \

@@ -58,6 +58,7 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
                  "max_duration_s": 8.0, "max_quarantine_fraction": 1.0},
         "train": {"max_steps": 3, "batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
                   "save_interval": 3, "predictions_interval": 3, "resume_dir": str(tmp_path / "resume")},
+        "eval": {"generate": {"max_seconds": 2}},  # the demo's 4 samples, each capped at 50 frames
     }
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     args = SNAKEMAKE + ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(ROOT), "--cores", "2", "--nolock",
@@ -88,8 +89,8 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     for g in gen:
         wave, rate = sf.read(g["generated"])
         assert rate == 24000 and len(wave) == 960 * g["n_frames"]
-        # eval.generate.max_seconds 10 at 25 frames/s: a stream the model did not end runs to the cap
-        assert g["n_frames"] <= 250 and (g["ended"] or g["n_frames"] >= 249), g
+        # eval.generate.max_seconds 2 at 25 frames/s: a stream the model did not end runs to the cap
+        assert g["n_frames"] <= 50 and (g["ended"] or g["n_frames"] >= 49), g
         assert g["language"] == "en" and g["asr_metric"] == "wer" and g["cer"] is None  # data.language default
         assert g["wer"] == error_rate([g["text"]], [g["hypothesis"]], "en")[1] and g["text"]
         assert g["hit_max"] == (not g["ended"]) and 0 <= g["trailing_silence_s"] <= g["duration_s"]
