@@ -235,3 +235,25 @@ def test_patience_stops_where_val_loss_stops_improving_and_a_resume_keeps_the_co
     assert state["stopped_early"] == {"step": 4, "best_step": 1, "best_val_loss": val[1], "patience": 3}
     assert state["step"] == 4 and [r["step"] for r in D.read_jsonl(io.metrics)] == [1, 2, 3, 4]
     assert sorted(p.name for p in io.steps.iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_report_names_the_selected_checkpoint_and_draws_the_steps(tmp_path, demo_config):
+    """The report's checkpoint section from a selection.json: the reason, one table row per step
+    (the skipped one with why), the figure; nothing without a selection."""
+    from higgs_tune import report as R
+
+    rows = [_row(2, 3.0, 0.5), _row(4, 2.31, 0.4), {"step": 6, "final": False, "skipped": "not saved"},
+            _row(8, 2.6, 0.3, final=True)]
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps(select(rows, "loss", "min")))
+    inputs = R.Inputs(demo_config)
+    inputs.add("selection", path)
+    got = R.checkpoints_section(json.loads(path.read_text()), inputs)
+    assert got["selected_step"] == 4 and got["reason"].startswith("lowest val loss (2.31) of 3 checkpoints")
+    table = got["table"]
+    assert [r[table["columns"].index("step")] for r in table["rows"]] == ["2", "4", "6", "8"]
+    assert table["rows"][1][table["columns"].index("selected")] == "◀ selected"
+    assert table["rows"][2][table["columns"].index("skipped")] == "not saved"
+    assert {"loss", "generation.wer", "generation.sim"} <= set(table["columns"])
+    assert got["figure"]["uri"].startswith("data:image/png;base64,") and "selection.json" in got["figure"]["caption"]
+    assert R.checkpoints_section(None, inputs) is None
