@@ -133,6 +133,7 @@ def test_stages_follow_the_rules():
     assert stages["evaluate_base-demo"]["params"] == [{"params/demo.yaml": [
         "audio_tokenizer", "data", "eval.batch_size", "eval.bootstrap", "eval.generate", "model"]}]
     assert stages["select-demo"]["params"] == [{"params/demo.yaml": ["eval.select"]}]
+    assert stages["select-demo"]["metrics"] == ["results/demo/eval/selection.json"]
     assert not any("/train/" in d for d in stages["evaluate_base-demo"]["deps"])
     assert "results/demo/eval_base/generated.jsonl" in stages["evaluate-demo"]["deps"]
     assert stages["audit-demo"]["metrics"] == ["results/demo/audit/summary.json"]

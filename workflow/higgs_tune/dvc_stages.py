@@ -30,7 +30,8 @@ other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
   command. The stages run Snakemake with that file, so what DVC records is what ran.
 * ``outs``: the rule's outputs, all cached (``results/`` is git-ignored, so DVC's cache is where
   earlier versions live, and ``dvc metrics diff`` / ``dvc plots diff`` between commits read them
-  there); ``eval/metrics.json`` and ``audit/summary.json`` are ``metrics``, the curves rule's
+  there); ``eval/metrics.json`` (and each step's, ``eval/steps/N/metrics.json``), ``eval/selection.json`` and
+  ``audit/summary.json`` are ``metrics``, the curves rule's
   ``train/curves.csv`` and ``train/val_curves.csv`` (``train/metrics.jsonl`` and
   ``val_metrics.jsonl`` as CSV: DVC does not read JSONL) are ``plots``, with top-level plot
   definitions ``loss-<experiment>`` and ``val_loss-<experiment>`` (x ``step``; y ``loss``,
@@ -64,7 +65,8 @@ PARAMS_DIR = "params"
 DEFAULT_EXPERIMENTS = ["config/demo.yaml"]
 DEFAULT_PROFILE = "profiles/default"
 #: named outputs that are DVC metrics: (rule, output name)
-METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_base", "metrics"), ("audit", "summary")}
+METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_base", "metrics"), ("audit", "summary"),
+           ("evaluate_step", "metrics"), ("evaluate_step", "paired_summary"), ("select", "selection")}
 #: named outputs that are DVC plots -> the top-level plot definitions over them: (id, x, y columns).
 #: DVC reads CSV, not JSONL: the curves rule writes train/metrics.jsonl and val_metrics.jsonl as CSV.
 #: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
