@@ -649,7 +649,8 @@ def checkpoints_section(selection: dict | None, inputs: Inputs) -> dict | None:
     if not scored.empty and panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(max(9, 4.4 * len(panels)), 3.4), squeeze=False)
         for ax, cols in zip(axes[0], panels):
-            data = _melt(scored, [c for c in cols if c in scored])
+            cols = [c for c in cols if c in scored]
+            data = _melt(scored, cols)
             sns.lineplot(data=data, x="step", y="value", hue="series", marker="o", ax=ax, lw=1.3)
             ax.axvline(selection["selected_step"], color="black", ls=":", lw=1.2)
             sel = data[data["step"] == selection["selected_step"]]
