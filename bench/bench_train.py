@@ -319,7 +319,8 @@ def child_ours(spec: dict) -> dict:
     io = T.TrainIO(audit=Path(inp["audit"]), train=Path(inp["train"]), val=Path(inp["val"]),
                    index=Path(inp["index"]), metrics=work / "metrics.jsonl", val_metrics=work / "val_metrics.jsonl",
                    predictions=work / "predictions.jsonl", adapter=work / "adapter", checkpoint=work / "checkpoint",
-                   state=work / "state.json", tensorboard=work / "tensorboard", resume_dir=work / "resume")
+                   state=work / "state.json", tensorboard=work / "tensorboard", steps=work / "steps",
+                   resume_dir=work / "resume")
     T.train(cfg, io)
     rows = read_jsonl(io.metrics)
     w, tc = spec["warmup"], cfg["train"]

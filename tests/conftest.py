@@ -116,7 +116,7 @@ def train_io(root: Path):
                    val=root / "manifest" / "val.jsonl", index=root / "tokens" / "index.parquet",
                    metrics=t / "metrics.jsonl", val_metrics=t / "val_metrics.jsonl", predictions=t / "predictions.jsonl",
                    adapter=t / "adapter", checkpoint=t / "checkpoint", state=t / "state.json",
-                   tensorboard=t / "tensorboard", resume_dir=root / "resume")
+                   tensorboard=t / "tensorboard", steps=t / "steps", resume_dir=root / "resume")
 
 
 def stage_train_inputs(root: Path, short_codes, transcripts, lj_dir, n_train: int = 2, audit_passed: bool | None = None):

@@ -143,7 +143,7 @@ def test_dry_run_without_sweep_plans_one_job_per_rule(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = _planned(res.stdout)
     assert sorted(r for r, _ in jobs) == sorted(["manifest", "tokenize", "audit", "train", "curves", "evaluate_base",
-                                                "evaluate", "report", "all"])
+                                                "evaluate", "select", "report", "all"])
     assert all(Path(o).relative_to(tmp_path).parts[0] == "demo" for _, outs in jobs for o in outs)
     # asking for a comparison that is not declared says so
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}", "--",
@@ -181,7 +181,7 @@ def test_sweep_end_to_end_compared_in_a_browser(tmp_path):
     ran = re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M)
     # one base-model evaluation shared by both runs (same base, val set and eval settings)
     assert sorted(ran) == sorted(["manifest", "tokenize", "audit", "evaluate_base", "train", "train", "curves", "curves",
-                                  "evaluate", "evaluate", "report", "report", "compare", "all"]), ran
+                                  "evaluate", "evaluate", "select", "select", "report", "report", "compare", "all"]), ran
     check_sweep(res_dir, args)
 
 

@@ -89,7 +89,7 @@ def test_committed_dvc_yaml_is_generated_and_current(tmp_path):
 
 
 #: rules defined in another rule's file
-RULE_FILE = {"evaluate_base": "evaluate"}
+RULE_FILE = {"evaluate_base": "evaluate", "evaluate_step": "evaluate", "select": "evaluate"}
 
 
 def test_stages_follow_the_rules():
@@ -100,7 +100,7 @@ def test_stages_follow_the_rules():
     stages = doc["stages"]
     assert doc["vars"] == [{"profile": "profiles/default"}]
     assert set(stages) == {f"{r}-demo" for r in ("manifest", "tokenize", "audit", "train", "curves", "evaluate_base",
-                                                  "evaluate", "report")}
+                                                  "evaluate", "select", "report")}
     params = yaml.safe_load((ROOT / "params/demo.yaml").read_text())
     demo = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
     assert params["data"]["manifest"] == demo["data"]["manifest"] and params["train"]["max_steps"] == 120
@@ -112,7 +112,7 @@ def test_stages_follow_the_rules():
         assert st["cmd"].startswith("snakemake --profile ${profile} --configfile params/demo.yaml "
                                     f"--allowed-rules {rule} --forcerun {rule} -- results/demo/")
         assert f"workflow/rules/{RULE_FILE.get(rule, rule)}.smk" in st["deps"]
-        modules = (rule, "launch") if rule == "train" else (rule,)
+        modules = {"train": ("train", "launch"), "evaluate_step": ("evaluate",)}.get(rule, (rule,))
         code = [d for d in st["deps"] if d.startswith("workflow/") and not d.endswith(".smk")]
         assert code == [f.relative_to(ROOT).as_posix() for f in codesig.code_files(*modules, pkg=pkg)], name
         for out in st["outs"] + st.get("metrics", []) + st.get("plots", []):
@@ -129,7 +129,11 @@ def test_stages_follow_the_rules():
     assert stages["evaluate-demo"]["metrics"] == ["results/demo/eval/metrics.json", "results/demo/eval/paired.json"]
     assert stages["evaluate_base-demo"]["metrics"] == ["results/demo/eval_base/metrics.json"]
     # the base model's stage depends on no training setting and on no training output
-    assert stages["evaluate_base-demo"]["params"] == [{"params/demo.yaml": ["audio_tokenizer", "data", "eval", "model"]}]
+    # (nor on the eval keys that only choose among checkpoints: eval.checkpoints, eval.select)
+    assert stages["evaluate_base-demo"]["params"] == [{"params/demo.yaml": [
+        "audio_tokenizer", "data", "eval.batch_size", "eval.bootstrap", "eval.generate", "model"]}]
+    assert stages["select-demo"]["params"] == [{"params/demo.yaml": ["eval.select"]}]
+    assert stages["select-demo"]["metrics"] == ["results/demo/eval/selection.json"]
     assert not any("/train/" in d for d in stages["evaluate_base-demo"]["deps"])
     assert "results/demo/eval_base/generated.jsonl" in stages["evaluate-demo"]["deps"]
     assert stages["audit-demo"]["metrics"] == ["results/demo/audit/summary.json"]
@@ -145,13 +149,17 @@ def test_several_experiments_and_the_slurm_profile_in_one_dvc_yaml(tmp_path):
     """Two experiments (the demo and an overlay of it) give two chains with their own params files;
     --profile profiles/slurm is the `profile` var every command uses; DVC reads the result."""
     overlay = tmp_path / "other.yaml"
-    overlay.write_text("experiment: other.v2\ntrain: {max_steps: 3}\n")
+    overlay.write_text("experiment: other.v2\ntrain: {max_steps: 3, save_interval: 1}\neval: {checkpoints: every}\n")
     out = tmp_path / "gen"
     res = generator("--out", str(out), "--profile", "profiles/slurm", "config/demo.yaml", f"config/demo.yaml+{overlay}")
     assert res.returncode == 0, res.stderr
     doc = yaml.safe_load((out / "dvc.yaml").read_text())
     assert doc["vars"] == [{"profile": "profiles/slurm"}]
-    assert len(doc["stages"]) == 16 and "train-other_v2" in doc["stages"]
+    # one stage per job: the scored checkpoints of other.v2 (steps 1, 2; 3 is the final adapter's)
+    assert len(doc["stages"]) == 20 and "train-other_v2" in doc["stages"]
+    assert sorted(s for s in doc["stages"] if s.startswith("evaluate_step")) == ["evaluate_step-other_v2-1",
+                                                                           "evaluate_step-other_v2-2"]
+    assert "results/other.v2/eval/steps/2/metrics.json" in doc["stages"]["select-other_v2"]["deps"]
     st = doc["stages"]["train-other_v2"]
     assert st["meta"]["experiment"] == "other.v2" and "--configfile params/other.v2.yaml" in st["cmd"]
     assert "results/other.v2/train/adapter" in st["outs"]

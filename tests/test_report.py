@@ -81,6 +81,10 @@ def stage_outputs(tmp_path_factory, demo_config, short_codes, transcripts, lj_di
     run_evaluate(cfg, adapter=io.adapter, val=io.val, index=io.index, metrics_out=ev / "metrics.json",
                  generated_out=ev / "generated.jsonl", audio_dir=ev / "audio", base_generated=base / "generated.jsonl",
                  paired_out=ev / "paired.jsonl", paired_summary_out=ev / "paired.json")
+    from higgs_tune import select as S  # eval.checkpoints null: the final adapter is the selection
+
+    S.main(["--config-json", json.dumps({"eval": cfg["eval"]}), "--final", str(ev / "metrics.json"), "--state",
+            str(io.state), "--steps", "--out", str(ev / "selection.json")])
     paths = {"manifest": CORPUS / "manifest.jsonl", "train_manifest": io.train, "val_manifest": io.val,
              "fixes": m / "fixes.json", "quarantine": m / "quarantine.jsonl", "tokens_index": io.index,
              "audit_summary": audit["summary"], "audit_samples": audit["samples"], "metrics": io.metrics,
@@ -88,7 +92,7 @@ def stage_outputs(tmp_path_factory, demo_config, short_codes, transcripts, lj_di
              "adapter": io.adapter, "eval_metrics": ev / "metrics.json", "generated": ev / "generated.jsonl",
              "audio": ev / "audio", "paired": ev / "paired.jsonl", "paired_summary": ev / "paired.json",
              "base_eval_metrics": base / "metrics.json", "base_generated": base / "generated.jsonl",
-             "base_audio": base / "audio"}
+             "base_audio": base / "audio", "selection": ev / "selection.json"}
     return cfg, {k: str(v) for k, v in paths.items()}, failed
 
 
@@ -131,6 +135,8 @@ def test_report_self_contained_with_provenance(inputs, repo_root):
     assert "generation.wer" in html and f"<th>hypothesis</th><td>{gen[0]['hypothesis']}</td>" in html
     assert 'id="random-init-banner"' in html and "not speech" in html
     assert cfg["report"]["title"] in html and "PASSED" in html
+    # eval.checkpoints null: the selection is the final adapter, named with its reason
+    assert "<b>Selected: step 3</b>" in html and "of 1 checkpoint: step 3" in html
     for role in ("metrics", "val_metrics", "predictions", "audit_summary", "audit_samples", "eval_metrics",
                  "fixes", "quarantine"):
         assert _sha(paths[role])[:12] in html, role

@@ -101,7 +101,8 @@ def test_workflow_runs_through_the_slurm_profile(chain):
 
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+)/", log)
     rules = {rule for _, rule in submitted}
-    assert rules == {"manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "report"}, log[-3000:]
+    assert rules == {"manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "select", "report"}, \
+        log[-3000:]
     for jobid, rule in submitted:
         job = sacct(jobid)
         assert job["state"] == "COMPLETED", (rule, job)

@@ -32,7 +32,7 @@ def test_lint():
 def test_dry_run_plans_the_chain_and_validates_configs(tmp_path):
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/demo.yaml", "--config", f"results_dir={tmp_path}"], ROOT)
     assert res.returncode == 0, res.stderr
-    for rule in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "report", "curves"):
+    for rule in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate", "select", "report", "curves"):
         assert f"rule {rule}:" in res.stdout + res.stderr
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/cluster.yaml", "--config", f"results_dir={tmp_path}"], ROOT)
     assert res.returncode == 0, res.stderr
@@ -121,7 +121,7 @@ def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     declared = [Path(line.split("\t")[0]) for line in res.stdout.splitlines()[1:] if line.strip()]
     assert declared
     logs = {out / "logs" / f"{r}.log" for r in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate",
-                                                 "report", "curves")}
+                                                 "select", "report", "curves")}
     logs |= {out / "logs" / f"{r}.benchmark.tsv" for r in ("tokenize", "audit", "train")}
     for f in (p for p in out.rglob("*") if p.is_file()):
         assert f in logs or any(f == d or d in f.parents for d in declared), f"{f} is in no declared output"

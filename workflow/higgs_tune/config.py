@@ -84,8 +84,9 @@ TRAIN_MONITOR_KEYS = ("log_interval", "eval_interval", "predictions_interval", "
 #: ``eval`` keys the trainer reads: the batch size of its in-training val pass (monitoring, untracked)
 EVAL_KEYS_IN_TRAINING = ("batch_size",)
 #: ``train`` keys that set how long the run is: a change reruns the train job, which continues from
-#: the latest checkpoint (the resume fingerprint ignores them; the LR schedule is re-planned)
-TRAIN_LENGTH_KEYS = ("max_steps", "epochs")
+#: the latest checkpoint (the resume fingerprint ignores them; the LR schedule is re-planned; ``patience``:
+#: early stopping, whose counter the checkpoint carries)
+TRAIN_LENGTH_KEYS = ("max_steps", "epochs", "patience")
 #: ``train`` keys that check a run without changing it (a change reruns the job, never resets it)
 TRAIN_CHECK_KEYS = ("alarms", "processes")
 

@@ -14,7 +14,8 @@ Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# gener
 are reused, else ``config/demo.yaml``.
 
 For every experiment the Snakefile is evaluated with the Snakemake API (the whole DAG, as
-``--forceall`` plans it) and every job becomes one DVC stage ``<rule>-<experiment>``:
+``--forceall`` plans it) and every job becomes one DVC stage ``<rule>-<experiment>`` (a job with
+other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
@@ -29,7 +30,8 @@ For every experiment the Snakefile is evaluated with the Snakemake API (the whol
   command. The stages run Snakemake with that file, so what DVC records is what ran.
 * ``outs``: the rule's outputs, all cached (``results/`` is git-ignored, so DVC's cache is where
   earlier versions live, and ``dvc metrics diff`` / ``dvc plots diff`` between commits read them
-  there); ``eval/metrics.json`` and ``audit/summary.json`` are ``metrics``, the curves rule's
+  there); ``eval/metrics.json`` (and each step's, ``eval/steps/N/metrics.json``), ``eval/selection.json`` and
+  ``audit/summary.json`` are ``metrics``, the curves rule's
   ``train/curves.csv`` and ``train/val_curves.csv`` (``train/metrics.jsonl`` and
   ``val_metrics.jsonl`` as CSV: DVC does not read JSONL) are ``plots``, with top-level plot
   definitions ``loss-<experiment>`` and ``val_loss-<experiment>`` (x ``step``; y ``loss``,
@@ -63,13 +65,14 @@ PARAMS_DIR = "params"
 DEFAULT_EXPERIMENTS = ["config/demo.yaml"]
 DEFAULT_PROFILE = "profiles/default"
 #: named outputs that are DVC metrics: (rule, output name)
-METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_base", "metrics"), ("audit", "summary")}
+METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_base", "metrics"), ("audit", "summary"),
+           ("evaluate_step", "metrics"), ("evaluate_step", "paired_summary"), ("select", "selection")}
 #: named outputs that are DVC plots -> the top-level plot definitions over them: (id, x, y columns).
 #: DVC reads CSV, not JSONL: the curves rule writes train/metrics.jsonl and val_metrics.jsonl as CSV.
 #: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
 #: evaluate (and evaluate_base) score the ground-truth and reference clips, the report embeds them; so a
 #: changed clip names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
-AUDIO_READERS = {"tokenize", "evaluate", "evaluate_base", "report"}
+AUDIO_READERS = {"tokenize", "evaluate", "evaluate_step", "evaluate_base", "report"}
 PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
          ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
 
@@ -101,6 +104,7 @@ class Job:
     code: str | None
     doc: str = ""
     shell_modules: tuple[str, ...] = ()  # higgs_tune modules the shell command runs (python -m higgs_tune.X)
+    wildcards: dict[str, str] = field(default_factory=dict)  # the job's wildcards but {experiment} (e.g. step)
 
 
 @dataclass
@@ -154,11 +158,12 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                     names = {str(v): k for k, v in j.output.items()}
                     jobs.append(Job(
                         rule=j.rule.name, rule_file=Path(j.rule.snakefile),
-                        inputs={k: str(v) for k, v in j.input.items()},
+                        inputs=_named_files(j.input),
                         outputs={names.get(str(v), f"_{i}"): str(v) for i, v in enumerate(j.output)},
                         cfg_keys=param_keys(json.loads(params["cfg"]), config) if "cfg" in params else [],
                         code=params.get("code"), doc=(j.rule.docstring or "").strip(),
-                        shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or ""))))))
+                        shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or "")))),
+                        wildcards={k: str(v) for k, v in j.wildcards.items() if k != "experiment"}))
     except GeneratorError:
         raise
     except Exception as exc:  # WorkflowError, validation errors, ...
@@ -168,6 +173,18 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
         os.chdir(cwd)
     jobs.sort(key=lambda j: _order(j, jobs))
     return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
+
+
+def _named_files(files) -> dict[str, str]:
+    """A job's named inputs as ``name -> path``; a named list of files (the select rule's ``steps``)
+    as ``name_0``, ``name_1``, ... (one DVC dep each)."""
+    out = {}
+    for k, v in files.items():
+        if isinstance(v, (list, tuple)):
+            out.update({f"{k}_{i}": str(x) for i, x in enumerate(v)})
+        else:
+            out[k] = str(v)
+    return out
 
 
 def _order(job: Job, jobs: list[Job]) -> int:
@@ -203,15 +220,16 @@ def audio_deps(manifest: str, data: dict, root: Path, results_dir: Path) -> list
 
 
 def code_files_of(job: Job, pkg: Path) -> list[Path]:
-    """The files the job's ``params.code`` hashes: ``code_sig(rule)`` or ``code_sig(rule, *modules the
-    shell command runs)``, whichever equals the rendered hash.
+    """The files the job's ``params.code`` hashes: ``code_sig(rule)``, ``code_sig(rule, *modules the
+    shell command runs)`` or ``code_sig(*those modules)``, whichever equals the rendered hash.
 
     Raises:
         GeneratorError: neither matches (the dep list could not follow the trigger).
     """
     tried = []
-    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules}))):
-        if names in tried:
+    # the rule's own module, with the modules its command runs, or those alone (evaluate_step runs evaluate)
+    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules})), tuple(sorted(job.shell_modules))):
+        if not names or names in tried:
             continue
         tried.append(names)
         try:
@@ -294,7 +312,7 @@ def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], lis
             stage["metrics"] = metrics
         if plots:
             stage["plots"] = plots
-        stages[stage_name(job.rule, name)] = stage
+        stages[stage_name(job.rule, name, job.wildcards)] = stage
     return stages, plot_defs, params_file, params_text
 
 
@@ -303,9 +321,10 @@ def _first_sentence(doc: str) -> str:
     return text.split(". ", 1)[0].rstrip(".") + "."
 
 
-def stage_name(rule: str, experiment: str) -> str:
-    """``<rule>-<experiment>`` (DVC stage names allow only letters, digits, ``_`` and ``-``: ``.`` -> ``_``)."""
-    return f"{rule}-{experiment.replace('.', '_')}"
+def stage_name(rule: str, experiment: str, wildcards: dict[str, str] | None = None) -> str:
+    """``<rule>-<experiment>``, then the job's other wildcard values (one stage per job:
+    ``evaluate_step-demo-4``); DVC stage names allow only letters, digits, ``_`` and ``-``: ``.`` -> ``_``."""
+    return "-".join([rule, experiment.replace(".", "_"), *(str(v).replace(".", "_") for v in (wildcards or {}).values())])
 
 
 def generate(root: Path, experiments: list[str], profile: str = DEFAULT_PROFILE) -> dict[str, str]:

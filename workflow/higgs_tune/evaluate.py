@@ -7,6 +7,8 @@ adapter, runs the val split with teacher forcing, and writes the metrics JSON. W
 ``--adapter`` it is the base model alone (:mod:`higgs_tune.evaluate_base`, stage ``evaluate_base``:
 once per base model, val set and eval settings, shared by every run of a sweep); with
 ``--base-generated`` the fine-tuned rows are paired with the base model's (:mod:`higgs_tune.paired`).
+With ``--step N`` (stage ``evaluate_step``) ``--adapter`` is the adapter snapshot of step N
+(``train/steps/step-XXXXXXXX``), scored the same way (``eval.checkpoints``).
 
 Accuracies are teacher-forced: the argmax of ``audio_logits[i, k]`` against
 ``label_audio_ids[k, i + 1]`` (same segment), and of ``logits[b, t]`` against
@@ -236,7 +238,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
 def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, index: str | Path,
                  metrics_out: str | Path, generated_out: str | Path, audio_dir: str | Path,
                  base_generated: str | Path | None = None, paired_out: str | Path | None = None,
-                 paired_summary_out: str | Path | None = None) -> dict[str, Any]:
+                 paired_summary_out: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
     """The evaluate stage (``adapter`` given) or the evaluate_base stage (``adapter=None``: the base
     model as configured, no adapter; generation only, no val losses): val metrics to ``metrics_out``
     (JSON), generated rows to ``generated_out`` (JSONL), WAVs to ``audio_dir``. Returns the metrics dict.
@@ -250,6 +252,10 @@ def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, inde
             base model), ``eval`` and ``audio_tokenizer`` sections.
         adapter: the LoRA adapter folder written by training, or ``None`` for the base model.
         val, index: the val manifest and the tokens index.
+        step: ``adapter`` is the snapshot of this optimizer step (stage ``evaluate_step``, from
+            ``train/steps``): the metrics carry ``"step"``, and a missing snapshot (the run never saved
+            that step: it stopped before, or ``train.save_interval`` was edited after training) writes
+            ``{"step", "skipped": reason}`` metrics and empty outputs instead of failing.
 
     Raises:
         SystemExit: the val manifest has no rows.
@@ -261,6 +267,10 @@ def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, inde
     if base_generated is not None and (paired_out is None or paired_summary_out is None):
         raise ValueError("base_generated needs paired_out and paired_summary_out (where the comparison goes)")
     audio_dir = Path(audio_dir)
+    if step is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        return _skipped_step(step, f"not saved: train/steps has no snapshot {Path(adapter).name} (the run stopped "
+                             "before it, or train.save_interval changed after training)", metrics_out, generated_out,
+                             audio_dir, paired_out, paired_summary_out)
     device, dtype = device_and_dtype(cfg["model"]["device"], cfg["model"]["dtype"])
     t0 = time.time()
     model = load_trained(cfg, Path(adapter), device) if adapter is not None else \
@@ -300,12 +310,29 @@ def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, inde
                               "base_generation": health_rates(base_rows)} if pairs else None)
         write_jsonl(paired_out, pairs)
         write_json(paired_summary_out, {**(metrics["paired"] or {"n_samples": 0}), "base": str(base_generated)})
+    if step is not None:
+        metrics["step"] = int(step)
     metrics.update(split="val", adapter=str(adapter) if adapter is not None else None,
                    model_source=cfg["model"]["source"], elapsed_s=round(time.time() - t0, 2))
     write_json(metrics_out, metrics)
     if adapter is not None:
         log.info("val: loss %.4f text %.4f audio %.4f codebook acc %s", metrics["loss"], metrics["text_loss"],
                  metrics["audio_loss"], [round(a, 3) for a in metrics["codebook_acc"]])
+    return metrics
+
+
+def _skipped_step(step: int, reason: str, metrics_out, generated_out, audio_dir: Path, paired_out,
+                  paired_summary_out) -> dict[str, Any]:
+    """The outputs of a step job whose snapshot is missing: ``{"step", "skipped"}`` metrics, no rows."""
+    log.warning("step %d skipped: %s", step, reason)
+    metrics = {"step": int(step), "skipped": reason}
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(generated_out, [])
+    if paired_out is not None:
+        write_jsonl(paired_out, [])
+    if paired_summary_out is not None:
+        write_json(paired_summary_out, {"n_samples": 0, "skipped": reason})
+    write_json(metrics_out, metrics)
     return metrics
 
 
@@ -321,12 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-generated", help="input: the base model's generated.jsonl (evaluate_base)")
     parser.add_argument("--paired", help="output: paired per-sample rows (JSONL), with --base-generated")
     parser.add_argument("--paired-summary", help="output: the paired summary (JSON), with --base-generated")
+    parser.add_argument("--step", type=int, help="--adapter is the snapshot of this step (train/steps/step-XXXXXXXX; "
+                        "stage evaluate_step): missing, its metrics say skipped")
     args = parser.parse_args(argv)
     if args.base_generated and not (args.paired and args.paired_summary):
         parser.error("--base-generated needs --paired and --paired-summary")
+    if args.step is not None and not args.adapter:
+        parser.error("--step needs --adapter (the step's snapshot folder)")
     run_evaluate(config_from_args(args), adapter=args.adapter, val=args.val, index=args.index,
                  metrics_out=args.metrics, generated_out=args.generated, audio_dir=args.audio,
-                 base_generated=args.base_generated, paired_out=args.paired, paired_summary_out=args.paired_summary)
+                 base_generated=args.base_generated, paired_out=args.paired, paired_summary_out=args.paired_summary,
+                 step=args.step)
 
 
 if __name__ == "__main__":

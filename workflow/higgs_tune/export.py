@@ -1,7 +1,12 @@
 """Export: the trained LoRA merged into the base model, as a standalone Higgs Audio v2 checkpoint.
 
 CLI (rule ``export``, ``workflow/rules/export.smk``; not part of the default target):
-``python -m higgs_tune.export --config-json JSON --adapter results/X/train/adapter --out results/X/merged``
+``python -m higgs_tune.export --config-json JSON [--selection results/X/eval/selection.json --steps
+results/X/train/steps] --adapter results/X/train/adapter --out results/X/merged``
+
+With ``--selection`` (what the rule passes) the checkpoint it selected is merged
+(:func:`higgs_tune.select.adapter_of`: ``--adapter``, the final one, or the snapshot
+``--steps/step-XXXXXXXX``); without it, ``--adapter``.
 
 The base model (config ``model`` section) is loaded in float32 on the CPU, the adapter applied
 (``PeftModel.from_pretrained``) and merged (``merge_and_unload(safe_merge=True)``: each LoRA delta
@@ -19,7 +24,8 @@ checkpoint's own layout, so that upstream ``HiggsAudioModel.from_pretrained(out)
   ``special_tokens_map.json``, and ``tokenizer.model`` / ``vocab.json`` / ``merges.txt`` /
   ``added_tokens.json`` where present); the bundled tokenizer or a hub id written by ``save_pretrained``;
 * ``higgs_tune_export.json``, written last (its presence says the folder is complete): base,
-  adapter (sha256 of its weights), dtype, git revision.
+  adapter (sha256 of its weights), ``step`` (the optimizer step of that adapter, with ``--selection``)
+  and ``selection`` (why it was selected), dtype, git revision.
 
 Output dtype: the base checkpoint's ``torch_dtype`` (``config.json``) for ``source: pretrained``, else
 ``model.dtype``. Merging in float32 and rounding once keeps the merged weights as close to base +
@@ -153,13 +159,15 @@ def merge_adapter(model_cfg: dict[str, Any], adapter: str | Path):
     return peft_model.merge_and_unload(safe_merge=True).eval()
 
 
-def export(cfg: dict[str, Any], *, adapter: str | Path, out: str | Path) -> Path:
+def export(cfg: dict[str, Any], *, adapter: str | Path, out: str | Path, selection: dict | None = None) -> Path:
     """Write the merged model to ``out`` (see the module docstring); returns ``out``.
 
     Args:
         cfg: config with the ``model`` section (base ``source``/``path``/``dtype``, ``text_tokenizer``).
-        adapter: the train stage's adapter folder.
+        adapter: the adapter folder to merge (the train stage's, or a train/steps snapshot).
         out: the output folder (replaced when it exists).
+        selection: ``eval/selection.json`` of the select stage, when ``adapter`` is its choice: its
+            step and reason are recorded in ``higgs_tune_export.json``.
 
     Raises:
         FileNotFoundError: ``adapter`` lacks ``adapter_config.json``.
@@ -178,6 +186,7 @@ def export(cfg: dict[str, Any], *, adapter: str | Path, out: str | Path) -> Path
     write_json(out / "higgs_tune_export.json", {
         "base": model_cfg["path"] if pretrained else f"random_init seed {model_cfg['seed']}",
         "adapter": str(adapter), "adapter_sha256": {w.name: sha256_file(w) for w in weights},
+        **({"step": selection["selected_step"], "selection": selection["reason"]} if selection else {}),
         "dtype": str(dtype).removeprefix("torch."), "text_tokenizer": model_cfg["text_tokenizer"],
         "git_revision": git_revision(),
     })
@@ -195,10 +204,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m higgs_tune.export", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.add_argument("--adapter", required=True, help="input: the trained LoRA adapter folder")
+    parser.add_argument("--adapter", required=True, help="input: the trained LoRA adapter folder (the final one)")
+    parser.add_argument("--selection", help="input: eval/selection.json: merge the checkpoint it selected")
+    parser.add_argument("--steps", help="input: train/steps, the adapter snapshots (with --selection)")
     parser.add_argument("--out", required=True, help="output: the merged model folder")
     args = parser.parse_args(argv)
-    export(config_from_args(args), adapter=args.adapter, out=args.out)
+    if args.selection and not args.steps:
+        parser.error("--selection needs --steps (the train stage's adapter snapshots)")
+    selection, adapter = None, args.adapter
+    if args.selection:
+        from .select import adapter_of
+
+        selection = json.loads(Path(args.selection).read_text())
+        adapter = adapter_of(selection, args.adapter, args.steps)
+        log.info("merging step %d (%s): %s", selection["selected_step"], selection["reason"], adapter)
+    export(config_from_args(args), adapter=adapter, out=args.out, selection=selection)
 
 
 if __name__ == "__main__":

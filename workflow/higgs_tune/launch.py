@@ -213,7 +213,8 @@ def _arg(train_args: list[str], flag: str) -> str | None:
 
 #: the train rule's declared outputs (flags of ``python -m higgs_tune.train``): removed after a run
 #: that did not finish, so that no target takes a preempted or failed run's files as done
-OUTPUT_FLAGS = ("--metrics", "--val-metrics", "--predictions", "--adapter", "--checkpoint", "--state", "--tensorboard")
+OUTPUT_FLAGS = ("--metrics", "--val-metrics", "--predictions", "--adapter", "--checkpoint", "--state", "--tensorboard",
+                "--steps")
 #: the trainer writes the step it checkpointed at to this file (a path the launcher chooses) when it
 #: stops for a preemption: the launcher's channel, not a declared output
 PREEMPTED_FILE_ENV = "HIGGS_TUNE_PREEMPTED_FILE"

@@ -54,7 +54,8 @@ PRODUCER = {"metrics": "train", "val_metrics": "train", "predictions": "train", 
             "generated": "evaluate", "audio": "evaluate", "paired": "evaluate", "paired_summary": "evaluate",
             "base_eval_metrics": "evaluate_base", "base_generated": "evaluate_base", "base_audio": "evaluate_base",
             "fixes": "manifest", "quarantine": "manifest",
-            "train_manifest": "manifest", "val_manifest": "manifest", "tokens_index": "tokenize"}
+            "train_manifest": "manifest", "val_manifest": "manifest", "tokens_index": "tokenize",
+            "selection": "select"}
 
 
 def require(inputs: dict[str, str], role: str) -> Path:
@@ -621,11 +622,56 @@ def _clip(kind: str, ref: str | None, path: Path | None, role: str, inputs: Inpu
     return {"kind": kind, "uri": uri, "note": inputs.caption(role)}
 
 
+# ------------------------------------------------------------------------- checkpoints compared
+#: the scores the checkpoint figure and table show when a selection row has them (plus the selection metric)
+CHECKPOINT_SCORES = ("loss", "text_loss", "audio_loss", "generation.wer", "generation.cer", "generation.sim",
+                     "generation.dnsmos_ovrl", "generation.eos_rate")
+
+
+def checkpoints_section(selection: dict | None, inputs: Inputs) -> dict | None:
+    """The checkpoint comparison (``eval/selection.json``): the reason the selected step was chosen,
+    a table of every scored step (skipped ones with why) and a figure of the val loss and the
+    generation scores against step, the selected step marked. ``None`` without a selection."""
+    if not selection:
+        return None
+    rows = selection.get("steps") or []
+    metric = selection["metric"]
+    shown = [c for c in dict.fromkeys((*CHECKPOINT_SCORES, metric)) if any(c in r for r in rows)]
+    table_rows = [{"step": r["step"], "adapter": "final (train/adapter)" if r.get("final") else "snapshot (train/steps)",
+                   "selected": "◀ selected" if r["step"] == selection["selected_step"] else "",
+                   **{c: r.get(c) for c in shown}, **({"skipped": r["skipped"]} if r.get("skipped") else {})}
+                  for r in rows]
+    scored = pd.DataFrame([r for r in rows if not r.get("skipped")])
+    panels = [p for p in (["loss", "text_loss", "audio_loss"], [metric] if metric not in CHECKPOINT_SCORES[:3] else [],
+                          ["generation.wer", "generation.cer"], ["generation.sim", "generation.dnsmos_ovrl"])
+              if p and any(c in scored for c in p)]
+    figure = None
+    if not scored.empty and panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(9, 4.4 * len(panels)), 3.4), squeeze=False)
+        for ax, cols in zip(axes[0], panels):
+            cols = [c for c in cols if c in scored]
+            data = _melt(scored, cols)
+            sns.lineplot(data=data, x="step", y="value", hue="series", marker="o", ax=ax, lw=1.3)
+            ax.axvline(selection["selected_step"], color="black", ls=":", lw=1.2)
+            sel = data[data["step"] == selection["selected_step"]]
+            ax.scatter(sel["step"], sel["value"], s=140, marker="*", color="black", zorder=5, label="selected")
+            ax.set(xlabel="optimizer step", ylabel="", title=" / ".join(cols))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, frameon=False)
+        fig.tight_layout()
+        figure = {"title": "Checkpoints: val loss and generation scores against step", "uri": png_uri(fig),
+                  "caption": inputs.caption("selection") + f" The selected step ({selection['selected_step']}) "
+                             "is starred and dotted."}
+    return {"reason": selection["reason"], "selected_step": selection["selected_step"], "metric": metric,
+            "mode": selection["mode"], "final": selection.get("final"), "table": records(table_rows),
+            "figure": figure, "caption": inputs.caption("selection")}
+
+
 # ----------------------------------------------------------------------------- main
 #: input roles read as files (besides the folders ``adapter`` and ``audio``), in report order
 FILE_ROLES = ("manifest", "train_manifest", "val_manifest", "fixes", "quarantine", "tokens_index", "audit_summary",
               "audit_samples", "metrics", "val_metrics", "predictions", "train_state", "eval_metrics", "generated",
-              "paired", "paired_summary", "base_eval_metrics", "base_generated")
+              "paired", "paired_summary", "base_eval_metrics", "base_generated", "selection")
 
 
 def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> Path:
@@ -679,6 +725,8 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
                        if overall_padding_efficiency(metrics) is not None else []),
         "train_figures": training_figures(metrics, val, inputs),
         "val_missing": val.empty,
+        "checkpoints": checkpoints_section(json.loads(present["selection"].read_text()) if "selection" in present
+                                           else None, inputs),
         "audit": audit_section(json.loads(audit_path.read_text()), present.get("audit_samples"), inputs),
         "eval": eval_section(eval_metrics, inputs),
         "paired": paired_section(json.loads(present["paired_summary"].read_text()) if "paired_summary" in present

@@ -29,6 +29,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 PKG = Path(workflow.basedir) / "workflow" / "higgs_tune"
 sys.path.insert(0, str(PKG.parent))  # this checkout's higgs_tune, whatever the venv has installed
 from higgs_tune.config import train_job_config  # noqa: E402
+from higgs_tune.select import SelectionError, checkpoint_steps  # noqa: E402
 from higgs_tune.sweep import experiment_configs, sweep_experiments  # noqa: E402
 
 #: experiment name -> its resolved config (validated, defaults filled; no `sweep` key)
@@ -61,17 +62,50 @@ def experiment_config(wildcards):
     return EXPERIMENTS[wildcards.experiment]
 
 
-def stage_config(*keys):
+def stage_config(*keys, drop=None):
     """Params function: the named config sections (top-level keys; none: all of them) of the job's
     experiment as JSON: the rule's params (a change reruns the job: Snakemake's params trigger) and
-    the stage's --config-json (it sees nothing else)."""
+    the stage's --config-json (it sees nothing else). ``drop``: ``{section: keys}`` left out of
+    those sections (a change of them never reruns the job)."""
+
+    def view(c):
+        out = {k: c.get(k) for k in (keys or sorted(c))}
+        for section, subkeys in (drop or {}).items():
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in subkeys}
+        return out
 
     def cfg(wildcards):
-        c = experiment_config(wildcards)
-        return json.dumps({k: c.get(k) for k in (keys or sorted(c))}, sort_keys=True)
+        return json.dumps(view(experiment_config(wildcards)), sort_keys=True)
 
     cfg.sections = keys  # read by stage_owner
+    if drop:
+        cfg.view = view  # stage_owner compares this part of the sections
     return cfg
+
+
+#: ``eval`` keys that choose among the scored checkpoints (which steps, by what metric): the rules that
+#: evaluate never get them, so editing them reruns no generation (only `select` reads eval.select)
+EVAL_CHOICE_KEYS = {"eval": ("checkpoints", "select")}
+
+
+def scored_steps(experiment):
+    """The steps ``evaluate_step`` scores for ``experiment`` (eval.checkpoints resolved against
+    train.save_interval/max_steps: :func:`higgs_tune.select.checkpoint_steps`; the last step is the
+    final adapter's, scored by ``evaluate``).
+
+    Raises:
+        WorkflowError: eval.checkpoints names no save step of the config, or is `every` without
+            train.max_steps (the message names the keys).
+    """
+    try:
+        return checkpoint_steps(EXPERIMENTS[experiment])
+    except SelectionError as exc:
+        raise WorkflowError(f"experiment {experiment}: {exc}") from exc
+
+
+for _experiment in EXPERIMENTS:  # a bad eval.checkpoints fails when the workflow is planned
+    scored_steps(_experiment)
 
 
 class Untracked:
@@ -142,6 +176,25 @@ def upstream(rule_name, key):
 
     path.stage = rule_name  # read by stage_owner
     return path
+
+
+def step_metrics(wildcards):
+    """Input function: the metrics.json of every ``evaluate_step`` job of the experiment
+    (:func:`scored_steps`), in the folder of the experiment that owns them (:func:`stage_owner`)."""
+    owner = stage_owner(wildcards.experiment, "evaluate_step")
+    return expand(rules.evaluate_step.output.metrics, experiment=owner, step=scored_steps(wildcards.experiment))
+
+
+step_metrics.stage = "evaluate_step"  # read by stage_owner
+
+
+def select_config(wildcards):
+    """The select rule's params.cfg and --config-json: ``{"eval": {"select": ...}}``."""
+    return json.dumps({"eval": {"select": experiment_config(wildcards)["eval"]["select"]}}, sort_keys=True)
+
+
+select_config.sections = ("eval",)  # read by stage_owner
+select_config.view = lambda c: c["eval"]["select"]
 
 
 #: what the comparison reads of each run (role -> rule, output key): curves, eval scores, and the

@@ -12,7 +12,7 @@ rule evaluate_base:
         generated=OUT / "eval_base" / "generated.jsonl",
         audio=directory(OUT / "eval_base" / "audio"),
     params:
-        cfg=stage_config("data", "model", "eval", "audio_tokenizer"),
+        cfg=stage_config("data", "model", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
         code=code_sig("evaluate_base"),
     conda:
         "../../envs/higgs-tune.yaml"
@@ -41,7 +41,7 @@ rule evaluate:
         paired=OUT / "eval" / "paired.jsonl",
         paired_summary=OUT / "eval" / "paired.json",
     params:
-        cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer"),
+        cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
         code=code_sig("evaluate"),
     conda:
         "../../envs/higgs-tune.yaml"
@@ -52,3 +52,59 @@ rule evaluate:
         " --index {input.index:q} --base-generated {input.base:q} --metrics {output.metrics:q}"
         " --generated {output.generated:q} --audio {output.audio:q} --paired {output.paired:q}"
         " --paired-summary {output.paired_summary:q} > {log:q} 2>&1"
+
+
+rule evaluate_step:
+    """One saved checkpoint of eval.checkpoints, scored as `evaluate` scores the final adapter (val
+    losses, generations, the pairing with the base model's rows): the adapter snapshot of step
+    {step} (train/steps/step-XXXXXXXX). One job per step (in parallel on Slurm). A step the run never
+    saved (it stopped before, or train.save_interval changed after training) writes metrics that
+    say skipped, and the selection passes it over."""
+    wildcard_constraints:
+        step="[0-9]+",
+    input:
+        steps=upstream("train", "steps"),
+        val=upstream("manifest", "val"),
+        index=upstream("tokenize", "index"),
+        base=upstream("evaluate_base", "generated"),
+    output:
+        metrics=OUT / "eval" / "steps" / "{step}" / "metrics.json",
+        generated=OUT / "eval" / "steps" / "{step}" / "generated.jsonl",
+        audio=directory(OUT / "eval" / "steps" / "{step}" / "audio"),
+        paired=OUT / "eval" / "steps" / "{step}" / "paired.jsonl",
+        paired_summary=OUT / "eval" / "steps" / "{step}" / "paired.json",
+    params:
+        cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
+        code=code_sig("evaluate"),
+        adapter=lambda wc, input: f"{input.steps}/step-{int(wc.step):08d}",
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        LOGS / "evaluate_step-{step}.log",
+    shell:
+        "python -m higgs_tune.evaluate --config-json {params.cfg:q} --adapter {params.adapter:q} --step {wildcards.step}"
+        " --val {input.val:q} --index {input.index:q} --base-generated {input.base:q} --metrics {output.metrics:q}"
+        " --generated {output.generated:q} --audio {output.audio:q} --paired {output.paired:q}"
+        " --paired-summary {output.paired_summary:q} > {log:q} 2>&1"
+
+
+rule select:
+    """The checkpoint to ship (eval/selection.json; `export` merges it): the final adapter and every
+    eval.checkpoints step ranked by eval.select (default: the lowest val loss; ties: the earliest
+    step), with the reason in words and every step's scores for the report."""
+    input:
+        final=upstream("evaluate", "metrics"),
+        state=upstream("train", "state"),
+        steps=step_metrics,
+    output:
+        selection=OUT / "eval" / "selection.json",
+    params:
+        cfg=select_config,
+        code=code_sig("select"),
+    conda:
+        "../../envs/higgs-tune.yaml"
+    log:
+        LOGS / "select.log",
+    shell:
+        "python -m higgs_tune.select --config-json {params.cfg:q} --final {input.final:q} --state {input.state:q}"
+        " --steps {input.steps:q} --out {output.selection:q} > {log:q} 2>&1"

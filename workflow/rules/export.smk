@@ -1,10 +1,13 @@
 rule export_model:
-    """The trained LoRA merged into the base model (and the trained modules_to_save written in), in
-    the base checkpoint's layout: HiggsAudioModel.from_pretrained(results/{experiment}/merged) loads
-    it without peft. A full copy of the model (3B: ~12 GB in bf16), so NOT in the default target:
-    ask for it, `snakemake ... export` (or the folder's path)."""
+    """The selected checkpoint's LoRA (eval/selection.json: the final adapter or a train/steps
+    snapshot) merged into the base model (and the trained modules_to_save written in), in the base
+    checkpoint's layout: HiggsAudioModel.from_pretrained(results/{experiment}/merged) loads it without
+    peft; merged/higgs_tune_export.json names the step. A full copy of the model (3B: ~12 GB in bf16),
+    so NOT in the default target: ask for it, `snakemake ... export` (or the folder's path)."""
     input:
-        adapter=rules.train.output.adapter,
+        selection=upstream("select", "selection"),
+        steps=upstream("train", "steps"),
+        adapter=upstream("train", "adapter"),
     output:
         merged=directory(OUT / "merged"),
     params:
@@ -17,8 +20,8 @@ rule export_model:
     log:
         LOGS / "export.log",
     shell:
-        "python -m higgs_tune.export --config-json {params.cfg:q} --adapter {input.adapter:q}"
-        " --out {output.merged:q} > {log:q} 2>&1"
+        "python -m higgs_tune.export --config-json {params.cfg:q} --selection {input.selection:q}"
+        " --steps {input.steps:q} --adapter {input.adapter:q} --out {output.merged:q} > {log:q} 2>&1"
 
 
 rule export:

@@ -23,6 +23,7 @@ rule report:
         base_eval_metrics=upstream("evaluate_base", "metrics"),
         base_generated=upstream("evaluate_base", "generated"),
         base_audio=upstream("evaluate_base", "audio"),
+        selection=upstream("select", "selection"),
     output:
         report(OUT / "report.html", caption="../report/report.rst", category="higgs-tune"),
     params:

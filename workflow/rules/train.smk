@@ -16,6 +16,8 @@ rule train:
         checkpoint=directory(OUT / "train" / "checkpoint"),
         state=OUT / "train" / "state.json",
         tensorboard=directory(OUT / "train" / "tensorboard"),
+        # the adapter of every save step (step-XXXXXXXX/), from the resume folder: eval.checkpoints scores them
+        steps=directory(OUT / "train" / "steps"),
     params:
         cfg=train_config,
         monitor=train_monitor_config,
@@ -39,4 +41,4 @@ rule train:
         " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
         " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"
         " --adapter {output.adapter:q} --checkpoint {output.checkpoint:q} --state {output.state:q}"
-        " --tensorboard {output.tensorboard:q} --resume-dir {params.resume:q} > {log:q} 2>&1"
+        " --tensorboard {output.tensorboard:q} --steps {output.steps:q} --resume-dir {params.resume:q} > {log:q} 2>&1"

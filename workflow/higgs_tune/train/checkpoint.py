@@ -47,7 +47,8 @@ def run_fingerprint(cfg: dict, io: TrainIO, world: int) -> str:
 class Checkpoints:
     """Resume checkpoints in ``{resume_dir}/{fingerprint}/step-XXXXXXXX/``.
 
-    Each holds ``trainable.safetensors`` (every trainable tensor, fp32), ``trainer.pt`` (optimizer,
+    Beside them, ``adapters/step-XXXXXXXX/`` holds the LoRA adapter of every save step
+    (:meth:`save_adapter`; not pruned). Each checkpoint holds ``trainable.safetensors`` (every trainable tensor, fp32), ``trainer.pt`` (optimizer,
     LR plan, step, data position), ``rng-rank{r}.pt`` per process (python, numpy, torch, CUDA),
     ``logs/`` (the metric JSONL files up to this step), ``state.json`` and, written last,
     :data:`MANIFEST` (each other file's size and sha256). A checkpoint is written into a temp folder,
@@ -133,6 +134,42 @@ class Checkpoints:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    @property
+    def adapters(self) -> Path:
+        """``{root}/adapters``: the adapter snapshots, one ``step-XXXXXXXX/`` per save step (never pruned)."""
+        return self.root / "adapters"
+
+    def save_adapter(self, step: int, model) -> Path | None:
+        """Write the LoRA adapter of ``step`` (``save_pretrained``: ``adapter_model.safetensors``,
+        ``adapter_config.json``, the modules_to_save tensors included) to ``adapters/step-XXXXXXXX/``,
+        atomically (a temp folder, fsynced, renamed into place). Not pruned by ``keep``: it is what
+        ``eval.checkpoints`` scores, and it survives a preemption. Main process only (others: None)."""
+        if not self.acc.is_main_process:
+            return None
+        final = self.adapters / f"step-{step:08d}"
+        tmp = self.adapters / f".step-{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.unwrap_model(model).save_pretrained(str(tmp), safe_serialization=True)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(self.adapters)
+        return final
+
+    def copy_adapters(self, dest: Path, last_step: int) -> list[int]:
+        """Replace folder ``dest`` with the adapter snapshots of steps <= ``last_step`` (each
+        ``step-XXXXXXXX/``, as :meth:`save_adapter` wrote it); returns their steps, ascending."""
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        steps = []
+        for snap in sorted(self.adapters.glob("step-*")) if self.adapters.is_dir() else []:
+            if int(snap.name.removeprefix("step-")) <= last_step:
+                shutil.copytree(snap, dest / snap.name)
+                steps.append(int(snap.name.removeprefix("step-")))
+        return steps
 
     def load(self, path: Path, model, optimizer, scheduler, io: TrainIO) -> tuple[int, Position, dict]:
         """Restore everything saved in ``path``; rewrite ``io``'s metric files as they were at that step."""

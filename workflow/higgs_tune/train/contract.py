@@ -41,6 +41,7 @@ class TrainIO:
     checkpoint: Path
     state: Path
     tensorboard: Path
+    steps: Path  # the adapter snapshot of every save step: step-XXXXXXXX/ (eval.checkpoints scores them)
     resume_dir: Path
 
     @classmethod

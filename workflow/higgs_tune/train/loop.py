@@ -27,6 +27,7 @@ from ..loss import count_targets, forward_loss
 from ..metrics import MetricSums
 from .checkpoint import Checkpoints, run_fingerprint
 from .contract import AuditNotPassed, TrainIO, require_passed_audit
+from .early_stopping import EarlyStopping
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
 from .preemption import Preempted, PreemptionFlag, note_preempted
@@ -42,6 +43,11 @@ EXIT_REFUSED = 2
 # ------------------------------------------------------------------------------------- training
 def train(cfg: dict, io: TrainIO) -> dict:
     """Run training as configured; returns the last metrics row.
+
+    At every save step (``train.save_interval``, and the last step) the adapter is also snapshot into
+    the resume folder (``adapters/step-XXXXXXXX``, never pruned); at the end all of them are copied to
+    ``io.steps``. With ``train.patience`` > 0 the run stops early (:class:`EarlyStopping`) and
+    ``state.json`` records ``stopped_early``.
 
     Raises:
         AuditNotPassed: the audit summary is missing or failed.
@@ -111,10 +117,12 @@ def train(cfg: dict, io: TrainIO) -> dict:
              "num_processes": world, "global_batch_size": plan.global_batch_size, "max_tokens": tc["max_tokens"],
              "resume_dir": str(ckpts.root)}
     step, pos, t0, evaluation_due = 0, Position(), time.time(), False
+    early = EarlyStopping(tc["patience"])  # train.patience: val passes without a lower val loss
     latest = ckpts.latest()  # falls back past a torn newest checkpoint (a warning says so)
     if latest is not None:
         step, pos, saved = ckpts.load(latest, model, optimizer, schedule, io)
         evaluation_due = bool(saved.get("evaluation_due"))
+        early = EarlyStopping(tc["patience"], saved.get("early_stopping"))  # the counter continues
         state.update({k: saved[k] for k in ("step", "epoch", "finished", "preempted", "elapsed_s") if k in saved})
         state.update(resumed_from=str(latest), resumed_at_step=step, started=saved.get("started", state["started"]),
                      resumes=saved.get("resumes", 0) + 1, preempted=False)
@@ -142,6 +150,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
         """The validation pass and the probe's predictions due after optimizer step ``step``."""
         if val_batches and (step % tc["eval_interval"] == 0 or last):
             val = val_metrics(unwrapped, val_batches, accelerator, device, dtype, tw, aw)
+            early.update(step, val["loss"])  # every process: the val sums are all-reduced
             if accelerator.is_main_process:
                 append_jsonl(io.val_metrics, {"step": step, **val})
                 writer.add_scalar("val/loss", val["loss"], step)
@@ -152,7 +161,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
     if evaluation_due:  # the preempted run checkpointed before its evaluation: run it first
         monitor(step, step == max_steps)
     row: dict = read_jsonl(io.metrics)[-1] if step and accelerator.is_main_process else {}
-    while step < max_steps:
+    while step < max_steps and not early.stop:
         window_idx, pos = plan.next_window(pos)  # window_idx[i][r]: process r's samples in micro-step i
         mine = [w[rank] for w in window_idx]
         # one micro-batch per micro-step: the padded rows, or (train.packing) the samples end to end
@@ -220,9 +229,17 @@ def train(cfg: dict, io: TrainIO) -> dict:
         stop = preempt.requested(accelerator)
         if not (stop and not last):
             monitor(step, last)
+        if early.stop:  # train.patience val passes without improvement: this step is the run's last
+            last = True
+            state["stopped_early"] = early.record(step)
+            log.info("early stopping at step %d: val loss %.4f at step %d not improved for %d val passes", step,
+                     early.best_loss, early.best_step, early.patience)
+        if step % tc["save_interval"] == 0 or last:  # eval.checkpoints scores these (train/steps)
+            ckpts.save_adapter(step, model)
         if step % tc["save_interval"] == 0 or last or stop:
             state.update(step=step, epoch=pos.epoch + 1, finished=last, elapsed_s=row["elapsed_s"],
-                         preempted=bool(stop and not last), evaluation_due=bool(stop and not last))
+                         preempted=bool(stop and not last), evaluation_due=bool(stop and not last),
+                         early_stopping=early.state_dict())
             latest = ckpts.save(step, model, optimizer, schedule, pos, io, state)
             if accelerator.is_main_process:
                 write_json(io.state, state)
@@ -231,9 +248,12 @@ def train(cfg: dict, io: TrainIO) -> dict:
                 writer.close()
             log.warning("preempted: checkpoint at step %d in %s; rerun to resume", step, ckpts.root)
             raise Preempted(step)
+    if early.stop:  # also when the resumed run had stopped already (its checkpoint says so)
+        state["stopped_early"] = early.record(step)
     if accelerator.is_main_process:
         writer.close()
         unwrapped.save_pretrained(str(io.adapter), safe_serialization=True)
+        ckpts.copy_adapters(io.steps, step)
         shutil.rmtree(io.checkpoint, ignore_errors=True)
         shutil.copytree(latest, io.checkpoint)
         write_json(io.state, {**state, "finished": True})
