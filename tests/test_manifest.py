@@ -522,3 +522,39 @@ def test_kept_rows_build_dataset_samples_and_collate(tmp_config, corpus, text_to
         batch = collator(samples[i:i + 16])
         assert batch.input_ids.shape[0] == len(samples[i:i + 16])
         assert batch.label_audio_ids.shape[0] == 8 and (batch.label_audio_ids != -100).any()
+
+
+def test_kept_rows_satisfy_the_row_schema_file(tmp_config, corpus):
+    """Every row the stage keeps, from the demo and from the bad-input corpus (fixed rows included),
+    is valid against workflow/schemas/chatml_row.schema.yaml read independently here; the stage's
+    roles and audio keys are the file's; a normalized row the file refuses is quarantined with the
+    JSON path of the violation."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "chatml_row.schema.yaml").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for cfg in (tmp_config, corpus_config(tmp_config, corpus)):
+        run(cfg)
+        train, val, _, _ = outputs(cfg)
+        assert train and val
+        for row in train + val:
+            assert not list(validator.iter_errors(row)), row["misc"]["id"]
+    assert mf.ROLES == tuple(schema["properties"]["messages"]["items"]["properties"]["role"]["enum"])
+    assert mf.AUDIO_KEYS == set(schema["$defs"]["audio"]["properties"])
+    row = {"messages": [{"role": "user", "content": "Hi."},
+                        {"role": "assistant", "content": {"type": "audio", "audio_url": "a.wav", "duration": 1.5}}]}
+    assert mf.normalize_structure(row, [])["messages"][1]["content"]["duration"] == 1.5
+    # the file is the contract: a schema narrowed to integer durations refuses a row the code would keep
+    narrowed = copy.deepcopy(schema)
+    narrowed["$defs"]["audio"]["properties"]["duration"] = {"type": "integer"}
+    from higgs_tune.manifest import chatml
+
+    saved = chatml.ROW_VALIDATOR
+    chatml.ROW_VALIDATOR = jsonschema.Draft202012Validator(narrowed)
+    try:
+        with pytest.raises(mf.Reject) as err:
+            mf.normalize_structure(row, [])
+    finally:
+        chatml.ROW_VALIDATOR = saved
+    assert err.value.reason == "schema_violation" and err.value.field == "messages[1].content"

@@ -3,7 +3,8 @@ dependencies of the generated ``dvc.yaml``, computed one way for both.
 
 A stage's code is its module (``higgs_tune/<name>.py`` or the package ``higgs_tune/<name>/``), every
 ``higgs_tune`` module it imports (anywhere in the file, lazy imports included), transitively, and the
-non-Python files listed in :data:`DATA_FILES` for a module in that closure (the report template).
+non-Python files listed in :data:`DATA_FILES` for a module in that closure (the report template,
+the manifest row schema).
 
 Pure standard library: ``workflow/rules/common.smk`` loads this file by path, before any of the
 package's heavy dependencies are importable.
@@ -19,7 +20,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent
 
 #: non-Python files a module reads at run time, relative to the package folder (folders: every file in them)
-DATA_FILES: dict[str, tuple[str, ...]] = {"report": ("../report",)}
+DATA_FILES: dict[str, tuple[str, ...]] = {"report": ("../report",), "manifest": ("../schemas/chatml_row.schema.yaml",)}
 
 
 def _imports(path: Path) -> set[str]:
