@@ -125,12 +125,16 @@ def _squeue_state(jobid: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+def _squeue_reason(jobid: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+
+
 def test_train_job_requeued_then_near_its_time_limit_resumes_to_the_same_curve(chain):
     """One train job meets both things a cluster does to it, under the profile's own settings:
 
     1. Slurm requeues it (``scontrol requeue``: SIGTERM to every process of the job, back to the
        queue, as on preemption) once it has logged step 2: the requeued job resumes;
-    2. the requeued job's time limit then drops to Slurm's minimum (1 minute, ``scontrol update``):
+    2. the requeued job's time limit then drops to 2 minutes (``scontrol update``) as it restarts:
        the trainer, which asks Slurm for the job's end time, stops train.stop_margin_s before it,
        checkpoints and exits 75; its outputs are removed and Snakemake retries the job
        (``retries``), which resumes again.
@@ -144,6 +148,7 @@ def test_train_job_requeued_then_near_its_time_limit_resumes_to_the_same_curve(c
     again["train"]["resume_dir"] = str(tmp_path / "resume-interrupted")  # a fresh start
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
     metrics = out / "metrics.jsonl"
+    metrics.unlink()  # this run's rows only (the job step deletes it too, but only once it starts)
     # the resume folder is where checkpoints live, not what the trajectory is: force the train job
     proc = subprocess.Popen(snakemake_args(tmp_path / "profile", tmp_path / "again.yaml")
                             + ["--until", "train", "--forcerun", "train"],
@@ -158,17 +163,17 @@ def test_train_job_requeued_then_near_its_time_limit_resumes_to_the_same_curve(c
         if phase == "requeue" and state == "RUNNING" and metrics.is_file() and len(_rows(metrics)) >= 2:
             first = jobs[0]
             subprocess.run(["scontrol", "requeue", first], check=True)
-            # Slurm holds a requeued job back for a while (BeginTime); a test need not wait for it
-            for _ in range(20):
-                if subprocess.run(["scontrol", "update", f"JobId={first}", "StartTime=now"],
-                                  capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.5)
             phase = "requeued"
         elif phase == "requeued" and state != "RUNNING":
             phase = "restarting"  # seen back in the queue
+        elif phase == "restarting" and state == "PENDING":
+            # Slurm holds a requeued job back for 2 minutes (reason BeginTime); a test need not wait
+            if _squeue_reason(first) == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={first}", "StartTime=now"], capture_output=True)
         elif phase == "restarting" and state == "RUNNING":
-            subprocess.run(["scontrol", "update", f"JobId={first}", "TimeLimit=1"], check=True)
+            # 2 minutes from the restart (Slurm's unit is the minute): the trainer learns its end time as it
+            # starts (well inside train.stop_margin_s) and stops after its first step, long before Slurm would
+            subprocess.run(["scontrol", "update", f"JobId={first}", "TimeLimit=2"], check=True)
             phase = "done"
         time.sleep(0.3)
     proc.wait(timeout=1800)
