@@ -18,6 +18,7 @@ For every experiment the Snakefile is evaluated with the Snakemake API (the whol
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
+  (a job of one shard, ``tokenize_shard``, is stage ``<rule>-<experiment>-<shard>``)
   (``profile`` is a ``vars`` entry: ``profiles/default``, or ``--profile profiles/slurm`` on a cluster).
 * ``deps``: the rule's inputs, the audio the manifest references (for the job that reads the raw
   manifest and the jobs that open the clips, :data:`AUDIO_READERS`: the folders holding the
@@ -69,7 +70,7 @@ METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_b
 #: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
 #: evaluate (and evaluate_base) score the ground-truth and reference clips, the report embeds them; so a
 #: changed clip names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
-AUDIO_READERS = {"tokenize", "evaluate", "evaluate_base", "report"}
+AUDIO_READERS = {"tokenize", "tokenize_shard", "evaluate", "evaluate_base", "report"}
 PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
          ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
 
@@ -95,6 +96,7 @@ class Job:
 
     rule: str
     rule_file: Path
+    wildcards: dict[str, str]
     inputs: dict[str, str]
     outputs: dict[str, str]  # output name (``_<i>`` for unnamed ones) -> path
     cfg_keys: list[str]
@@ -153,8 +155,8 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                     params = dict(j.params.items())
                     names = {str(v): k for k, v in j.output.items()}
                     jobs.append(Job(
-                        rule=j.rule.name, rule_file=Path(j.rule.snakefile),
-                        inputs={k: str(v) for k, v in j.input.items()},
+                        rule=j.rule.name, rule_file=Path(j.rule.snakefile), wildcards=dict(j.wildcards.items()),
+                        inputs=_named_paths(j.input),
                         outputs={names.get(str(v), f"_{i}"): str(v) for i, v in enumerate(j.output)},
                         cfg_keys=param_keys(json.loads(params["cfg"]), config) if "cfg" in params else [],
                         code=params.get("code"), doc=(j.rule.docstring or "").strip(),
@@ -166,8 +168,22 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                              f"{exc}") from exc
     finally:
         os.chdir(cwd)
-    jobs.sort(key=lambda j: _order(j, jobs))
+    # depth first, then shard (list.sort empties the list while it sorts: the depths are computed before)
+    depth = {id(j): _order(j, jobs) for j in jobs}
+    jobs.sort(key=lambda j: (depth[id(j)], int(j.wildcards.get("shard", -1))))
     return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
+
+
+def _named_paths(files) -> dict[str, str]:
+    """A job's named inputs as ``{name: path}``; a name bound to several files (the gather's shard
+    outputs) gives ``name_0``, ``name_1``, ..."""
+    out = {}
+    for k, v in files.items():
+        if isinstance(v, (list, tuple)):
+            out.update({f"{k}_{i}": str(p) for i, p in enumerate(v)})
+        else:
+            out[k] = str(v)
+    return out
 
 
 def _order(job: Job, jobs: list[Job]) -> int:
@@ -203,15 +219,16 @@ def audio_deps(manifest: str, data: dict, root: Path, results_dir: Path) -> list
 
 
 def code_files_of(job: Job, pkg: Path) -> list[Path]:
-    """The files the job's ``params.code`` hashes: ``code_sig(rule)`` or ``code_sig(rule, *modules the
-    shell command runs)``, whichever equals the rendered hash.
+    """The files the job's ``params.code`` hashes: ``code_sig(rule)``, ``code_sig(rule, *modules the
+    shell command runs)`` or ``code_sig(*those modules)`` (a rule not named after a module, e.g.
+    ``tokenize_shard``), whichever equals the rendered hash.
 
     Raises:
         GeneratorError: neither matches (the dep list could not follow the trigger).
     """
     tried = []
-    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules}))):
-        if names in tried:
+    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules})), tuple(sorted(job.shell_modules))):
+        if not names or names in tried:
             continue
         tried.append(names)
         try:
@@ -294,7 +311,7 @@ def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], lis
             stage["metrics"] = metrics
         if plots:
             stage["plots"] = plots
-        stages[stage_name(job.rule, name)] = stage
+        stages[stage_name(job.rule, name, job.wildcards.get("shard"))] = stage
     return stages, plot_defs, params_file, params_text
 
 
@@ -303,9 +320,10 @@ def _first_sentence(doc: str) -> str:
     return text.split(". ", 1)[0].rstrip(".") + "."
 
 
-def stage_name(rule: str, experiment: str) -> str:
-    """``<rule>-<experiment>`` (DVC stage names allow only letters, digits, ``_`` and ``-``: ``.`` -> ``_``)."""
-    return f"{rule}-{experiment.replace('.', '_')}"
+def stage_name(rule: str, experiment: str, shard: str | None = None) -> str:
+    """``<rule>-<experiment>``, ``<rule>-<experiment>-<shard>`` for a job of one shard (``tokenize_shard``)
+    (DVC stage names allow only letters, digits, ``_`` and ``-``: ``.`` -> ``_``)."""
+    return f"{rule}-{experiment.replace('.', '_')}" + (f"-{shard}" if shard is not None else "")
 
 
 def generate(root: Path, experiments: list[str], profile: str = DEFAULT_PROFILE) -> dict[str, str]:
