@@ -431,3 +431,72 @@ def test_decode_cli_writes_24k_wav_of_clip_duration(codec, tmp_config, crops, tm
     np.testing.assert_array_equal(sf.read(out2)[0], wav)
     with pytest.raises(SystemExit, match="no codes"):
         T.main(["decode", "--configfile", str(cfg_file), "--sha256", "f" * 64, "--out", str(out2)])
+
+
+# ------------------------------------------------------------------------------------------- shards
+def same_index_and_codes(one: Path, sharded: Path, one_cache: Path, sharded_cache: Path) -> None:
+    """The two indexes have the same rows in the same order (columns, dtypes, values; codes_path
+    the same entry of each cache) and every entry has the same bytes."""
+    import pandas as pd
+
+    a, b = pd.read_parquet(one), pd.read_parquet(sharded)
+    pd.testing.assert_frame_equal(a.drop(columns="codes_path"), b.drop(columns="codes_path"))
+    assert [Path(p).relative_to(one_cache) for p in a.codes_path] == [
+        Path(p).relative_to(sharded_cache) for p in b.codes_path]
+    for pa, pb in zip(a.codes_path, b.codes_path):
+        assert Path(pa).read_bytes() == Path(pb).read_bytes(), (pa, pb)
+
+
+def test_shards_partition_the_clips_and_the_gather_equals_one_job(codec, tmp_config, crops, tmp_path):
+    """shards: 3 (three encode_all(shard=k) runs into their own cache, then gather_shards) gives the
+    index and the codes of one job, a clip shared by rows and splits in exactly one shard; the gather
+    refuses shards that do not match the manifests."""
+    import pandas as pd
+
+    a, b, c, d, e = crops[:5]
+    manifests = write_manifests(tmp_path / "m", train=[a, b, c, a, d], val=[e, b])
+    clips, n_rows = T.clips_from_manifests(manifests)
+    assert [Path(x.path).name for x in clips] == [p.name for p in (a, b, c, d, e)] and n_rows == 7
+    for n in range(1, 8):  # disjoint, covering, balanced, in the one-job order
+        parts = [T.shard_clips(clips, n, k) for k in range(n)]
+        flat = [x.sha for part in parts for x in part]
+        assert sorted(flat) == sorted(x.sha for x in clips) and len(set(flat)) == len(clips)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert all([x.sha for x in part] == [x.sha for x in clips if x in part] for part in parts)
+    for bad in ((3, 3), (3, -1), (0, 0)):
+        with pytest.raises(ValueError, match="audio_tokenizer.shards"):
+            T.shard_clips(clips, *bad)
+
+    one_cfg = tmp_config
+    one = T.encode_all(one_cfg, manifests, tmp_path / "one" / "index.parquet", codec=codec)
+    sh_cfg = copy.deepcopy(tmp_config)
+    sh_cfg["cache_dir"] = str(tmp_path / "cache-sharded")
+    sh_cfg["audio_tokenizer"]["shards"] = 3
+    shard_dir = tmp_path / "sharded" / "tokens" / "shards"
+    idx = [shard_dir / f"{k}-of-3.parquet" for k in range(3)]
+    sts = [shard_dir / f"{k}-of-3.json" for k in range(3)]
+    per = [T.encode_all(sh_cfg, manifests, idx[k], sts[k], codec=codec, shard=k) for k in range(3)]
+    assert [(s["shard"], s["shards"], s["n_clips"], s["n_encoded"], s["n_clips_total"]) for s in per] == [
+        (0, 3, 2, 2, 5), (1, 3, 2, 2, 5), (2, 3, 1, 1, 5)]
+    assert [list(pd.read_parquet(p).audio_url) for p in idx] == [[str(a), str(d)], [str(b), str(e)], [str(c)]]
+    out = tmp_path / "sharded" / "tokens" / "index.parquet"
+    st = T.gather_shards(manifests, idx, sts, out, tmp_path / "sharded" / "tokens" / "stats.json")
+    same_index_and_codes(tmp_path / "one" / "index.parquet", out, Path(one_cfg["cache_dir"]),
+                         Path(sh_cfg["cache_dir"]))
+    assert json.loads((out.parent / "stats.json").read_text()) == json.loads(json.dumps(st))
+    for k in ("n_rows", "n_clips", "n_encoded", "n_cached", "n_corrupt", "tokenizer_id"):
+        assert st[k] == one[k], k
+    assert st["shards"] == 3 and st["shard_n_encoded"] == [2, 2, 1] and st["mode"] == "main"
+    assert st["audio_s_encoded"] == pytest.approx(one["audio_s_encoded"])
+    assert st["encode_wall_s"] == pytest.approx(sum(s["encode_wall_s"] for s in per))
+
+    # a rerun of one shard finds its clips cached; stale or misplaced shards are refused, naming the file
+    assert T.encode_all(sh_cfg, manifests, idx[1], sts[1], codec=codec, shard=1)["n_cached"] == 2
+    with pytest.raises(ValueError, match=r"1-of-3.parquet: .* not the 2 clips shard 0 of 3"):
+        T.gather_shards(manifests, [idx[1], idx[0], idx[2]], sts, tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="0-of-3.parquet: holds 2 clips, not the 3 clips shard 0 of 2"):
+        T.gather_shards(manifests, idx[:2], sts[:2], tmp_path / "x.parquet")
+    other = write_manifests(tmp_path / "other", train=[a, b, c, d], val=[])
+    with pytest.raises(ValueError, match="1-of-3.parquet: holds 2 clips, not the 1 clips shard 1 of 3"):
+        T.gather_shards(other, idx, sts, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
