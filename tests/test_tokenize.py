@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -500,3 +501,92 @@ def test_shards_partition_the_clips_and_the_gather_equals_one_job(codec, tmp_con
     with pytest.raises(ValueError, match="1-of-3.parquet: holds 2 clips, not the 1 clips shard 1 of 3"):
         T.gather_shards(other, idx, sts, tmp_path / "x.parquet")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def job_counts(log: str) -> dict[str, int]:
+    """Snakemake's ``Job stats:`` table (the first one in ``log``) as ``{rule: count}``, without ``total``."""
+    lines = log.split("Job stats:", 1)[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        if not line.strip():
+            break
+        rule, n = line.split()
+        counts[rule] = int(n)
+    counts.pop("total", None)
+    return counts
+
+
+def shard_job_pid(marker: str, shard: int) -> int | None:
+    """The pid of the running ``python -m higgs_tune.tokenize ... --shard K`` whose command line holds ``marker``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"higgs_tune.tokenize" in argv and marker.encode() in b" ".join(argv) and \
+                any(a == b"--shard" and b == str(shard).encode() for a, b in zip(argv, argv[1:])):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(codec, tmp_config, crops, tmp_path,
+                                                                              repo_root):
+    """``audio_tokenizer.shards: 3`` through Snakemake: `-n` plans three tokenize_shard jobs and one
+    tokenize_gather; shard 1's process is killed (SIGKILL) while it runs, the other shards finish
+    (--keep-going); the rerun runs shard 1 and the gather only (the other shards' files untouched),
+    and the index and codes equal those of one in-process job."""
+    clips = crops[:4]
+    raw = tmp_path / "raw.jsonl"
+    write_jsonl(raw, [{"messages": [{"role": "user", "content": f"say sample {i}"},
+                                    {"role": "assistant", "content": {"type": "audio", "audio_url": str(p)}}],
+                       "misc": {"id": f"s{i}"}} for i, p in enumerate(clips)])
+    overlay = {"experiment": "sharded", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+               "data": {"manifest": str(raw)}, "audio_tokenizer": {"shards": 3, "num_workers": 0}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    out = tmp_path / "results" / "sharded"
+    index = out / "tokens" / "index.parquet"
+    shard_dir = out / "tokens" / "shards"
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root / "Snakefile"), "--directory",
+           str(repo_root), "--cores", "2", "--nolock", "--configfile", str(repo_root / "config" / "demo.yaml"),
+           str(tmp_path / "overlay.yaml")]
+
+    def snakemake(*args):
+        res = subprocess.run(cmd + [*args, "--", str(index)], cwd=repo_root, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+        return res.stdout + res.stderr
+
+    assert job_counts(snakemake("-n")) == {"manifest": 1, "tokenize_shard": 3, "tokenize_gather": 1}
+    proc = subprocess.Popen(cmd + ["--keep-going", "--", str(index)], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    while proc.poll() is None and killed is None:
+        killed = shard_job_pid(str(tmp_path), 1)
+        if killed is not None:
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    first = proc.communicate(timeout=600)[0]
+    assert killed is not None and proc.returncode != 0, first[-3000:]
+    assert not (shard_dir / "1-of-3.parquet").exists() and not index.exists(), first[-3000:]
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for k in (0, 2) for p in shard_dir.glob(f"{k}-of-3.*")}
+    assert len(kept) == 4, first[-3000:]  # shards 0 and 2 finished (their index and stats)
+
+    log = snakemake()
+    assert job_counts(log) == {"tokenize_shard": 1, "tokenize_gather": 1}, log[-3000:]
+    assert re.findall(r"wildcards: experiment=sharded, shard=(\d+), nshards=3", log) == ["1"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept
+    redone = json.loads((shard_dir / "1-of-3.json").read_text())
+    assert redone["n_clips"] == redone["n_encoded"] + redone["n_cached"] == 1
+    stats = json.loads((out / "tokens" / "stats.json").read_text())
+    assert (stats["shards"], stats["n_clips"], stats["n_rows"]) == (3, 4, 4)
+
+    # the reference: one job, in this process, its own cache
+    one_cfg = copy.deepcopy(tmp_config)
+    one_cfg["cache_dir"] = str(tmp_path / "cache-one")
+    T.encode_all(one_cfg, [out / "manifest" / "train.jsonl", out / "manifest" / "val.jsonl"],
+                 tmp_path / "one.parquet", codec=codec)
+    same_index_and_codes(tmp_path / "one.parquet", index, Path(one_cfg["cache_dir"]), tmp_path / "cache")
