@@ -590,3 +590,54 @@ def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(c
     T.encode_all(one_cfg, [out / "manifest" / "train.jsonl", out / "manifest" / "val.jsonl"],
                  tmp_path / "one.parquet", codec=codec)
     same_index_and_codes(tmp_path / "one.parquet", index, Path(one_cfg["cache_dir"]), tmp_path / "cache")
+
+
+def test_sharded_plan_under_the_slurm_profile_and_its_dvc_stages(tmp_path, repo_root):
+    """shards: 3 with profiles/slurm plans three tokenize_shard jobs on the gpu partition (one GPU each)
+    and the gather on cpu without a GPU; the generated dvc.yaml has one stage per shard job
+    (``tokenize_shard-<exp>-<k>``, each running only its own shard, with the clips as deps) and a gather
+    stage reading all of them, and DVC reads it."""
+    overlay = tmp_path / "sh3.yaml"
+    overlay.write_text(yaml.safe_dump({"experiment": "sh3", "results_dir": str(tmp_path / "results"),
+                                       "audio_tokenizer": {"shards": 3}}))
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", "--configfile",
+                          "config/demo.yaml", str(overlay)], cwd=repo_root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    plan = res.stdout + res.stderr
+    jobs = re.findall(r"^rule (tokenize\w*):\n(?:    .*\n)*?    resources: (.*)$", plan, re.M)
+    assert sorted(r for r, _ in jobs) == ["tokenize_gather"] + ["tokenize_shard"] * 3, plan[-3000:]
+    for rule, resources in jobs:
+        gpu = rule == "tokenize_shard"
+        assert f"slurm_partition={'gpu' if gpu else 'cpu'}" in resources and ("gpu=1" in resources) == gpu, resources
+
+    out = tmp_path / "gen"
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.dvc_stages", "--out", str(out), f"config/demo.yaml+{overlay}"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    stages = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]
+    names = list(stages)
+    assert names[1:5] == ["tokenize_shard-sh3-0", "tokenize_shard-sh3-1", "tokenize_shard-sh3-2", "tokenize_gather-sh3"]
+    assert "tokenize-sh3" not in stages
+    from higgs_tune import codesig
+
+    code = [f.relative_to(repo_root).as_posix() for f in codesig.code_files("tokenize", pkg=repo_root / "workflow" /
+                                                                                          "higgs_tune")]
+    for k in range(3):
+        st = stages[f"tokenize_shard-sh3-{k}"]
+        assert st["cmd"].endswith(f"--allowed-rules tokenize_shard --forcerun tokenize_shard -- "
+                                  f"{tmp_path}/results/sh3/tokens/shards/{k}-of-3.parquet")
+        assert "data/ljspeech32/wavs" in st["deps"] and [d for d in st["deps"] if d.endswith(".py")] == code
+        assert st["params"] == [{"params/sh3.yaml": ["audio_tokenizer", "cache_dir"]}]
+    gather = stages["tokenize_gather-sh3"]
+    assert [d for d in gather["deps"] if "/shards/" in d] == [
+        f"{tmp_path}/results/sh3/tokens/shards/{k}-of-3.{ext}" for ext in ("parquet", "json") for k in range(3)]
+    assert "data/ljspeech32/wavs" not in gather["deps"] and "params" not in gather
+    assert stages["audit-sh3"]["deps"][2] == f"{tmp_path}/results/sh3/tokens/index.parquet"
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=out, check=True, capture_output=True)
+    listed = subprocess.run([str(dvc), "stage", "list", "--name-only"], cwd=out, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert sorted(listed) == sorted(names)
+
