@@ -467,6 +467,17 @@ def test_shards_partition_the_clips_and_the_gather_equals_one_job(codec, tmp_con
     for bad in ((3, 3), (3, -1), (0, 0)):
         with pytest.raises(ValueError, match="audio_tokenizer.shards"):
             T.shard_clips(clips, *bad)
+    # with durations (the manifest stage's): balanced by audio, longest first, whatever the row order
+    secs = [9.6, 1.9, 10.1, 5.0, 3.3, 0.7, 7.2, 2.4, 0.0, 6.1, 1.1]
+    timed = [T.Clip(sha=f"{i:064x}", path=f"c{i}.wav", duration=d) for i, d in enumerate(secs)]
+    for n in range(1, 6):
+        where = T.shard_assignment(timed, n)
+        assert where == T.shard_assignment(copy.deepcopy(timed), n)
+        loads = [sum(d for d, k in zip(secs, where) if k == s) for s in range(n)]
+        assert max(loads) - min(loads) <= max(secs), (n, loads)
+        assert [c.sha for c in T.shard_clips(timed, n, 0)] == [c.sha for c, k in zip(timed, where) if k == 0]
+    where = T.shard_assignment(timed, 2)
+    assert (where[2], where[0], where[6]) == (0, 1, 1)  # 10.1 s -> shard 0, 9.6 s -> 1, 7.2 s -> 1 (9.6 < 10.1)
 
     one_cfg = tmp_config
     one = T.encode_all(one_cfg, manifests, tmp_path / "one" / "index.parquet", codec=codec)

@@ -27,8 +27,8 @@ and ``--stats`` (JSON: counts, encode throughput, mode; see :func:`encode_all`).
 it reads are ``audio_tokenizer`` and ``cache_dir``.
 
 Shards (``audio_tokenizer.shards: N > 1``): ``... --shard K`` (K = 0..N-1, one job each, in parallel)
-encodes only the clips :func:`shard_clips` gives shard K (every N-th distinct clip in the one-job
-order) into the same cache and writes that shard's index rows and stats; ``python -m
+encodes only the clips :func:`shard_clips` gives shard K (the distinct clips dealt out longest first
+to the shard with the least audio) into the same cache and writes that shard's index rows and stats; ``python -m
 higgs_tune.tokenize gather --train T --val V --shard-index I0 .. --shard-stats S0 .. --index I --stats
 S`` joins them into the index one job writes (same rows, order and codes) and stats totalled over the
 shards (:func:`gather_shards`). A killed shard leaves whole entries; rerunning it encodes what it lacks.
@@ -160,12 +160,14 @@ def write_entry(path: str | Path, codes: np.ndarray) -> None:
 # ========================================================================================== clips
 @dataclass
 class Clip:
-    """One distinct clip: content hash, a path to read it from, its cache key and entry path."""
+    """One distinct clip: content hash, a path to read it from, its cache key and entry path, and its
+    duration in seconds as the manifest gives it (``None``: not given)."""
 
     sha: str
     path: str
     key: str = ""
     entry: Path | None = None
+    duration: float | None = None
 
 
 def clips_from_manifests(manifests: Iterable[str | Path]) -> tuple[list[Clip], int]:
@@ -197,7 +199,9 @@ def clips_from_manifests(manifests: Iterable[str | Path]) -> tuple[list[Clip], i
                 sha = hashes[url]
                 if sha not in seen:
                     path = Path(url) if os.path.isabs(url) else manifest.parent / url
-                    seen[sha] = Clip(sha=sha, path=str(path))
+                    dur = item.get("duration")  # the manifest stage measures it
+                    seen[sha] = Clip(sha=sha, path=str(path),
+                                     duration=float(dur) if isinstance(dur, (int, float)) else None)
     return list(seen.values()), n_rows
 
 
@@ -257,13 +261,34 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def shard_clips(clips: Sequence[Clip], n_shards: int, shard: int) -> list[Clip]:
-    """The clips of shard ``shard`` of ``n_shards``: ``clips[shard::n_shards]``.
+def shard_assignment(clips: Sequence[Clip], n_shards: int) -> list[int]:
+    """The shard (``0 .. n_shards - 1``) of each clip, position by position.
 
-    ``clips`` are the distinct clips in the order one job indexes them
-    (:func:`clips_from_manifests`: first use, by ``audio_sha256``), so the shards are disjoint (a
-    clip shared by train and val, or by two rows, is one clip: in one shard), cover every clip, hold
-    ``len(clips) // n_shards`` or one more each, and depend on nothing but the manifests.
+    ``clips`` are the distinct clips in the order one job indexes them (:func:`clips_from_manifests`:
+    first use, by ``audio_sha256``), so a clip shared by train and val, or by two rows, is one clip
+    in one shard. Balanced by audio: longest clip first, each goes to the shard with the least audio
+    so far (then the fewest clips, then the lowest number), so the shards' audio differs by at most
+    the longest clip; clips without a duration count as 0 s (all without: clip ``i`` in shard
+    ``i % n_shards``). Depends on nothing but the manifests.
+
+    Raises:
+        ValueError: ``n_shards < 1``.
+    """
+    import heapq
+
+    if n_shards < 1:
+        raise ValueError(f"{n_shards} shards: need at least 1 (audio_tokenizer.shards)")
+    heap = [(0.0, 0, k) for k in range(n_shards)]  # (seconds, clips, shard)
+    out = [0] * len(clips)
+    for i in sorted(range(len(clips)), key=lambda i: (-(clips[i].duration or 0.0), i)):
+        seconds, count, k = heapq.heappop(heap)
+        out[i] = k
+        heapq.heappush(heap, (seconds + (clips[i].duration or 0.0), count + 1, k))
+    return out
+
+
+def shard_clips(clips: Sequence[Clip], n_shards: int, shard: int) -> list[Clip]:
+    """The clips :func:`shard_assignment` gives shard ``shard`` of ``n_shards``, in the order of ``clips``.
 
     Raises:
         ValueError: ``n_shards < 1`` or ``shard`` not in ``[0, n_shards)``.
@@ -271,7 +296,7 @@ def shard_clips(clips: Sequence[Clip], n_shards: int, shard: int) -> list[Clip]:
     if n_shards < 1 or not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard} of {n_shards}: need n_shards >= 1 and 0 <= shard < n_shards "
                          "(audio_tokenizer.shards)")
-    return list(clips[shard::n_shards])
+    return [c for c, k in zip(clips, shard_assignment(clips, n_shards)) if k == shard]
 
 
 def encode_all(cfg: dict[str, Any], manifests: Sequence[str | Path], index: str | Path,
@@ -616,7 +641,7 @@ def gather_shards(manifests: Sequence[str | Path], shard_indexes: Sequence[str |
 
     Raises:
         ValueError: the lists' lengths differ, or a shard's index does not hold exactly the clips
-            :func:`shard_clips` gives it from these manifests, or the shards used different tokenizers
+            :func:`shard_assignment` gives it from these manifests, or the shards used different tokenizers
             (each names the shard file to delete and rerun).
         FileNotFoundError: a file is missing.
     """
@@ -627,10 +652,11 @@ def gather_shards(manifests: Sequence[str | Path], shard_indexes: Sequence[str |
     if n < 1 or len(shard_stats) != n:
         raise ValueError(f"gather: {n} shard indexes and {len(shard_stats)} shard stats; give one of each per shard")
     clips, n_rows = clips_from_manifests(manifests)
+    where = shard_assignment(clips, n)
     parts, shard_out = [], []
     for k, (ipath, spath) in enumerate(zip(shard_indexes, shard_stats)):
         df = pd.read_parquet(ipath)
-        want = [c.sha for c in shard_clips(clips, n, k)]
+        want = [c.sha for c, s in zip(clips, where) if s == k]
         if list(df.audio_sha256) != want:
             raise ValueError(f"{ipath}: holds {len(df)} clips, not the {len(want)} clips shard {k} of {n} has in "
                              f"{', '.join(map(str, manifests))} (written from other manifests or another shard "

@@ -1,7 +1,7 @@
-# audio_tokenizer.shards: 1 -> one `tokenize` job; N > 1 -> N `tokenize_shard` jobs (every N-th clip
-# each, into the shared cache) and one `tokenize_gather` writing the same index. Each experiment takes
-# one of the two (wildcard constraints; TOKENIZE_ONE_JOB in common.smk), so `upstream("tokenize",
-# "index")` is the index either way.
+# audio_tokenizer.shards: 1 -> one `tokenize` job; N > 1 -> N `tokenize_shard` jobs (a share of the
+# clips each, balanced by audio, into the shared cache) and one `tokenize_gather` writing the same
+# index. Each experiment takes one of the two (wildcard constraints; TOKENIZE_ONE_JOB in common.smk),
+# so `upstream("tokenize", "index")` is the index either way.
 rule tokenize:
     """Encode every kept clip once with the Higgs audio tokenizer (content-addressed cache in
     cache_dir, shared by experiments: a cache, not an output)."""
@@ -31,9 +31,9 @@ rule tokenize:
 
 
 rule tokenize_shard:
-    """Encode one shard of the kept clips (audio_tokenizer.shards > 1: every N-th distinct clip) into
-    the shared cache; write that shard's index rows and stats (resumable: a rerun encodes what the
-    cache lacks)."""
+    """Encode one shard of the kept clips (audio_tokenizer.shards > 1: a share of the distinct clips,
+    balanced by audio) into the shared cache; write that shard's index rows and stats (resumable: a
+    rerun encodes what the cache lacks)."""
     input:
         train=upstream("manifest", "train"),
         val=upstream("manifest", "val"),
