@@ -545,9 +545,9 @@ def shard_job_pid(marker: str, shard: int) -> int | None:
 @pytest.mark.slow
 def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(codec, tmp_config, crops, tmp_path,
                                                                               repo_root):
-    """``audio_tokenizer.shards: 3`` through Snakemake: `-n` plans three tokenize_shard jobs and one
-    tokenize_gather; shard 1's process is killed (SIGKILL) while it runs, the other shards finish
-    (--keep-going); the rerun runs shard 1 and the gather only (the other shards' files untouched),
+    """``audio_tokenizer.shards: 3`` through Snakemake: the run plans three tokenize_shard jobs and one
+    tokenize_gather (as ``-n`` does: test_sharded_plan_...); shard 1's process is killed (SIGKILL)
+    while it runs, the other shards finish (--keep-going); the rerun runs shard 1 and the gather only (the other shards' files untouched),
     and the index and codes equal those of one in-process job."""
     clips = crops[:4]
     raw = tmp_path / "raw.jsonl"
@@ -571,7 +571,6 @@ def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(c
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
         return res.stdout + res.stderr
 
-    assert job_counts(snakemake("-n")) == {"manifest": 1, "tokenize_shard": 3, "tokenize_gather": 1}
     proc = subprocess.Popen(cmd + ["--keep-going", "--", str(index)], cwd=repo_root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
@@ -582,6 +581,7 @@ def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(c
         time.sleep(0.05)
     first = proc.communicate(timeout=600)[0]
     assert killed is not None and proc.returncode != 0, first[-3000:]
+    assert job_counts(first) == {"manifest": 1, "tokenize_shard": 3, "tokenize_gather": 1}, first[-3000:]
     assert not (shard_dir / "1-of-3.parquet").exists() and not index.exists(), first[-3000:]
     kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for k in (0, 2) for p in shard_dir.glob(f"{k}-of-3.*")}
     assert len(kept) == 4, first[-3000:]  # shards 0 and 2 finished (their index and stats)
