@@ -205,8 +205,9 @@ def main() -> int:
         at_d = stage_d["cfg"]["audio_tokenizer"]
         at_d.update(shards=n, num_workers=max(1, at["num_workers"] // n) if at["num_workers"] else 0)
         shard_dir = Path(stage_d["index"]).parent / "shards"
-        specs = [{**stage_d, "index": str(shard_dir / f"{k}-of-{n}.parquet"), "stats": str(shard_dir / f"{k}-of-{n}.json"),
-                  "threads": max(1, threads // n), "shard": k} for k in range(n)]
+        specs = [{**stage_d, "index": str(shard_dir / f"{k}-of-{n}.parquet"),
+                  "stats": str(shard_dir / f"{k}-of-{n}.json"), "threads": max(1, threads // n), "shard": k}
+                 for k in range(n)]
         print(f"(d) {n} shards ... {n} processes x {specs[0]['threads']} threads, num_workers {at_d['num_workers']} "
               f"each; {loadavg()}", flush=True)
         t0 = time.perf_counter()

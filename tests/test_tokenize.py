@@ -547,8 +547,8 @@ def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(c
                                                                               repo_root):
     """``audio_tokenizer.shards: 3`` through Snakemake: the run plans three tokenize_shard jobs and one
     tokenize_gather (as ``-n`` does: test_sharded_plan_...); shard 1's process is killed (SIGKILL)
-    while it runs, the other shards finish (--keep-going); the rerun runs shard 1 and the gather only (the other shards' files untouched),
-    and the index and codes equal those of one in-process job."""
+    while it runs, the other shards finish (--keep-going); the rerun runs shard 1 and the gather only
+    (the other shards' files untouched), and the index and codes equal those of one in-process job."""
     clips = crops[:4]
     raw = tmp_path / "raw.jsonl"
     write_jsonl(raw, [{"messages": [{"role": "user", "content": f"say sample {i}"},
@@ -624,8 +624,8 @@ def test_sharded_plan_under_the_slurm_profile_and_its_dvc_stages(tmp_path, repo_
         assert f"slurm_partition={'gpu' if gpu else 'cpu'}" in resources and ("gpu=1" in resources) == gpu, resources
 
     out = tmp_path / "gen"
-    res = subprocess.run([sys.executable, "-m", "higgs_tune.dvc_stages", "--out", str(out), f"config/demo.yaml+{overlay}"],
-                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.dvc_stages", "--out", str(out),
+                          f"config/demo.yaml+{overlay}"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     stages = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]
     names = list(stages)

@@ -28,10 +28,10 @@ it reads are ``audio_tokenizer`` and ``cache_dir``.
 
 Shards (``audio_tokenizer.shards: N > 1``): ``... --shard K`` (K = 0..N-1, one job each, in parallel)
 encodes only the clips :func:`shard_clips` gives shard K (the distinct clips dealt out longest first
-to the shard with the least audio) into the same cache and writes that shard's index rows and stats; ``python -m
-higgs_tune.tokenize gather --train T --val V --shard-index I0 .. --shard-stats S0 .. --index I --stats
-S`` joins them into the index one job writes (same rows, order and codes) and stats totalled over the
-shards (:func:`gather_shards`). A killed shard leaves whole entries; rerunning it encodes what it lacks.
+to the shard with the least audio) into the same cache and writes that shard's index rows and stats;
+``python -m higgs_tune.tokenize gather --train T --val V --shard-index I0 .. --shard-stats S0 ..
+--index I --stats S`` joins them into the index one job writes (same rows, order and codes) and stats
+totalled over the shards (:func:`gather_shards`). A killed shard leaves whole entries; rerunning it encodes what it lacks.
 
 ``python -m higgs_tune.tokenize decode --configfile ... [--index index.parquet] --sha256 HASH --out x.wav``
 (or ``--codes file.npy``) turns cached codes back into a 24 kHz WAV with the tokenizer's decoder, for listening.
@@ -678,7 +678,8 @@ def gather_shards(manifests: Sequence[str | Path], shard_indexes: Sequence[str |
     out.update(
         clips_per_s=out["n_encoded"] / w if w else 0.0, audio_s_per_s=out["audio_s_encoded"] / w if w else 0.0,
         mode="+".join(dict.fromkeys(st["mode"] for st in shard_out)), tokenizer_id=tok_ids[0], index=str(index),
-        shards=n, shard_wall_s=[st["wall_s"] for st in shard_out], shard_n_encoded=[st["n_encoded"] for st in shard_out])
+        shards=n, shard_wall_s=[st["wall_s"] for st in shard_out],
+        shard_n_encoded=[st["n_encoded"] for st in shard_out])
     out["wall_s"] = time.perf_counter() - t0
     if stats is not None:
         write_json(stats, out)
