@@ -1,7 +1,7 @@
 """Benchmark the tokenize stage against a naive per-file loop, on the same clips, in one run.
 
     .venv/bin/python bench/bench_tokenize.py [--configfile config/demo.yaml] [--clips 32] [--threads N]
-                                             [--equal-length SECONDS] [--skip-main] [--rounds 3]
+                                             [--equal-length SECONDS] [--skip-main] [--rounds 3] [--shards 2]
     .venv/bin/python bench/bench_tokenize.py --ablation 8      # where the speed comes from
     .venv/bin/python bench/bench_tokenize.py --clips 1 --rounds 1 --skip-main   # smallest run
 
@@ -17,6 +17,13 @@
      (``HiggsAudioTokenizer.encode`` is also the codec's reference path, ``fast_encode: false``.)
      Timed like (a), model build included (also printed without it).
 (c)  rerun of (a): every clip is a cache hit.
+(d)  sharded (``audio_tokenizer.shards: N``, ``--shards``, default 2; 0 skips): the N shard jobs at once,
+     each a fresh process with ``threads // N`` torch threads and ``num_workers // N`` workers (at
+     least 1 if the config has any), then the gather (``tokenize.gather_shards``) in this process.
+     Timed two ways: elapsed from starting the N processes to the gathered index (Python start and
+     imports included), and like (a) (the slowest shard's own wall, imports excluded, + the gather);
+     the ratio (a) / (d) uses the latter. On one machine the shards share its cores, so (d) shows the
+     cost of sharding (a tokenizer build per shard, the split work); on a cluster each shard has a GPU.
 
 (a), (b) and (c) each run in a fresh Python process, as a user's script or a Snakemake rule does;
 its imports (torch, boson-multimodal, librosa, the stage) are done before its timer starts. (Run
@@ -91,6 +98,8 @@ def main() -> int:
                     help="crop every clip to this many seconds (all lengths equal: the batching case)")
     ap.add_argument("--skip-main", action="store_true", help="skip (a2)")
     ap.add_argument("--rounds", type=int, default=3, help="time (b) then (a) this many times, alternately (>= 1)")
+    ap.add_argument("--shards", type=int, default=2,
+                    help="(d): run the stage as this many shard processes at once + the gather (0 or 1: skip)")
     ap.add_argument("--workdir", default=None, help="where caches/results go (default: a temp folder)")
     ap.add_argument("--child", nargs=2, metavar=("RUN", "SPEC"), help=argparse.SUPPRESS)  # one timed run
     ap.add_argument("--ablation", type=int, default=0, metavar="N",
@@ -189,6 +198,38 @@ def main() -> int:
     sc = timed("rerun", {**stage_a, "threads": threads})
     results["c"] = sc["wall"]
 
+    # (d) sharded: N shard processes at once, then the gather
+    if args.shards > 1:
+        n = args.shards
+        stage_d = stage_for(f"d-{n}shards")
+        at_d = stage_d["cfg"]["audio_tokenizer"]
+        at_d.update(shards=n, num_workers=max(1, at["num_workers"] // n) if at["num_workers"] else 0)
+        shard_dir = Path(stage_d["index"]).parent / "shards"
+        specs = [{**stage_d, "index": str(shard_dir / f"{k}-of-{n}.parquet"),
+                  "stats": str(shard_dir / f"{k}-of-{n}.json"), "threads": max(1, threads // n), "shard": k}
+                 for k in range(n)]
+        print(f"(d) {n} shards ... {n} processes x {specs[0]['threads']} threads, num_workers {at_d['num_workers']} "
+              f"each; {loadavg()}", flush=True)
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", "shard", json.dumps(spec)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for spec in specs]
+        done = [p.communicate() for p in procs]
+        for k, (p, (out, err)) in enumerate(zip(procs, done)):
+            if p.returncode:
+                sys.stderr.write(err)
+                raise SystemExit(f"shard {k} failed (exit {p.returncode})")
+        t1 = time.perf_counter()
+        T.gather_shards(stage_d["manifests"], [sp["index"] for sp in specs], [sp["stats"] for sp in specs],
+                        stage_d["index"], stage_d["stats"])
+        gather_s = time.perf_counter() - t1
+        results["d_elapsed"] = time.perf_counter() - t0
+        shard_walls = [json.loads(out.strip().splitlines()[-1])["wall"] for out, _ in done]
+        results["d"] = max(shard_walls) + gather_s
+        codes["d"] = entries(stage_d)
+        print(f"(d) {n} shards {results['d']:7.1f} s  (shards {', '.join(f'{w:.1f}' for w in shard_walls)} s + gather "
+              f"{gather_s:.2f} s; elapsed with start-up {results['d_elapsed']:.1f} s); (a)/(d) "
+              f"{results['a'] / results['d']:.2f}x  {loadavg()}", flush=True)
+
     # (a2) in-process encoder, decode workers ahead
     if not args.skip_main:
         stage_m = stage_for("a2")
@@ -203,7 +244,7 @@ def main() -> int:
         codes["a2"] = entries(stage_m)
         print(f"(a2) in-proc {results['a2']:7.1f} s  mode={sm['mode']} {loadavg()}", flush=True)
 
-    for k in ("a", "a2"):
+    for k in ("a", "a2", "d"):
         if k in codes:
             same = all(np.array_equal(x, y) for x, y in zip(codes[k], codes["b"]))
             print(f"codes ({k}) == codes (b): {same}")
@@ -213,8 +254,9 @@ def main() -> int:
     print("\n| run | wall s | clips/s | audio-s/s | vs (b) |")
     print("|---|---:|---:|---:|---:|")
     names = {"b": "(b) naive loop", "b0": "(b) naive loop, build not timed", "a": "(a) stage (worker encode)",
-             "a2": "(a2) stage, in-process encode", "c": "(c) rerun, all cached"}
-    for k in ("b", "b0", "a", "a2", "c"):
+             "a2": "(a2) stage, in-process encode", "c": "(c) rerun, all cached",
+             "d": f"(d) {args.shards} shards at once + gather", "d_elapsed": f"(d) {args.shards} shards, with start-up"}
+    for k in ("b", "b0", "a", "a2", "c", "d", "d_elapsed"):
         if k in results:
             w = results[k]
             print(f"| {names[k]} | {w:.2f} | {len(clips) / w:.2f} | {audio_s / w:.1f} | {results['b'] / w:.2f}x |")
@@ -238,8 +280,9 @@ def child(run: str, spec_json: str) -> int:
 
     * ``naive``: build the upstream tokenizer, then per file ``librosa.load`` + ``encode`` + ``np.save``
       into ``spec["out"]``; reports ``wall`` and ``build`` seconds.
-    * ``stage`` / ``rerun``: ``tokenize.encode_all`` of ``spec``'s config, manifests, index and stats
-      with ``spec["threads"]``; ``rerun`` asserts that nothing was encoded.
+    * ``stage`` / ``rerun`` / ``shard``: ``tokenize.encode_all`` of ``spec``'s config, manifests, index and
+      stats with ``spec["threads"]`` (``shard``: only shard ``spec["shard"]``); ``rerun`` asserts that
+      nothing was encoded.
     """
     import boson_multimodal.audio_processing.higgs_audio_tokenizer  # noqa: F401
     import librosa
@@ -265,7 +308,7 @@ def child(run: str, spec_json: str) -> int:
     else:
         t0 = time.perf_counter()
         stats = T.encode_all(spec["cfg"], spec["manifests"], spec["index"], spec["stats"], threads=spec["threads"],
-                             progress=False)
+                             progress=False, shard=spec.get("shard"))
         wall = time.perf_counter() - t0
         if run == "rerun" and stats["n_encoded"]:
             raise SystemExit(f"rerun encoded {stats['n_encoded']} clips")

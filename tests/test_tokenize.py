@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -431,3 +432,223 @@ def test_decode_cli_writes_24k_wav_of_clip_duration(codec, tmp_config, crops, tm
     np.testing.assert_array_equal(sf.read(out2)[0], wav)
     with pytest.raises(SystemExit, match="no codes"):
         T.main(["decode", "--configfile", str(cfg_file), "--sha256", "f" * 64, "--out", str(out2)])
+
+
+# ------------------------------------------------------------------------------------------- shards
+def same_index_and_codes(one: Path, sharded: Path, one_cache: Path, sharded_cache: Path) -> None:
+    """The two indexes have the same rows in the same order (columns, dtypes, values; codes_path
+    the same entry of each cache) and every entry has the same bytes."""
+    import pandas as pd
+
+    a, b = pd.read_parquet(one), pd.read_parquet(sharded)
+    pd.testing.assert_frame_equal(a.drop(columns="codes_path"), b.drop(columns="codes_path"))
+    assert [Path(p).relative_to(one_cache) for p in a.codes_path] == [
+        Path(p).relative_to(sharded_cache) for p in b.codes_path]
+    for pa, pb in zip(a.codes_path, b.codes_path):
+        assert Path(pa).read_bytes() == Path(pb).read_bytes(), (pa, pb)
+
+
+def test_shards_partition_the_clips_and_the_gather_equals_one_job(codec, tmp_config, crops, tmp_path):
+    """shards: 3 (three encode_all(shard=k) runs into their own cache, then gather_shards) gives the
+    index and the codes of one job, a clip shared by rows and splits in exactly one shard; the gather
+    refuses shards that do not match the manifests."""
+    import pandas as pd
+
+    a, b, c, d, e = crops[:5]
+    manifests = write_manifests(tmp_path / "m", train=[a, b, c, a, d], val=[e, b])
+    clips, n_rows = T.clips_from_manifests(manifests)
+    assert [Path(x.path).name for x in clips] == [p.name for p in (a, b, c, d, e)] and n_rows == 7
+    for n in range(1, 8):  # disjoint, covering, balanced, in the one-job order
+        parts = [T.shard_clips(clips, n, k) for k in range(n)]
+        flat = [x.sha for part in parts for x in part]
+        assert sorted(flat) == sorted(x.sha for x in clips) and len(set(flat)) == len(clips)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert all([x.sha for x in part] == [x.sha for x in clips if x in part] for part in parts)
+    for bad in ((3, 3), (3, -1), (0, 0)):
+        with pytest.raises(ValueError, match="audio_tokenizer.shards"):
+            T.shard_clips(clips, *bad)
+    # with durations (the manifest stage's): balanced by audio, longest first, whatever the row order
+    secs = [9.6, 1.9, 10.1, 5.0, 3.3, 0.7, 7.2, 2.4, 0.0, 6.1, 1.1]
+    timed = [T.Clip(sha=f"{i:064x}", path=f"c{i}.wav", duration=d) for i, d in enumerate(secs)]
+    for n in range(1, 6):
+        where = T.shard_assignment(timed, n)
+        assert where == T.shard_assignment(copy.deepcopy(timed), n)
+        loads = [sum(d for d, k in zip(secs, where) if k == s) for s in range(n)]
+        assert max(loads) - min(loads) <= max(secs), (n, loads)
+        assert [c.sha for c in T.shard_clips(timed, n, 0)] == [c.sha for c, k in zip(timed, where) if k == 0]
+    where = T.shard_assignment(timed, 2)
+    assert (where[2], where[0], where[6]) == (0, 1, 1)  # 10.1 s -> shard 0, 9.6 s -> 1, 7.2 s -> 1 (9.6 < 10.1)
+
+    one_cfg = tmp_config
+    one = T.encode_all(one_cfg, manifests, tmp_path / "one" / "index.parquet", codec=codec)
+    sh_cfg = copy.deepcopy(tmp_config)
+    sh_cfg["cache_dir"] = str(tmp_path / "cache-sharded")
+    sh_cfg["audio_tokenizer"]["shards"] = 3
+    shard_dir = tmp_path / "sharded" / "tokens" / "shards"
+    idx = [shard_dir / f"{k}-of-3.parquet" for k in range(3)]
+    sts = [shard_dir / f"{k}-of-3.json" for k in range(3)]
+    per = [T.encode_all(sh_cfg, manifests, idx[k], sts[k], codec=codec, shard=k) for k in range(3)]
+    assert [(s["shard"], s["shards"], s["n_clips"], s["n_encoded"], s["n_clips_total"]) for s in per] == [
+        (0, 3, 2, 2, 5), (1, 3, 2, 2, 5), (2, 3, 1, 1, 5)]
+    assert [list(pd.read_parquet(p).audio_url) for p in idx] == [[str(a), str(d)], [str(b), str(e)], [str(c)]]
+    out = tmp_path / "sharded" / "tokens" / "index.parquet"
+    st = T.gather_shards(manifests, idx, sts, out, tmp_path / "sharded" / "tokens" / "stats.json")
+    same_index_and_codes(tmp_path / "one" / "index.parquet", out, Path(one_cfg["cache_dir"]),
+                         Path(sh_cfg["cache_dir"]))
+    assert json.loads((out.parent / "stats.json").read_text()) == json.loads(json.dumps(st))
+    for k in ("n_rows", "n_clips", "n_encoded", "n_cached", "n_corrupt", "tokenizer_id"):
+        assert st[k] == one[k], k
+    assert st["shards"] == 3 and st["shard_n_encoded"] == [2, 2, 1] and st["mode"] == "main"
+    assert st["audio_s_encoded"] == pytest.approx(one["audio_s_encoded"])
+    assert st["encode_wall_s"] == pytest.approx(sum(s["encode_wall_s"] for s in per))
+
+    # a rerun of one shard finds its clips cached; stale or misplaced shards are refused, naming the file
+    assert T.encode_all(sh_cfg, manifests, idx[1], sts[1], codec=codec, shard=1)["n_cached"] == 2
+    with pytest.raises(ValueError, match=r"1-of-3.parquet: .* not the 2 clips shard 0 of 3"):
+        T.gather_shards(manifests, [idx[1], idx[0], idx[2]], sts, tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="0-of-3.parquet: holds 2 clips, not the 3 clips shard 0 of 2"):
+        T.gather_shards(manifests, idx[:2], sts[:2], tmp_path / "x.parquet")
+    other = write_manifests(tmp_path / "other", train=[a, b, c, d], val=[])
+    with pytest.raises(ValueError, match="1-of-3.parquet: holds 2 clips, not the 1 clips shard 1 of 3"):
+        T.gather_shards(other, idx, sts, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def job_counts(log: str) -> dict[str, int]:
+    """Snakemake's ``Job stats:`` table (the first one in ``log``) as ``{rule: count}``, without ``total``."""
+    lines = log.split("Job stats:", 1)[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        if not line.strip():
+            break
+        rule, n = line.split()
+        counts[rule] = int(n)
+    counts.pop("total", None)
+    return counts
+
+
+def shard_job_pid(marker: str, shard: int) -> int | None:
+    """The pid of the running ``python -m higgs_tune.tokenize ... --shard K`` whose command line holds ``marker``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"higgs_tune.tokenize" in argv and marker.encode() in b" ".join(argv) and \
+                any(a == b"--shard" and b == str(shard).encode() for a, b in zip(argv, argv[1:])):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_snakemake_three_shard_jobs_one_gather_and_a_killed_shard_redone_alone(codec, tmp_config, crops, tmp_path,
+                                                                              repo_root):
+    """``audio_tokenizer.shards: 3`` through Snakemake: the run plans three tokenize_shard jobs and one
+    tokenize_gather (as ``-n`` does: test_sharded_plan_...); shard 1's process is killed (SIGKILL)
+    while it runs, the other shards finish (--keep-going); the rerun runs shard 1 and the gather only
+    (the other shards' files untouched), and the index and codes equal those of one in-process job."""
+    clips = crops[:4]
+    raw = tmp_path / "raw.jsonl"
+    write_jsonl(raw, [{"messages": [{"role": "user", "content": f"say sample {i}"},
+                                    {"role": "assistant", "content": {"type": "audio", "audio_url": str(p)}}],
+                       "misc": {"id": f"s{i}"}} for i, p in enumerate(clips)])
+    overlay = {"experiment": "sharded", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+               "data": {"manifest": str(raw)}, "audio_tokenizer": {"shards": 3, "num_workers": 0}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    out = tmp_path / "results" / "sharded"
+    index = out / "tokens" / "index.parquet"
+    shard_dir = out / "tokens" / "shards"
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root / "Snakefile"), "--directory",
+           str(repo_root), "--cores", "2", "--nolock", "--configfile", str(repo_root / "config" / "demo.yaml"),
+           str(tmp_path / "overlay.yaml")]
+
+    def snakemake(*args):
+        res = subprocess.run(cmd + [*args, "--", str(index)], cwd=repo_root, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+        return res.stdout + res.stderr
+
+    proc = subprocess.Popen(cmd + ["--keep-going", "--", str(index)], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    while proc.poll() is None and killed is None:
+        killed = shard_job_pid(str(tmp_path), 1)
+        if killed is not None:
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    first = proc.communicate(timeout=600)[0]
+    assert killed is not None and proc.returncode != 0, first[-3000:]
+    assert job_counts(first) == {"manifest": 1, "tokenize_shard": 3, "tokenize_gather": 1}, first[-3000:]
+    assert not (shard_dir / "1-of-3.parquet").exists() and not index.exists(), first[-3000:]
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for k in (0, 2) for p in shard_dir.glob(f"{k}-of-3.*")}
+    assert len(kept) == 4, first[-3000:]  # shards 0 and 2 finished (their index and stats)
+
+    log = snakemake()
+    assert job_counts(log) == {"tokenize_shard": 1, "tokenize_gather": 1}, log[-3000:]
+    assert re.findall(r"wildcards: experiment=sharded, shard=(\d+), nshards=3", log) == ["1"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept
+    redone = json.loads((shard_dir / "1-of-3.json").read_text())
+    assert redone["n_clips"] == redone["n_encoded"] + redone["n_cached"] == 1
+    stats = json.loads((out / "tokens" / "stats.json").read_text())
+    assert (stats["shards"], stats["n_clips"], stats["n_rows"]) == (3, 4, 4)
+
+    # the reference: one job, in this process, its own cache
+    one_cfg = copy.deepcopy(tmp_config)
+    one_cfg["cache_dir"] = str(tmp_path / "cache-one")
+    T.encode_all(one_cfg, [out / "manifest" / "train.jsonl", out / "manifest" / "val.jsonl"],
+                 tmp_path / "one.parquet", codec=codec)
+    same_index_and_codes(tmp_path / "one.parquet", index, Path(one_cfg["cache_dir"]), tmp_path / "cache")
+
+
+def test_sharded_plan_under_the_slurm_profile_and_its_dvc_stages(tmp_path, repo_root):
+    """shards: 3 with profiles/slurm plans three tokenize_shard jobs on the gpu partition (one GPU each)
+    and the gather on cpu without a GPU; the generated dvc.yaml has one stage per shard job
+    (``tokenize_shard-<exp>-<k>``, each running only its own shard, with the clips as deps) and a gather
+    stage reading all of them, and DVC reads it."""
+    overlay = tmp_path / "sh3.yaml"
+    overlay.write_text(yaml.safe_dump({"experiment": "sh3", "results_dir": str(tmp_path / "results"),
+                                       "audio_tokenizer": {"shards": 3}}))
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", "--configfile",
+                          "config/demo.yaml", str(overlay)], cwd=repo_root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    plan = res.stdout + res.stderr
+    jobs = re.findall(r"^rule (tokenize\w*):\n(?:    .*\n)*?    resources: (.*)$", plan, re.M)
+    assert sorted(r for r, _ in jobs) == ["tokenize_gather"] + ["tokenize_shard"] * 3, plan[-3000:]
+    for rule, resources in jobs:
+        gpu = rule == "tokenize_shard"
+        assert f"slurm_partition={'gpu' if gpu else 'cpu'}" in resources and ("gpu=1" in resources) == gpu, resources
+
+    out = tmp_path / "gen"
+    res = subprocess.run([sys.executable, "-m", "higgs_tune.dvc_stages", "--out", str(out),
+                          f"config/demo.yaml+{overlay}"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    stages = yaml.safe_load((out / "dvc.yaml").read_text())["stages"]
+    names = list(stages)
+    assert names[1:5] == ["tokenize_shard-sh3-0", "tokenize_shard-sh3-1", "tokenize_shard-sh3-2", "tokenize_gather-sh3"]
+    assert "tokenize-sh3" not in stages
+    from higgs_tune import codesig
+
+    code = [f.relative_to(repo_root).as_posix() for f in codesig.code_files("tokenize", pkg=repo_root / "workflow" /
+                                                                                          "higgs_tune")]
+    for k in range(3):
+        st = stages[f"tokenize_shard-sh3-{k}"]
+        assert st["cmd"].endswith(f"--allowed-rules tokenize_shard --forcerun tokenize_shard -- "
+                                  f"{tmp_path}/results/sh3/tokens/shards/{k}-of-3.parquet")
+        assert "data/ljspeech32/wavs" in st["deps"] and [d for d in st["deps"] if d.endswith(".py")] == code
+        assert st["params"] == [{"params/sh3.yaml": ["audio_tokenizer", "cache_dir"]}]
+    gather = stages["tokenize_gather-sh3"]
+    assert [d for d in gather["deps"] if "/shards/" in d] == [
+        f"{tmp_path}/results/sh3/tokens/shards/{k}-of-3.{ext}" for ext in ("parquet", "json") for k in range(3)]
+    assert "data/ljspeech32/wavs" not in gather["deps"] and "params" not in gather
+    assert stages["audit-sh3"]["deps"][2] == f"{tmp_path}/results/sh3/tokens/index.parquet"
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=out, check=True, capture_output=True)
+    listed = subprocess.run([str(dvc), "stage", "list", "--name-only"], cwd=out, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert sorted(listed) == sorted(names)
+

@@ -19,6 +19,7 @@ other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
+  (a job of one shard, ``tokenize_shard``, is stage ``<rule>-<experiment>-<shard>``)
   (``profile`` is a ``vars`` entry: ``profiles/default``, or ``--profile profiles/slurm`` on a cluster).
 * ``deps``: the rule's inputs, the audio the manifest references (for the job that reads the raw
   manifest and the jobs that open the clips, :data:`AUDIO_READERS`: the folders holding the
@@ -72,7 +73,7 @@ METRICS = {("evaluate", "metrics"), ("evaluate", "paired_summary"), ("evaluate_b
 #: rules whose stage opens the clips themselves (beside the manifest's): tokenize encodes them,
 #: evaluate (and evaluate_base) score the ground-truth and reference clips, the report embeds them; so a
 #: changed clip names them in `dvc status` at once (audit and train read only codes: named once tokenize reran)
-AUDIO_READERS = {"tokenize", "evaluate", "evaluate_step", "evaluate_base", "report"}
+AUDIO_READERS = {"tokenize", "tokenize_shard", "evaluate", "evaluate_step", "evaluate_base", "report"}
 PLOTS = {("curves", "train"): [("loss", "step", ["loss", "text_loss", "audio_loss"])],
          ("curves", "val"): [("val_loss", "step", ["loss", "text_loss", "audio_loss"])]}
 
@@ -163,7 +164,7 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                         cfg_keys=param_keys(json.loads(params["cfg"]), config) if "cfg" in params else [],
                         code=params.get("code"), doc=(j.rule.docstring or "").strip(),
                         shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or "")))),
-                        wildcards={k: str(v) for k, v in j.wildcards.items() if k != "experiment"}))
+                        wildcards={k: str(v) for k, v in j.wildcards.items() if k not in ("experiment", "nshards")}))
     except GeneratorError:
         raise
     except Exception as exc:  # WorkflowError, validation errors, ...
@@ -171,7 +172,9 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
                              f"{exc}") from exc
     finally:
         os.chdir(cwd)
-    jobs.sort(key=lambda j: _order(j, jobs))
+    # depth first, then shard (list.sort empties the list while it sorts: the depths are computed before)
+    depth = {id(j): _order(j, jobs) for j in jobs}
+    jobs.sort(key=lambda j: (depth[id(j)], int(j.wildcards.get("shard", -1))))
     return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
 
 
@@ -221,7 +224,8 @@ def audio_deps(manifest: str, data: dict, root: Path, results_dir: Path) -> list
 
 def code_files_of(job: Job, pkg: Path) -> list[Path]:
     """The files the job's ``params.code`` hashes: ``code_sig(rule)``, ``code_sig(rule, *modules the
-    shell command runs)`` or ``code_sig(*those modules)``, whichever equals the rendered hash.
+    shell command runs)`` or ``code_sig(*those modules)`` (a rule not named after a module, e.g.
+    ``tokenize_shard``; evaluate_step runs evaluate), whichever equals the rendered hash.
 
     Raises:
         GeneratorError: neither matches (the dep list could not follow the trigger).

@@ -26,6 +26,13 @@ audio_url      str     one path the clip was read from (the first seen)
 and ``--stats`` (JSON: counts, encode throughput, mode; see :func:`encode_all`). The config sections
 it reads are ``audio_tokenizer`` and ``cache_dir``.
 
+Shards (``audio_tokenizer.shards: N > 1``): ``... --shard K`` (K = 0..N-1, one job each, in parallel)
+encodes only the clips :func:`shard_clips` gives shard K (the distinct clips dealt out longest first
+to the shard with the least audio) into the same cache and writes that shard's index rows and stats;
+``python -m higgs_tune.tokenize gather --train T --val V --shard-index I0 .. --shard-stats S0 ..
+--index I --stats S`` joins them into the index one job writes (same rows, order and codes) and stats
+totalled over the shards (:func:`gather_shards`). A killed shard leaves whole entries; rerunning it encodes what it lacks.
+
 ``python -m higgs_tune.tokenize decode --configfile ... [--index index.parquet] --sha256 HASH --out x.wav``
 (or ``--codes file.npy``) turns cached codes back into a 24 kHz WAV with the tokenizer's decoder, for listening.
 
@@ -67,7 +74,7 @@ import numpy as np
 
 from . import audio_io
 from .codec import Codec, audio_tokenizer_identity, build_codec, tokenizer_geometry
-from .fileio import atomic_file, clean_stale_temps, fsync_dir, read_jsonl, tmp_owner, write_json
+from .fileio import atomic_file, clean_stale_temps, fsync_dir, read_json, read_jsonl, tmp_owner, write_json
 from .labels import CODEBOOK_SIZE, NUM_CODEBOOKS
 
 log = logging.getLogger("higgs_tune.tokenize")
@@ -153,12 +160,14 @@ def write_entry(path: str | Path, codes: np.ndarray) -> None:
 # ========================================================================================== clips
 @dataclass
 class Clip:
-    """One distinct clip: content hash, a path to read it from, its cache key and entry path."""
+    """One distinct clip: content hash, a path to read it from, its cache key and entry path, and its
+    duration in seconds as the manifest gives it (``None``: not given)."""
 
     sha: str
     path: str
     key: str = ""
     entry: Path | None = None
+    duration: float | None = None
 
 
 def clips_from_manifests(manifests: Iterable[str | Path]) -> tuple[list[Clip], int]:
@@ -190,7 +199,9 @@ def clips_from_manifests(manifests: Iterable[str | Path]) -> tuple[list[Clip], i
                 sha = hashes[url]
                 if sha not in seen:
                     path = Path(url) if os.path.isabs(url) else manifest.parent / url
-                    seen[sha] = Clip(sha=sha, path=str(path))
+                    dur = item.get("duration")  # the manifest stage measures it
+                    seen[sha] = Clip(sha=sha, path=str(path),
+                                     duration=float(dur) if isinstance(dur, (int, float)) else None)
     return list(seen.values()), n_rows
 
 
@@ -250,10 +261,49 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def shard_assignment(clips: Sequence[Clip], n_shards: int) -> list[int]:
+    """The shard (``0 .. n_shards - 1``) of each clip, position by position.
+
+    ``clips`` are the distinct clips in the order one job indexes them (:func:`clips_from_manifests`:
+    first use, by ``audio_sha256``), so a clip shared by train and val, or by two rows, is one clip
+    in one shard. Balanced by audio: longest clip first, each goes to the shard with the least audio
+    so far (then the fewest clips, then the lowest number), so the shards' audio differs by at most
+    the longest clip; clips without a duration count as 0 s (all without: clip ``i`` in shard
+    ``i % n_shards``). Depends on nothing but the manifests.
+
+    Raises:
+        ValueError: ``n_shards < 1``.
+    """
+    import heapq
+
+    if n_shards < 1:
+        raise ValueError(f"{n_shards} shards: need at least 1 (audio_tokenizer.shards)")
+    heap = [(0.0, 0, k) for k in range(n_shards)]  # (seconds, clips, shard)
+    out = [0] * len(clips)
+    for i in sorted(range(len(clips)), key=lambda i: (-(clips[i].duration or 0.0), i)):
+        seconds, count, k = heapq.heappop(heap)
+        out[i] = k
+        heapq.heappush(heap, (seconds + (clips[i].duration or 0.0), count + 1, k))
+    return out
+
+
+def shard_clips(clips: Sequence[Clip], n_shards: int, shard: int) -> list[Clip]:
+    """The clips :func:`shard_assignment` gives shard ``shard`` of ``n_shards``, in the order of ``clips``.
+
+    Raises:
+        ValueError: ``n_shards < 1`` or ``shard`` not in ``[0, n_shards)``.
+    """
+    if n_shards < 1 or not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} of {n_shards}: need n_shards >= 1 and 0 <= shard < n_shards "
+                         "(audio_tokenizer.shards)")
+    return [c for c, k in zip(clips, shard_assignment(clips, n_shards)) if k == shard]
+
+
 def encode_all(cfg: dict[str, Any], manifests: Sequence[str | Path], index: str | Path,
                stats: str | Path | None = None, *, codec: Codec | None = None, threads: int | None = None,
-               progress: bool | None = None) -> dict[str, Any]:
-    """Encode every clip of ``manifests`` that the cache lacks; write the index (and the stats).
+               progress: bool | None = None, shard: int | None = None) -> dict[str, Any]:
+    """Encode every clip of ``manifests`` (or of one shard of them) that the cache lacks; write the
+    index (and the stats).
 
     Args:
         cfg: config with the ``audio_tokenizer`` section and ``cache_dir`` (the folder of the cache).
@@ -268,22 +318,30 @@ def encode_all(cfg: dict[str, Any], manifests: Sequence[str | Path], index: str 
             ``torch.set_num_threads(threads)`` (``None``: leave torch's setting).
         progress: tqdm bar with clips/s and audio-s/s on stderr (``False``: none; ``None``/``True``:
             refreshed every second on a terminal, every 30 s otherwise).
+        shard: encode only shard ``shard`` of ``cfg["audio_tokenizer"]["shards"]`` (:func:`shard_clips`);
+            ``index`` then holds that shard's rows, in the one-job order, and :func:`gather_shards`
+            joins the shards' indexes. ``None``: every clip.
 
     Returns:
         stats: ``n_rows``, ``n_clips`` (distinct), ``n_encoded``, ``n_cached``, ``n_corrupt`` (invalid
         entries found and re-encoded), ``audio_s_encoded`` (source seconds), ``encode_wall_s``,
         ``clips_per_s`` and ``audio_s_per_s`` (over ``encode_wall_s``), ``mode`` (``workers``,
-        ``main`` or ``none``: see ``_encode_missing``), ``wall_s`` (seconds), ``tokenizer_id``, ``index``.
+        ``main`` or ``none``: see ``_encode_missing``), ``wall_s`` (seconds), ``tokenizer_id``, ``index``;
+        with ``shard``, also ``shard``, ``shards`` and ``n_clips_total`` (``n_clips``: the shard's).
 
     Raises:
         FileNotFoundError: a manifest or an audio file is missing.
-        ValueError: a row lacks its hash, or a clip's decoded audio no longer matches its hash.
+        ValueError: a row lacks its hash, a clip's decoded audio no longer matches its hash, or
+            ``shard`` is outside ``[0, shards)``.
         audio_io.AudioDecodeError: an audio file does not decode.
     """
     t0 = time.perf_counter()
     at_cfg = cfg["audio_tokenizer"]
     index = Path(index)
     clips, n_rows = clips_from_manifests(manifests)
+    n_total = len(clips)
+    if shard is not None:
+        clips = shard_clips(clips, int(at_cfg["shards"]), shard)
     tok_id = audio_tokenizer_identity(at_cfg)
     geo = tokenizer_geometry(at_cfg) if codec is None else _codec_geometry(codec)
     rate = geo["sample_rate"]
@@ -292,8 +350,9 @@ def encode_all(cfg: dict[str, Any], manifests: Sequence[str | Path], index: str 
     durations: dict[str, float] = {}
     todo, n_corrupt = _look_up_cache(clips, cfg["cache_dir"], tok_id, geo, frames)
     n_cached = len(clips) - len(todo)
-    log.info("tokenize: %d rows, %d distinct clips: %d to encode, %d cached%s", n_rows, len(clips), len(todo),
-             n_cached, f" ({n_corrupt} corrupt entries dropped)" if n_corrupt else "")
+    log.info("tokenize%s: %d rows, %d distinct clips: %d to encode, %d cached%s",
+             f" shard {shard} of {at_cfg['shards']} ({len(clips)} of {n_total} clips)" if shard is not None else "",
+             n_rows, len(clips), len(todo), n_cached, f" ({n_corrupt} corrupt entries dropped)" if n_corrupt else "")
 
     enc = {"n_encoded": 0, "audio_s_encoded": 0.0, "encode_wall_s": 0.0, "mode": "none"}
     if todo:
@@ -303,6 +362,8 @@ def encode_all(cfg: dict[str, Any], manifests: Sequence[str | Path], index: str 
         "n_rows": n_rows, "n_clips": len(clips), "n_cached": n_cached, "n_corrupt": n_corrupt, **enc,
         "tokenizer_id": tok_id, "index": str(index),
     }
+    if shard is not None:
+        out.update(shard=shard, shards=int(at_cfg["shards"]), n_clips_total=n_total)
     w = out["encode_wall_s"]
     out["clips_per_s"] = out["n_encoded"] / w if w else 0.0
     out["audio_s_per_s"] = out["audio_s_encoded"] / w if w else 0.0
@@ -551,6 +612,82 @@ def write_index_file(path: str | Path, rows: list[dict[str, Any]]) -> None:
         df.to_parquet(tmp, index=False)
 
 
+# ========================================================================================== shards
+#: stats.json keys of the gather that are sums of the shards' (counts, seconds of audio, encoder seconds)
+SUMMED_STATS = ("n_clips", "n_encoded", "n_cached", "n_corrupt", "audio_s_encoded", "encode_wall_s")
+
+
+def gather_shards(manifests: Sequence[str | Path], shard_indexes: Sequence[str | Path],
+                  shard_stats: Sequence[str | Path], index: str | Path, stats: str | Path | None = None
+                  ) -> dict[str, Any]:
+    """Join the indexes of the shard jobs (``encode_all(..., shard=k)``, k = 0..N-1) into the index one
+    job writes: the same rows, in the same order (:func:`clips_from_manifests`), the same columns and
+    dtypes. Opens no audio and no codes.
+
+    Args:
+        manifests: the manifests the shards were encoded from (they fix the row order).
+        shard_indexes: shard k's index parquet at position k (N = ``len(shard_indexes)``).
+        shard_stats: shard k's stats JSON at position k.
+        index: parquet file to write.
+        stats: JSON file to write the returned stats to; ``None``: not written.
+
+    Returns:
+        stats: ``n_rows`` (the manifests' rows); the sums over shards of ``n_clips``, ``n_encoded``,
+        ``n_cached``, ``n_corrupt``, ``audio_s_encoded`` and ``encode_wall_s`` (encoder seconds summed
+        over the shard jobs, not elapsed time); ``clips_per_s`` / ``audio_s_per_s`` over that sum (per
+        shard job, i.e. per GPU); ``mode`` (the shards' modes, distinct, joined by ``+``);
+        ``tokenizer_id``, ``index``, ``wall_s`` (this gather's seconds); ``shards`` (N) and
+        ``shard_wall_s`` / ``shard_n_encoded`` (lists, shard k at position k).
+
+    Raises:
+        ValueError: the lists' lengths differ, or a shard's index does not hold exactly the clips
+            :func:`shard_assignment` gives it from these manifests, or the shards used different tokenizers
+            (each names the shard file to delete and rerun).
+        FileNotFoundError: a file is missing.
+    """
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    n = len(shard_indexes)
+    if n < 1 or len(shard_stats) != n:
+        raise ValueError(f"gather: {n} shard indexes and {len(shard_stats)} shard stats; give one of each per shard")
+    clips, n_rows = clips_from_manifests(manifests)
+    where = shard_assignment(clips, n)
+    parts, shard_out = [], []
+    for k, (ipath, spath) in enumerate(zip(shard_indexes, shard_stats)):
+        df = pd.read_parquet(ipath)
+        want = [c.sha for c, s in zip(clips, where) if s == k]
+        if list(df.audio_sha256) != want:
+            raise ValueError(f"{ipath}: holds {len(df)} clips, not the {len(want)} clips shard {k} of {n} has in "
+                             f"{', '.join(map(str, manifests))} (written from other manifests or another shard "
+                             "count): delete it and rerun its tokenize_shard job")
+        st = read_json(spath)
+        if st.get("shard") != k or st.get("shards") != n:
+            raise ValueError(f"{spath}: stats of shard {st.get('shard')} of {st.get('shards')}, expected {k} of {n}: "
+                             "delete it and rerun its tokenize_shard job")
+        parts.append(df)
+        shard_out.append(st)
+    tok_ids = sorted({st["tokenizer_id"] for st in shard_out})
+    if len(tok_ids) > 1:
+        raise ValueError(f"gather: the shards used different tokenizers {tok_ids}: rerun every tokenize_shard job")
+    by_sha = pd.concat(parts, ignore_index=True).set_index("audio_sha256", drop=False)
+    joined = by_sha.loc[[c.sha for c in clips], INDEX_COLUMNS]
+    write_index_file(index, joined.to_dict("records"))
+    out: dict[str, Any] = {"n_rows": n_rows, **{k: sum(st[k] for st in shard_out) for k in SUMMED_STATS}}
+    w = out["encode_wall_s"]
+    out.update(
+        clips_per_s=out["n_encoded"] / w if w else 0.0, audio_s_per_s=out["audio_s_encoded"] / w if w else 0.0,
+        mode="+".join(dict.fromkeys(st["mode"] for st in shard_out)), tokenizer_id=tok_ids[0], index=str(index),
+        shards=n, shard_wall_s=[st["wall_s"] for st in shard_out],
+        shard_n_encoded=[st["n_encoded"] for st in shard_out])
+    out["wall_s"] = time.perf_counter() - t0
+    if stats is not None:
+        write_json(stats, out)
+    log.info("tokenize: gathered %d shards into %s (%d clips, %d encoded by the shards)", n, index, len(clips),
+             out["n_encoded"])
+    return out
+
+
 # ========================================================================================== decode
 def decode_to_wav(cfg: dict[str, Any], out: str | Path, *, sha256: str | None = None, codes: str | Path | None = None,
                   index: str | Path | None = None, codec: Codec | None = None) -> dict[str, Any]:
@@ -631,20 +768,43 @@ def _decode_main(argv: list[str]) -> int:
     return 0
 
 
+def _gather_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m higgs_tune.tokenize gather",
+                                description="join the shard jobs' indexes into the one-job index.parquet + stats.json")
+    p.add_argument("--train", required=True, help="train manifest the shards were encoded from")
+    p.add_argument("--val", required=True, help="val manifest the shards were encoded from")
+    p.add_argument("--shard-index", nargs="+", required=True, help="shard k's index parquet at position k")
+    p.add_argument("--shard-stats", nargs="+", required=True, help="shard k's stats JSON at position k")
+    p.add_argument("--index", required=True, help="index.parquet to write")
+    p.add_argument("--stats", required=True, help="stats.json to write (totals over the shards)")
+    args = p.parse_args(argv)
+    try:
+        stats = gather_shards([args.train, args.val], args.shard_index, args.shard_stats, args.index, args.stats)
+    except ValueError as exc:
+        raise SystemExit(f"gather: {exc}") from exc
+    print(json.dumps({k: stats[k] for k in ("shards", "n_clips", "n_encoded", "n_cached", "n_corrupt", "index")}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m higgs_tune.tokenize (--config-json J | --configfile F) --train T --val V --index I
-    --stats S [--threads N] [--no-progress]`` or ``python -m higgs_tune.tokenize decode (--config-json J |
-    --configfile F) [--index I] (--sha256 H | --codes X.npy) --out X.wav``."""
+    --stats S [--shard K] [--threads N] [--no-progress]``, ``python -m higgs_tune.tokenize gather --train T
+    --val V --shard-index I0 I1.. --shard-stats S0 S1.. --index I --stats S`` or ``python -m
+    higgs_tune.tokenize decode (--config-json J | --configfile F) [--index I] (--sha256 H | --codes X.npy)
+    --out X.wav``."""
     from .config import add_config_args, config_from_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "decode":
         return _decode_main(argv[1:])
+    if argv and argv[0] == "gather":
+        return _gather_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m higgs_tune.tokenize",
         description="encode the kept manifests' audio into the code cache + index "
-                    "(`python -m higgs_tune.tokenize decode --help`: codes back to a WAV)")
+                    "(`python -m higgs_tune.tokenize decode --help`: codes back to a WAV; "
+                    "`... gather --help`: join shard indexes)")
     add_config_args(p)
     p.add_argument("--train", required=True, help="train manifest (ChatML JSONL with misc.audio_sha256)")
     p.add_argument("--val", required=True, help="val manifest (ChatML JSONL with misc.audio_sha256)")
@@ -653,10 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the encoder (default $HIGGS_TUNE_THREADS, else all usable CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--shard", type=int, default=None,
+                   help="encode only shard K (0-based) of audio_tokenizer.shards; --index gets that shard's rows")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     _tune_process(cfg["audio_tokenizer"])
-    stats = encode_all(cfg, [args.train, args.val], args.index, args.stats,
+    stats = encode_all(cfg, [args.train, args.val], args.index, args.stats, shard=args.shard,
                        threads=args.threads or default_threads(), progress=False if args.no_progress else None)
     print(json.dumps({k: stats[k] for k in ("n_clips", "n_encoded", "n_cached", "n_corrupt", "index")}))
     return 0

@@ -276,3 +276,35 @@ def code_sig(*modules):
     them reruns the job (params trigger); undoing the edit makes it a no-op again. The generated
     dvc.yaml lists the same files as the stage's code dependencies."""
     return _codesig.code_sig(*modules, pkg=PKG)
+
+
+#: experiments whose clips one tokenize job encodes (audio_tokenizer.shards: 1) / shard jobs and a gather
+TOKENIZE_ONE_JOB = [e for e, c in EXPERIMENTS.items() if c["audio_tokenizer"]["shards"] == 1]
+TOKENIZE_SHARDED = [e for e in EXPERIMENTS if e not in TOKENIZE_ONE_JOB]
+
+
+def experiments_matching(names):
+    """A wildcard constraint matching exactly these experiment names (none: nothing)."""
+    return "|".join(re.escape(e) for e in names) or "(?!)"
+
+
+def shard_arg(wildcards):
+    """The tokenize_shard job's --shard value, ``{shard}``; its ``{nshards}`` must be the experiment's
+    audio_tokenizer.shards (the shard a clip goes to depends on it)."""
+    n = experiment_config(wildcards)["audio_tokenizer"]["shards"]
+    if int(wildcards.nshards) != n or int(wildcards.shard) >= n:
+        raise WorkflowError(f"tokens/shards/{wildcards.shard}-of-{wildcards.nshards}.parquet: experiment "
+                            f"{wildcards.experiment} has audio_tokenizer.shards {n}: its shards are 0-of-{n} .. "
+                            f"{n - 1}-of-{n}")
+    return int(wildcards.shard)
+
+
+def shard_outputs(key):
+    """Input function of the gather: output ``key`` of every shard of the job's experiment, shard 0 first."""
+
+    def paths(wildcards):
+        n = experiment_config(wildcards)["audio_tokenizer"]["shards"]
+        return expand(getattr(rules.tokenize_shard.output, key), experiment=wildcards.experiment, shard=range(n),
+                      nshards=n)
+
+    return paths
