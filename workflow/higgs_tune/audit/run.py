@@ -231,6 +231,11 @@ def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: 
               model=None, text_tokenizer=None) -> dict[str, Any]:
     """Run the whole gate on an experiment's kept manifests and cached codes.
 
+    One streaming pass: rows are read as it goes, each sample is built when its batch of
+    ``audit.batch_size`` is due and dropped once the batch is checked; what stays per sample is its
+    ``samples.parquet`` row and the probe's pick facts (memory: one batch of samples and codes, plus a
+    few numbers a row). The probe's samples are built again from their rows.
+
     Args:
         cfg: config with validated ``audit`` and ``model`` sections (schema defaults filled: the
             ``audit:`` defaults live only in ``workflow/schemas/config.schema.yaml``) and, for
