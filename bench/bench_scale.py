@@ -24,11 +24,12 @@ given), then runs each stage as the workflow does, one fresh process per stage a
   and after the stages above (manifest to train built by hand: Snakemake re-plans over them).
 
 Printed per stage and size: wall seconds, seconds per row, the peak RSS of the stage's largest process
-(``wait4``'s ``ru_maxrss``, the command forked from a lean launcher), and between consecutive sizes the growth of seconds per row and of peak
-RSS as ratios (1.0: linear time, flat memory). Each stage's fixed start-up (imports, model build) is
-in its wall time, so its seconds per row fall with size; ``marginal s/row`` is (wall - wall at the
-smallest size) / (rows - smallest rows), the cost of one more row. On a shared machine, other
-processes change every number here: its load average is printed with each run.
+(``wait4``'s ``ru_maxrss``, the command forked from a lean launcher), and between consecutive sizes
+(and from the smallest) the growth of seconds per row and of peak RSS as ratios (1.0: linear time,
+flat memory). Each stage's fixed start-up (imports, model build) is in its wall time, so its seconds
+per row fall with size; ``marginal s/row`` is (wall - wall at the smallest size) / (rows - smallest
+rows), the cost of one more row. On a shared machine, other processes change every number here: its
+load average is printed with each run. Figures: bench/README.md.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def run_train_startup(cfg: dict, work: Path) -> tuple[float, float]:
              "val": o / "manifest" / "val.jsonl", "index": o / "tokens" / "index.parquet",
              "metrics": d / "metrics.jsonl", "val-metrics": d / "val_metrics.jsonl",
              "predictions": d / "predictions.jsonl", "adapter": d / "adapter", "checkpoint": d / "checkpoint",
-             "state": d / "state.json", "tensorboard": d / "tensorboard", "resume-dir": work / f"resume-{cfg['experiment']}"}
+             "state": d / "state.json", "tensorboard": d / "tensorboard",
+             "resume-dir": work / f"resume-{cfg['experiment']}"}
     shutil.rmtree(paths["resume-dir"], ignore_errors=True)
     args = [a for k, v in paths.items() for a in (f"--{k}", str(v))]
     return run_measured([PY, "-m", "higgs_tune.train", "--config-json", json.dumps(t), *args],

@@ -674,7 +674,8 @@ def test_the_audit_streams_one_batch_at_a_time_with_the_eager_checks_results(bas
         [(f.rule, f.sample_id, f.message) for f in fails][:len(s["failures"])]
     assert s["n_failures"] == len(fails) and s["n_samples_checked"] == n
     table = pd.read_parquet(exp.samples)
-    per = {i: {c: r.rows[c][j] for c in r.rows if c != "_index"} for r in results for j, i in enumerate(r.rows["_index"])}
+    per = {i: {c: r.rows[c][j] for c in r.rows if c != "_index"}
+           for r in results for j, i in enumerate(r.rows["_index"])}
     for i in range(len(rows)):
         got = table.iloc[i]
         if i not in per:

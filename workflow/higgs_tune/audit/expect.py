@@ -226,7 +226,8 @@ def build_sample(row: dict, split: str, text_tokenizer, codes_of: Callable[[str]
     try:
         s = build_dataset_sample(row, text_tokenizer, codes_of)
     except KeyError as exc:
-        return None, None, Failure("sample_build", sample_id(row), f"no cached codes: {exc.args[0] if exc.args else exc}")
+        return None, None, Failure("sample_build", sample_id(row),
+                                   f"no cached codes: {exc.args[0] if exc.args else exc}")
     except Exception as exc:  # noqa: BLE001 - ValueError from prepare_chatml_sample, dacite, ...
         return None, None, Failure("sample_build", sample_id(row), f"{type(exc).__name__}: {exc}")
     return s, _sample_meta(row, split, s, expect), None
