@@ -615,3 +615,73 @@ def test_missing_codes_is_a_named_failure(base_cfg, exp_root, demo_rows, demo_co
     assert demo_rows[3]["misc"]["id"] in users
     assert {f["sample_id"] for f in s["failures"]} == users
     assert s["n_samples_checked"] == 40 - len(users)
+
+
+def test_the_audit_streams_one_batch_at_a_time_with_the_eager_checks_results(base_cfg, exp_root, demo_rows,
+                                                                             demo_codes, shared_model,
+                                                                             text_tokenizer, monkeypatch):
+    """The audit builds each sample when its batch is due and drops it after: at most one batch of
+    samples is alive at a time, and its failures, sample rows and probe pick are those of building
+    every sample first and checking the batches after (build_samples + run_tensor_checks)."""
+    import weakref
+
+    import pandas as pd
+
+    from higgs_tune.audit import expect as E
+
+    codes = dict(demo_codes)
+    del codes[demo_rows[3]["misc"]["audio_sha256"][D.audio_items(demo_rows[3])[-1][2]["audio_url"]]]
+    bs = 4
+    exp = make_experiment(base_cfg, exp_root / "stream", demo_rows, codes, batch_size=bs, leak_probe_samples=3)
+    alive, live = [0], []  # samples alive now; alive at each collation
+    real_build = E.build_dataset_sample
+
+    def freed() -> None:
+        alive[0] -= 1
+
+    def observed_build(*a, **kw):
+        s = real_build(*a, **kw)
+        alive[0] += 1
+        weakref.finalize(s, freed)
+        return s
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, samples):
+            live.append(alive[0])
+            return self.inner(samples)
+
+    monkeypatch.setattr(E, "build_dataset_sample", observed_build)
+    s = run_audit(exp, write=True, model=shared_model, text_tokenizer=text_tokenizer,
+                  collator=Counting(D.make_collator(shared_model.config)))
+    monkeypatch.undo()
+    assert len(live) > 40 // bs and max(live) <= bs + 1, (live, s["failures"][:3])  # + the sample in hand
+    assert s["n_samples_checked"] < 40 and any(f["rule"] == "sample_build" for f in s["failures"])
+
+    rows = D.read_jsonl(exp.train) + D.read_jsonl(exp.val)
+    split = ["train"] * (len(rows) - 5) + ["val"] * 5
+    expect = A.Expect.from_model(shared_model.config, text_tokenizer)
+    collator = D.make_collator(shared_model.config)
+    samples, metas, f_build = A.build_samples(rows, split, text_tokenizer, D.CodesIndex(exp.index).get, expect)
+    results, f_collate, n = A.run_tensor_checks(samples, metas, collator, expect, bs)
+    fails = f_build + f_collate + [f for r in results for f in r.failures]
+    assert [(f["rule"], f["sample_id"], f["message"]) for f in s["failures"]] == \
+        [(f.rule, f.sample_id, f.message) for f in fails][:len(s["failures"])]
+    assert s["n_failures"] == len(fails) and s["n_samples_checked"] == n
+    table = pd.read_parquet(exp.samples)
+    per = {i: {c: r.rows[c][j] for c in r.rows if c != "_index"}
+           for r in results for j, i in enumerate(r.rows["_index"])}
+    for i in range(len(rows)):
+        got = table.iloc[i]
+        if i not in per:
+            assert pd.isna(got["n_text_tokens"])
+            continue
+        assert {c: got[c] for c in per[i]} == pytest.approx(per[i])
+    clean = [bool(per.get(i)) and per[i]["text_labels_ok"] and per[i]["audio_labels_ok"] for i in range(len(rows))]
+    pick = A.probe_indices(samples, metas, clean, 3)
+    assert s["leak_probe"]["sample_ids"] == [D.sample_id(rows[i]) for i in pick]

@@ -80,7 +80,7 @@ def config_from_args(args) -> dict[str, Any]:
 #: passes them untracked (a change takes effect the next time training runs; it never reruns a finished
 #: train job) and the resume fingerprint ignores them
 TRAIN_MONITOR_KEYS = ("log_interval", "eval_interval", "predictions_interval", "save_interval", "keep_checkpoints",
-                      "resume_dir", "stop_margin_s")
+                      "resume_dir", "stop_margin_s", "val_samples")
 #: ``eval`` keys the trainer reads: the batch size of its in-training val pass (monitoring, untracked)
 EVAL_KEYS_IN_TRAINING = ("batch_size",)
 #: ``train`` keys that set how long the run is: a change reruns the train job, which continues from

@@ -384,6 +384,53 @@ def batch_positions(lengths: list[SampleLength], round_to: int = MODEL_ROUND_TO)
     return sum(x.positions for x in lengths), len(lengths) * (-(-longest // round_to) * round_to)
 
 
+def val_subset(n_rows: int, n: int | None, seed: int) -> list[int]:
+    """The rows of a fixed val subset (``train.val_samples``): ``n`` of ``range(n_rows)`` drawn by ``seed``,
+    in ascending order; every row when ``n`` is None or at least ``n_rows``.
+
+    A function of ``(n_rows, n, seed)`` alone: every process and every resume of a run draws the same rows.
+
+    Raises:
+        ValueError: ``n`` below 1 or ``n_rows`` negative.
+    """
+    if n_rows < 0 or (n is not None and n < 1):
+        raise ValueError(f"val subset of {n} from {n_rows} rows: give n >= 1 (train.val_samples) or null for all")
+    if n is None or n >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), n))
+
+
+class LazyBatches:
+    """Collated batches of chosen samples, each built and collated when it is indexed (nothing cached).
+
+    ``LazyBatches(samples, indices, batch_size, collator)[j]`` is ``collator([samples[i] for i in
+    chunk_j])`` with ``chunk_j = indices[j * batch_size:(j + 1) * batch_size]`` (the batches of
+    :func:`batches` without shuffle); a slice gives the lazy batches of those chunks. Holds the
+    index lists only: memory does not grow with the number of rows, and a process that iterates
+    ``batches[rank::world]`` builds only its own share.
+
+    Args:
+        samples: anything indexable by row, e.g. :class:`ManifestSamples` (built on each access).
+        indices: the rows to batch, in order. batch_size: >= 1. collator: :func:`make_collator`'s.
+    """
+
+    def __init__(self, samples, indices: list[int], batch_size: int, collator, _chunks: list | None = None):
+        self.samples, self.collator = samples, collator
+        self._chunks = _chunks if _chunks is not None else \
+            [list(indices[j:j + batch_size]) for j in range(0, len(indices), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return LazyBatches(self.samples, [], 1, self.collator, _chunks=self._chunks[j])
+        return self.collator([self.samples[i] for i in self._chunks[j]])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
 def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0) -> list[list]:
     """Split ``items`` into batches; with ``shuffle`` the order is a function of ``(seed, epoch)``."""
     order = list(range(len(items)))
@@ -393,7 +440,7 @@ def batches(items: list, batch_size: int, *, shuffle: bool, seed: int, epoch: in
 
 
 __all__ = [
-    "MODEL_ROUND_TO", "CodesIndex", "ManifestSamples", "SampleLength", "audio_items", "batch_positions",
+    "MODEL_ROUND_TO", "CodesIndex", "LazyBatches", "ManifestSamples", "SampleLength", "audio_items", "batch_positions",
     "batch_to_model_kwargs", "batches", "build_dataset_sample", "collator_settings", "iter_contents", "make_collator",
-    "read_jsonl", "row_length", "sample_id", "sample_length", "write_jsonl",
+    "read_jsonl", "row_length", "sample_id", "sample_length", "val_subset", "write_jsonl",
 ]

@@ -26,9 +26,12 @@ conventions of :mod:`higgs_tune.labels`):
 * **leak probe** through the real model and the real loss wiring (:mod:`.leak_probe`).
 
 Modules, one job each: :mod:`.rules` (rule names, descriptions, likely causes, scopes; the
-failure record), :mod:`.expect` (what the model config implies; building samples once),
+failure record), :mod:`.expect` (what the model config implies; building a sample once),
 :mod:`.checks` (the per-sample tensor checks), :mod:`.leak_probe`, :mod:`.summary` (the outputs),
-:mod:`.run` (:func:`run_audit` and the command line).
+:mod:`.run` (:func:`run_audit` and the command line). The audit streams: it reads the rows as it
+goes, builds each sample when its batch is due and drops it once the batch is checked, keeping a few
+numbers per sample (its ``samples.parquet`` row, what the probe picks by): memory holds one batch of
+samples whatever the number of rows; the probe's samples are built again from their rows.
 
 CLI (the Snakemake rule ``audit`` renders every path)::
 
@@ -40,16 +43,18 @@ writes ``--summary`` (JSON) and ``--samples`` (parquet, one row per sample), and
 when the gate fails (after writing both).
 """
 
-from .checks import BatchResult, audit_batch, run_tensor_checks, torch_threads
-from .expect import Expect, SampleMeta, build_samples, check_collator, config_only, dry_expand, model_config_of
-from .leak_probe import leak_probe, probe_indices
+from .checks import BatchResult, audit_batch, check_batch, run_tensor_checks, torch_threads
+from .expect import (Expect, SampleMeta, build_sample, build_samples, check_collator, config_only, dry_expand,
+                     model_config_of)
+from .leak_probe import leak_probe, probe_indices, probe_pick
 from .rules import RULES, SCOPES, Failure, scope_of
 from .run import build_parser, main, run_audit
 from .summary import audit_keys, build_summary, format_report, model_settings, write_outputs
 
 __all__ = [
     "RULES", "SCOPES", "BatchResult", "Expect", "Failure", "SampleMeta", "audit_batch", "audit_keys",
-    "build_parser", "build_samples", "build_summary", "check_collator", "config_only", "dry_expand", "format_report",
-    "leak_probe", "main", "model_config_of", "model_settings", "probe_indices", "run_audit", "run_tensor_checks",
+    "build_parser", "build_sample", "build_samples", "build_summary", "check_batch", "check_collator", "config_only",
+    "dry_expand", "format_report", "leak_probe", "main", "model_config_of", "model_settings", "probe_indices",
+    "probe_pick", "run_audit", "run_tensor_checks",
     "scope_of", "torch_threads", "write_outputs",
 ]

@@ -1,7 +1,8 @@
 """The tensor checks: every per-sample rule on collated batches, vectorised over tokens, columns and segments.
 
-:func:`run_tensor_checks` collates the built samples in order and runs :func:`audit_batch` on each
-batch. :func:`audit_batch` is a sequence of named steps:
+:func:`check_batch` collates one batch of built samples and runs :func:`audit_batch` on it
+(:func:`run_tensor_checks`: every batch of a list of samples, in order). :func:`audit_batch` is a
+sequence of named steps:
 
 1. :func:`role_spans` re-derives each token's turn and role from the headers in the token stream;
 2. :func:`check_text_labels`: text labels only on assistant targets, all of them, unshifted;
@@ -647,14 +648,24 @@ def run_tensor_checks(samples: list, metas: list[SampleMeta | None], collator, e
     results, fails = [], []
     for j in range(0, len(idx), batch_size):
         chunk = idx[j:j + batch_size]
-        ms = [metas[i] for i in chunk]
-        try:
-            batch = collator([samples[i] for i in chunk])
-        except Exception as exc:  # noqa: BLE001
-            fails += [Failure("collate", m.id, f"collator raised {type(exc).__name__}: {exc}") for m in ms]
-            results.append(None)
-            continue
-        r = audit_batch(batch, ms, expect)
-        r.rows["_index"] = chunk
+        r, f = check_batch([samples[i] for i in chunk], [metas[i] for i in chunk], collator, expect)
+        fails += f
+        if r is not None:
+            r.rows["_index"] = chunk
         results.append(r)
     return results, fails, len(idx)
+
+
+def check_batch(samples: list, metas: list[SampleMeta], collator, expect: Expect) -> tuple[BatchResult | None,
+                                                                                             list[Failure]]:
+    """Collate one batch of built samples and :func:`audit_batch` it.
+
+    Returns:
+        ``(result, [])``; or ``(None, failures)`` when collation raised (one ``collate`` failure per
+        sample). Nothing is raised.
+    """
+    try:
+        batch = collator(samples)
+    except Exception as exc:  # noqa: BLE001
+        return None, [Failure("collate", m.id, f"collator raised {type(exc).__name__}: {exc}") for m in metas]
+    return audit_batch(batch, metas, expect), []

@@ -2,7 +2,7 @@
 
 :class:`Expect` holds what the model config and the text tokenizer imply (ids, delay pattern, header
 tokens) and the expected audio-out layout of a segment (from :func:`higgs_tune.labels.delay_pattern`);
-:func:`build_samples` tokenizes each kept row once with the function training uses and records the
+:func:`build_sample` tokenizes a kept row once with the function training uses and records the
 per-sample facts (:class:`SampleMeta`) the checks compare against; :func:`dry_expand` runs the
 model's own text/audio merge without the model; :func:`check_collator` compares the collator's
 settings with the model config's.
@@ -209,33 +209,46 @@ def _sample_meta(row: dict, split: str, s, expect: Expect) -> SampleMeta:
                       src_rows, len(aud) == n_aud)
 
 
-def build_samples(rows: list[dict], split: list[str], text_tokenizer, codes_of: Callable[[str], torch.Tensor],
-                  expect: Expect) -> tuple[list, list[SampleMeta | None], list[Failure]]:
-    """Tokenize each row once with ``data.build_dataset_sample`` (as training does).
+def build_sample(row: dict, split: str, text_tokenizer, codes_of: Callable[[str], torch.Tensor],
+                 expect: Expect) -> tuple[Any, SampleMeta | None, Failure | None]:
+    """Tokenize one row with ``data.build_dataset_sample`` (as training does) and record its facts.
 
     Args:
-        rows: ChatML rows of the kept manifests. split: ``"train"``/``"val"`` per row.
+        row: a ChatML row of a kept manifest. split: ``"train"``/``"val"``.
         codes_of: ``audio_sha256 -> long (n_codebooks, T)`` codes (``data.CodesIndex.get``); raises
             ``KeyError`` for a hash that was not cached.
 
     Returns:
+        ``(sample, meta, None)``: a ``ChatMLDatasetSample`` and its :class:`SampleMeta`; or ``(None,
+        None, failure)`` for a row that failed to build (a ``sample_build`` failure names it: missing
+        codes, or what ``prepare_chatml_sample``/dacite raised). Nothing is raised.
+    """
+    try:
+        s = build_dataset_sample(row, text_tokenizer, codes_of)
+    except KeyError as exc:
+        return None, None, Failure("sample_build", sample_id(row),
+                                   f"no cached codes: {exc.args[0] if exc.args else exc}")
+    except Exception as exc:  # noqa: BLE001 - ValueError from prepare_chatml_sample, dacite, ...
+        return None, None, Failure("sample_build", sample_id(row), f"{type(exc).__name__}: {exc}")
+    return s, _sample_meta(row, split, s, expect), None
+
+
+def build_samples(rows: list[dict], split: list[str], text_tokenizer, codes_of: Callable[[str], torch.Tensor],
+                  expect: Expect) -> tuple[list, list[SampleMeta | None], list[Failure]]:
+    """:func:`build_sample` of every row, all held at once (the audit itself streams: :mod:`.run`).
+
+    Returns:
         ``(samples, metas, failures)``: one ``ChatMLDatasetSample`` and one :class:`SampleMeta` per
-        row, both ``None`` for a row that failed to build (a ``sample_build`` failure names it:
-        missing codes, or what ``prepare_chatml_sample``/dacite raised). Nothing is raised.
+        row, both ``None`` for a row that failed to build (its ``sample_build`` failure in
+        ``failures``, in row order). Nothing is raised.
     """
     samples, metas, failures = [], [], []
     for row, sp in zip(rows, split):
-        try:
-            s = build_dataset_sample(row, text_tokenizer, codes_of)
-        except KeyError as exc:
-            failures.append(Failure("sample_build", sample_id(row),
-                                    f"no cached codes: {exc.args[0] if exc.args else exc}"))
-            s = None
-        except Exception as exc:  # noqa: BLE001 - ValueError from prepare_chatml_sample, dacite, ...
-            failures.append(Failure("sample_build", sample_id(row), f"{type(exc).__name__}: {exc}"))
-            s = None
+        s, m, f = build_sample(row, sp, text_tokenizer, codes_of, expect)
         samples.append(s)
-        metas.append(None if s is None else _sample_meta(row, sp, s, expect))
+        metas.append(m)
+        if f is not None:
+            failures.append(f)
     return samples, metas, failures
 
 

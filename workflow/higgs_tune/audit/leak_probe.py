@@ -439,19 +439,33 @@ def leak_probe(model, batch, sample_ids: list[str], expect: Expect, *, wiring: C
 
 def probe_indices(samples: list, metas: list[SampleMeta | None], ok: list[bool], n: int) -> list[int]:
     """Indices of the probe batch: the ``n`` shortest clean train samples with target audio (any built
-    sample when none is clean), with a multi-segment one in the last slot when ``n >= 3``."""
-    cand = [i for i, (s, m) in enumerate(zip(samples, metas)) if s is not None and ok[i] and m.out_T.numel()]
+    sample when none is clean), with a multi-segment one in the last slot when ``n >= 3``
+    (:func:`probe_pick` of the built samples' facts)."""
+    facts = [None if s is None else (m.split, int(s.input_ids.numel()) + int(m.out_T.sum()), int(m.out_T.numel()))
+             for s, m in zip(samples, metas)]
+    return probe_pick(facts, ok, n)
+
+
+def probe_pick(facts: list[tuple[str, int, int] | None], ok: list[bool], n: int) -> list[int]:
+    """:func:`probe_indices` from per-sample facts alone (the audit keeps these, not the samples).
+
+    Args:
+        facts: per sample, ``None`` when it was not built, else ``(split, size, segments)``: size =
+            text tokens + audio-out frames, segments = its audio-out segments.
+        ok: per sample, it passed the text and audio label rules. n: ``audit.leak_probe_samples``.
+    """
+    cand = [i for i, f in enumerate(facts) if f is not None and ok[i] and f[2]]
     if not cand:
-        cand = [i for i, s in enumerate(samples) if s is not None]
-    train = [i for i in cand if metas[i].split == "train"] or cand
+        cand = [i for i, f in enumerate(facts) if f is not None]
+    train = [i for i in cand if facts[i][0] == "train"] or cand
 
     def size(i: int) -> int:
-        return int(samples[i].input_ids.numel()) + int(metas[i].out_T.sum())
+        return facts[i][1]
 
     pick = sorted(train, key=size)[: max(n, 1)]
     if n >= 3:
-        multi = sorted([i for i in train if metas[i].out_T.numel() > 1 and i not in pick], key=size)
-        if multi and not any(metas[i].out_T.numel() > 1 for i in pick):
+        multi = sorted([i for i in train if facts[i][2] > 1 and i not in pick], key=size)
+        if multi and not any(facts[i][2] > 1 for i in pick):
             pick[-1] = multi[0]
     return pick
 

@@ -12,23 +12,128 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..data import CodesIndex, make_collator, read_jsonl, sample_id
+from ..data import CodesIndex, ManifestSamples, build_dataset_sample, make_collator, sample_id
 from ..config import add_config_args, config_from_args
-from .checks import BatchResult, run_tensor_checks, torch_threads
-from .expect import Expect, SampleMeta, build_samples, check_collator, config_only, model_config_of
-from .leak_probe import leak_probe, packing_probe, probe_indices
+from .checks import BatchResult, check_batch, torch_threads
+from .expect import Expect, build_sample, check_collator, config_only, model_config_of
+from .leak_probe import leak_probe, packing_probe, probe_pick
 from .rules import Failure
 from .summary import build_summary, format_report, sample_table, write_outputs
 
 
-def _read_split_rows(train_manifest: Path, val_manifest: Path) -> tuple[list[dict], list[str]]:
-    """The kept rows of both manifests and ``"train"``/``"val"`` per row."""
-    rows, split = [], []
-    for sp, p in (("train", train_manifest), ("val", val_manifest)):
-        r = read_jsonl(p)
-        rows += r
-        split += [sp] * len(r)
-    return rows, split
+class SampleColumns:
+    """The per-sample columns of the checked samples, stored as columns (a few numbers a sample).
+
+    ``cols[i]`` is sample ``i``'s ``{column: value}`` (``{}`` for a sample that was not checked),
+    built when asked; iterating gives them in order.
+    """
+
+    def __init__(self):
+        self.columns: list[str] = []
+        self._values: dict[str, list] = {}
+        self._checked: list[bool] = []
+
+    def add_unchecked(self) -> None:
+        self._checked.append(False)
+        for c in self.columns:
+            self._values[c].append(None)
+
+    def add_batch(self, rows: dict[str, list], positions: list[int]) -> None:
+        """Fill the samples at ``positions`` (already added as unchecked) from a batch's ``rows``; a
+        batch without columns (``label_ids`` None: every sample failed ``collate``) leaves them unchecked."""
+        if not rows:
+            return
+        if not self.columns:
+            self.columns = list(rows)
+            self._values = {c: [None] * len(self._checked) for c in self.columns}
+        for c in self.columns:
+            col, vals = self._values[c], rows[c]
+            for pos, i in enumerate(positions):
+                col[i] = vals[pos]
+        for i in positions:
+            self._checked[i] = True
+
+    def __len__(self) -> int:
+        return len(self._checked)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {c: self._values[c][i] for c in self.columns} if self._checked[i] else {}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class _Pass:
+    """What one streaming pass over the kept rows keeps: ids, splits, per-sample columns, the facts the
+    probe picks by, the failures by kind (in the order the summary lists them) and the batch sums."""
+
+    def __init__(self, K: int):
+        self.ids: list[str] = []
+        self.split: list[str] = []
+        self.per_sample = SampleColumns()
+        self.facts: list[tuple[str, int, int] | None] = []  # leak_probe.probe_pick
+        self.f_build: list[Failure] = []
+        self.f_collate: list[Failure] = []
+        self.f_batches: list[Failure] = []
+        self.total = BatchResult.empty(K)
+        self.any_audio_out = False
+        self.n_checked = 0
+        self.build_s = self.checks_s = 0.0
+
+    def add_result(self, r: BatchResult, positions: list[int]) -> None:
+        self.f_batches += r.failures
+        self.per_sample.add_batch(r.rows, positions)
+        t = self.total
+        t.role_text += r.role_text
+        t.role_audio += r.role_audio
+        t.cov_valid += r.cov_valid
+        t.cov_cols += r.cov_cols
+        t.text_targets += r.text_targets
+        t.audio_targets += r.audio_targets
+
+
+def _stream_checks(sets: list[tuple[str, ManifestSamples]], tok, codes_of: Callable, collator, expect: Expect,
+                   batch_size: int) -> _Pass:
+    """Build the samples of every row, one at a time, and check them ``batch_size`` built samples at a time.
+
+    Rows are read from the manifests as the pass goes; a sample and its codes are held until its batch
+    is checked, then dropped: memory holds one batch plus a few numbers per row (:class:`_Pass`).
+    The batches are those of ``run_tensor_checks`` over the built samples (same results).
+    """
+    p = _Pass(expect.K)
+    pending: list[tuple[int, Any, Any]] = []  # (position, sample, meta) of the batch being filled
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        r, f = check_batch([s for _, s, _ in pending], [m for _, _, m in pending], collator, expect)
+        p.f_collate += f
+        if r is not None:
+            p.add_result(r, [i for i, _, _ in pending])
+        pending.clear()
+        p.checks_s += time.perf_counter() - t0
+
+    for sp, rows in sets:
+        for row in rows.rows():
+            i = len(p.ids)
+            p.ids.append(sample_id(row))
+            p.split.append(sp)
+            p.per_sample.add_unchecked()
+            t0 = time.perf_counter()
+            s, m, f = build_sample(row, sp, tok, codes_of, expect)
+            p.build_s += time.perf_counter() - t0
+            if f is not None:
+                p.f_build.append(f)
+                p.facts.append(None)
+                continue
+            p.facts.append((sp, int(s.input_ids.numel()) + int(m.out_T.sum()), int(m.out_T.numel())))
+            p.any_audio_out = p.any_audio_out or bool(m.out_T.numel())
+            p.n_checked += 1
+            pending.append((i, s, m))
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    return p
 
 
 def _model_under_audit(cfg: dict[str, Any], acfg: dict[str, Any], model) -> tuple[Any, Any]:
@@ -51,22 +156,10 @@ def _model_under_audit(cfg: dict[str, Any], acfg: dict[str, Any], model) -> tupl
     return model, dev
 
 
-def _per_sample(results: list[BatchResult], n: int) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per-sample rows (``{}`` for a sample that was not checked) and the column names, from the batch results."""
-    per_sample: list[dict[str, Any]] = [{} for _ in range(n)]
-    columns: list[str] = []
-    for r in results:
-        cols = [c for c in r.rows if c != "_index"]
-        columns = columns or cols
-        for pos, i in enumerate(r.rows["_index"]):
-            per_sample[i] = {c: r.rows[c][pos] for c in cols}
-    return per_sample, columns
-
-
-def _threshold_checks(acfg: dict[str, Any], ids: list[str], per_sample: list[dict[str, Any]],
-                      results: list[BatchResult], metas: list[SampleMeta | None],
-                      K: int) -> tuple[list[float], list[Failure]]:
-    """``masked_fraction`` per sample and ``codebook_coverage`` over all target audio.
+def _threshold_checks(acfg: dict[str, Any], ids: list[str], per_sample: SampleColumns, total: BatchResult,
+                      any_audio_out: bool) -> tuple[list[float], list[Failure]]:
+    """``masked_fraction`` per sample and ``codebook_coverage`` over all target audio (``total``: the
+    checked batches' sums; ``any_audio_out``: some built sample has an audio-out segment).
 
     Returns:
         ``(coverage, failures)``: per codebook, labeled / columns of assistant-target segments.
@@ -77,29 +170,30 @@ def _threshold_checks(acfg: dict[str, Any], ids: list[str], per_sample: list[dic
         if row and row["masked_fraction"] > max_masked:
             failures.append(Failure("masked_fraction", sid, f"masked fraction {row['masked_fraction']:.4f} > "
                                     f"{max_masked:g}"))
-    cov_valid = sum((r.cov_valid for r in results), torch.zeros(K, dtype=torch.long))
-    cov_cols = sum(r.cov_cols for r in results)
+    cov_valid, cov_cols = total.cov_valid, total.cov_cols
     coverage = [float(v) / cov_cols if cov_cols else 0.0 for v in cov_valid.tolist()]
     min_cov = float(acfg["min_audio_label_coverage"])
     low = [k for k, c in enumerate(coverage) if c < min_cov]
-    if low and any(m is not None and m.out_T.numel() for m in metas):
+    if low and any_audio_out:
         failures.append(Failure("codebook_coverage", "*", f"codebooks {low} have label coverage "
                                 f"{[round(coverage[k], 4) for k in low]} < {min_cov:g} over {cov_cols} target columns"))
     return coverage, failures
 
 
-def _run_probe(acfg: dict[str, Any], model, device, collator, loss_wiring, samples: list,
-               metas: list[SampleMeta | None], ids: list[str], per_sample: list[dict[str, Any]],
-               expect: Expect) -> tuple[dict[str, Any], list[Failure]]:
-    """The leak probe on a batch of clean samples (:func:`~higgs_tune.audit.leak_probe.probe_indices`);
-    ``({"enabled": False}, [])`` when ``audit.leak_probe`` is off or nothing was built."""
+def _run_probe(acfg: dict[str, Any], model, device, collator, loss_wiring, p: _Pass, sets: list, tok,
+               codes_of: Callable, expect: Expect) -> tuple[dict[str, Any], list[Failure]]:
+    """The leak probe on a batch of clean samples (:func:`~higgs_tune.audit.leak_probe.probe_pick`), built
+    again from their rows (``sets``: the pass's manifests, in order); ``({"enabled": False}, [])``
+    when ``audit.leak_probe`` is off or nothing was built."""
     info: dict[str, Any] = {"enabled": bool(acfg["leak_probe"])}
-    if not info["enabled"] or all(s is None for s in samples):
+    if not info["enabled"] or all(f is None for f in p.facts):
         return info, []
-    clean = [bool(p) and p.get("text_labels_ok", False) and p.get("audio_labels_ok", False) for p in per_sample]
-    pick = probe_indices(samples, metas, clean, int(acfg["leak_probe_samples"]))
+    clean = [bool(r) and r.get("text_labels_ok", False) and r.get("audio_labels_ok", False) for r in p.per_sample]
+    pick = probe_pick(p.facts, clean, int(acfg["leak_probe_samples"]))
+    ids = [p.ids[i] for i in pick]
+    samples = [build_dataset_sample(_row_at(sets, i), tok, codes_of) for i in pick]
     try:
-        out = leak_probe(model, collator([samples[i] for i in pick]), [ids[i] for i in pick], expect,
+        out = leak_probe(model, collator(samples), ids, expect,
                          wiring=loss_wiring, tol=float(acfg["leak_tolerance"]), device=device)
     except Exception as exc:  # noqa: BLE001 - the gate reports, never crashes
         info.update(passed=False, error=str(exc))
@@ -108,8 +202,7 @@ def _run_probe(acfg: dict[str, Any], model, device, collator, loss_wiring, sampl
     info.update(out)
     # packed rows (train.packing) on the same samples: same targets and losses, no sample sees another
     try:
-        packed = packing_probe(model, [samples[i] for i in pick], [ids[i] for i in pick], collator,
-                               tol=float(acfg["leak_tolerance"]), device=device)
+        packed = packing_probe(model, samples, ids, collator, tol=float(acfg["leak_tolerance"]), device=device)
     except Exception as exc:  # noqa: BLE001 - the gate reports, never crashes
         packed = {"checks": [], "evaluated": [],
                   "failures": [Failure("probe_packed_equivalence", "*", f"packing probe raised {type(exc).__name__}: {exc}")]}
@@ -123,11 +216,25 @@ def _run_probe(acfg: dict[str, Any], model, device, collator, loss_wiring, sampl
     return info, failures
 
 
+def _row_at(sets: list[tuple[str, ManifestSamples]], i: int) -> dict:
+    """Row ``i`` of the manifests of ``sets`` taken one after another."""
+    for _, rows in sets:
+        if i < len(rows):
+            return rows.row(i)
+        i -= len(rows)
+    raise IndexError(i)
+
+
 def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: str | Path,
               tokens_index: str | Path, summary_path: str | Path | None = None,
               samples_path: str | Path | None = None, collator=None, loss_wiring: Callable | None = None,
               model=None, text_tokenizer=None) -> dict[str, Any]:
     """Run the whole gate on an experiment's kept manifests and cached codes.
+
+    One streaming pass: rows are read as it goes, each sample is built when its batch of
+    ``audit.batch_size`` is due and dropped once the batch is checked; what stays per sample is its
+    ``samples.parquet`` row and the probe's pick facts (memory: one batch of samples and codes, plus a
+    few numbers a row). The probe's samples are built again from their rows.
 
     Args:
         cfg: config with validated ``audit`` and ``model`` sections (schema defaults filled: the
@@ -159,48 +266,38 @@ def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: 
             raise FileNotFoundError(f"{p} is missing: run the manifest and tokenize stages first")
     from ..model import load_text_tokenizer
 
-    rows, split = _read_split_rows(Path(train_manifest), Path(val_manifest))
-    ids = [sample_id(r) for r in rows]
     index = CodesIndex(tokens_index)
     model, device = _model_under_audit(cfg, acfg, model)
     model_config = model_config_of(model) if model is not None else config_only(cfg["model"])
     tok = text_tokenizer or load_text_tokenizer(cfg["model"].get("text_tokenizer"))
     expect = Expect.from_model(model_config, tok)
     collator = collator if collator is not None else make_collator(model_config)
-
-    failures: list[Failure] = []
-    if not rows:
-        failures.append(Failure("samples_present", "*", "no kept samples in the train/val manifests"))
-    t0 = time.perf_counter()
-    samples, metas, f_build = build_samples(rows, split, tok, index.get, expect)
-    t_build = time.perf_counter() - t0
     collator_info, f_coll = check_collator(collator, model_config)
-    failures += f_build + f_coll
 
-    t0 = time.perf_counter()
+    # one pass over the rows, read as it goes: each sample built, checked in its batch, then dropped
+    sets = [(sp, ManifestSamples(path, tok, index)) for sp, path in (("train", train_manifest), ("val", val_manifest))]
     with torch_threads(int(acfg["num_threads"])):
-        results, f_collate, n_checked = run_tensor_checks(samples, metas, collator, expect, int(acfg["batch_size"]))
-    t_checks = time.perf_counter() - t0
-    results = [r for r in results if r is not None]
-    failures += f_collate
-    for r in results:
-        failures += r.failures
-    per_sample, columns = _per_sample(results, len(rows))
-    coverage, f_thr = _threshold_checks(acfg, ids, per_sample, results, metas, expect.K)
+        seen = _stream_checks(sets, tok, index.get, collator, expect, int(acfg["batch_size"]))
+    ids, split, per_sample, n_checked = seen.ids, seen.split, seen.per_sample, seen.n_checked
+    failures: list[Failure] = []
+    if not ids:
+        failures.append(Failure("samples_present", "*", "no kept samples in the train/val manifests"))
+    failures += seen.f_build + f_coll + seen.f_collate + seen.f_batches
+    coverage, f_thr = _threshold_checks(acfg, ids, per_sample, seen.total, seen.any_audio_out)
     failures += f_thr
 
     t0 = time.perf_counter()
-    probe_info, f_probe = _run_probe(acfg, model, device, collator, loss_wiring, samples, metas, ids, per_sample,
-                                     expect)
+    probe_info, f_probe = _run_probe(acfg, model, device, collator, loss_wiring, seen, sets, tok, index.get, expect)
     t_probe = time.perf_counter() - t0 if probe_info["enabled"] else 0.0
     failures += f_probe
 
-    table = sample_table(ids, split, per_sample, columns, failures)
-    timing = {"build_samples_s": t_build, "tensor_checks_s": t_checks,
+    table = sample_table(ids, split, per_sample, per_sample.columns, failures)
+    t_checks = seen.checks_s
+    timing = {"build_samples_s": seen.build_s, "tensor_checks_s": t_checks,
               "tensor_checks_samples_per_s": n_checked / t_checks if t_checks > 0 else None,
               "leak_probe_s": t_probe, "total_s": time.perf_counter() - t_all}
     summary = build_summary(
-        failures=failures, acfg=acfg, K=expect.K, split=split, per_sample=per_sample, table=table, results=results,
+        failures=failures, acfg=acfg, K=expect.K, split=split, per_sample=per_sample, table=table, results=[seen.total],
         n_checked=n_checked, coverage=coverage, collator_info=collator_info, model_config=model_config,
         probe_info=probe_info, timing=timing,
         inputs={"train_manifest": str(train_manifest), "val_manifest": str(val_manifest),

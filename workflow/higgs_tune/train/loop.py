@@ -76,7 +76,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(io.index)
     # built when a micro-batch needs them: a process holds (and reads) the codes of its own share only
-    train_samples, val_rows = D.ManifestSamples(io.train, tok, codes), D.read_jsonl(io.val)
+    train_samples, val_set = D.ManifestSamples(io.train, tok, codes), D.ManifestSamples(io.val, tok, codes)
     if not len(train_samples):
         raise SystemExit(f"{io.train} has no rows")
     model = build_model(cfg["model"], dtype, device=device)
@@ -87,9 +87,11 @@ def train(cfg: dict, io: TrainIO) -> dict:
     sample_lengths = train_samples.lengths(model.config) \
         if tc["length_bucketing"] or tc["packing"] or tc["max_tokens"] else None
     plan = Batching(tc, len(train_samples), world, sample_lengths)
-    val_samples = [D.build_dataset_sample(r, tok, codes.load) for r in val_rows]
-    val_batches = [collator(b) for b in D.batches(val_samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
-    probe = (collator([val_samples[0]]), D.sample_id(val_rows[0])) if val_samples else None
+    # the in-training val pass and the probe: a fixed subset of the val rows (train.val_samples, drawn by
+    # the seed: the same on every process and resume), each batch built and collated when the pass runs it
+    val_idx = D.val_subset(len(val_set), tc["val_samples"], tc["seed"])
+    val_batches = D.LazyBatches(val_set, val_idx, cfg["eval"]["batch_size"], collator)
+    probe = (collator([val_set[val_idx[0]]]), D.sample_id(val_set.row(val_idx[0]))) if val_idx else None
 
     model = apply_lora(model, cfg["lora"])
     trainable_to_fp32(model)
