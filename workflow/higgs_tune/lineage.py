@@ -14,7 +14,7 @@ folder) and, recursively, every stage upstream of it, prints:
   or files, other inputs), ``upstream`` (outputs of another stage, named), ``code`` (the rule file and
   the ``higgs_tune`` modules its code trigger hashes);
 * its config sections (``params``): the recorded values and a sha256 of each (canonical JSON, first
-  16 hex digits; the same value gives the same hash in every experiment);
+  12 hex digits, as the comparison shows them; the same value gives the same hash in every experiment);
 * the code revision: the git commit checked out, the last commit that changed ``dvc.lock``, and
   whether ``dvc.lock``, ``dvc.yaml``, ``params/`` or ``workflow/`` differ from it;
 * whether the workspace still matches the record (DVC's own ``status`` of the stage and upstream).
@@ -30,7 +30,6 @@ experiments' output folders) or there is no ``dvc.yaml``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from higgs_tune.fileio import SHORT_HASH, canonical_sha256
 
 
 class LineageError(RuntimeError):
@@ -58,8 +59,9 @@ def _outputs(stage: dict) -> list[str]:
 
 
 def value_hash(value: Any) -> str:
-    """sha256 (first 16 hex digits) of ``value`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    """sha256 (first :data:`~higgs_tune.fileio.SHORT_HASH` hex digits) of ``value`` as canonical JSON
+    (:func:`higgs_tune.fileio.canonical_sha256`: the comparison's config-section hashes are the same)."""
+    return canonical_sha256(value, SHORT_HASH)
 
 
 def _rel(path: str, root: Path) -> str:
