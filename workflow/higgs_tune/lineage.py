@@ -9,7 +9,9 @@ For the stage that wrote ``PATH`` (an output, a metrics or plots file, or a file
 folder) and, recursively, every stage upstream of it, prints:
 
 * the stage (``<rule>-<experiment>``), the Snakemake rule and experiment, its command;
-* its outputs with the content hashes DVC recorded (``md5``; folders: ``<md5>.dir`` with file count);
+* its outputs, each with its role (:data:`higgs_tune.outputs.OUTPUTS`, the table of outputs) and the
+  content hash DVC recorded (``md5``; folders: ``<md5>.dir`` with file count; the report and the
+  comparison name their inputs by the same hashes);
 * its dependencies with their recorded hashes, grouped: ``data`` (the manifest, the audio folders
   or files, other inputs), ``upstream`` (outputs of another stage, named), ``code`` (the rule file and
   the ``higgs_tune`` modules its code trigger hashes);
@@ -40,6 +42,7 @@ from typing import Any
 import yaml
 
 from higgs_tune.fileio import SHORT_HASH, canonical_sha256
+from higgs_tune.outputs import role_of
 
 
 class LineageError(RuntimeError):
@@ -183,7 +186,8 @@ class Lineage:
         return {
             "stage": name, "rule": meta.get("rule"), "experiment": meta.get("experiment"),
             "configfiles": meta.get("configfiles"), "cmd": cmd, "recorded": rec is not None,
-            "outs": [{"path": p, "hash": _hash_of(outs_rec.get(p))} for p in _outputs(st)],
+            "outs": [{"path": p, "role": role_of(meta.get("rule") or "", p), "hash": _hash_of(outs_rec.get(p))}
+                     for p in _outputs(st)],
             "deps": deps, "params": params,
         }
 
@@ -262,7 +266,8 @@ def format_text(t: dict[str, Any]) -> str:
         if full:
             lines.append(f"  cmd: {s['cmd']}")
             lines.append("  outputs:")
-            lines.extend(f"    {o['path']}  {_fmt_hash(o['hash'])}" for o in s["outs"])
+            lines.extend(f"    {o['path']}" + (f"  [{o['role']}]" if o.get("role") else "") + f"  {_fmt_hash(o['hash'])}"
+                         for o in s["outs"])
         lines.append("  data:")
         lines.extend([f"    {d['path']}  {_fmt_hash(d['hash'])}" for d in s["deps"]["data"]] or ["    (none)"])
         if s["deps"]["upstream"]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonschema
 
-from ..fileio import canonical_json, canonical_sha256
+from ..fileio import canonical_json, canonical_sha256  # noqa: F401 - canonical_json: re-exported (manifest, run.py)
 from .rows import AUDIO_KEYS, ROLES, ROW_SCHEMA, ROW_SCHEMA_PATH, Reject
 
 #: checks a normalized row against :data:`higgs_tune.manifest.rows.ROW_SCHEMA`
