@@ -67,21 +67,6 @@ def test_config_diff_lists_only_differing_keys():
     assert config_diff({"a": a, "a2": dict(a, experiment="a2")}) == []  # the name aside: identical
 
 
-def test_dir_sha256_is_the_folder_content(tmp_path):
-    from higgs_tune.compare import dir_sha256
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        (d / "sub").mkdir(parents=True)
-        (d / "adapter_config.json").write_text("{}")
-        (d / "sub" / "w.bin").write_bytes(b"\x00\x01")
-    (a / ".snakemake_timestamp").write_text("")  # Snakemake's marker: not content
-    digest, files = dir_sha256(a)
-    assert digest == dir_sha256(b)[0] and [f for f, _ in files] == ["adapter_config.json", "sub/w.bin"]
-    (b / "sub" / "w.bin").write_bytes(b"\x00\x02")
-    assert dir_sha256(b)[0] != digest and dir_sha256(tmp_path / "none") == (None, [])
-
-
 def test_compare_names_the_rule_of_a_missing_input(tmp_path):
     from higgs_tune.compare import build_compare
 
@@ -204,18 +189,19 @@ def check_sweep(res_dir: Path, args: list[str]) -> None:
     assert diff["body"] == [["report.title", "higgs-tune demo report", PAYLOAD],
                             ["train.learning_rate", "0.001", "0.01"]]  # only the keys that differ
     lineage = {r[0]: r[1:] for r in tables["lineage-table"]["body"]}
-    from higgs_tune.fileio import sha256_file
+    from higgs_tune.fileio import dvc_md5
 
     shared = {"data manifest (data.manifest)": ROOT / "data/demo/manifest.jsonl",
               "train manifest (kept rows)": res_dir / "demo/manifest/train.jsonl",
               "token index": res_dir / "demo/tokens/index.parquet",
               "audit summary": res_dir / "demo/audit/summary.json"}
     for label, path in shared.items():
-        assert lineage[label] == [sha256_file(path)[:12]] * 2, label
+        assert lineage[label] == [dvc_md5(path)["md5"][:12]] * 2, label
     for label in ("adapter (all files)", "train metrics", "eval metrics", "config: train"):
         assert len(set(lineage[label])) == 2, (label, lineage[label])
     assert lineage["config: model"][0] == lineage["config: model"][1]
-    assert lineage["train metrics"][0] == sha256_file(res_dir / "demo-lr1e-3/train/metrics.jsonl")[:12]
+    assert lineage["train metrics"][0] == dvc_md5(res_dir / "demo-lr1e-3/train/metrics.jsonl")["md5"][:12]
+    assert lineage["adapter (all files)"][0] == dvc_md5(res_dir / "demo-lr1e-3/train/adapter")["md5"][:12]
     assert lineage["audit passed"] == ["True", "True"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert all(v.startswith(head) for v in lineage["code: git revision (training, state.json)"])

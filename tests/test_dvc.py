@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,30 @@ def test_lineage_without_a_lock_says_so(tmp_path):
     assert res.returncode == 2 and "no stage of" in res.stderr and "results/demo" in res.stderr
 
 
+def test_dvc_md5_is_what_dvc_records(tmp_path):
+    """higgs_tune.fileio.dvc_md5 (the hash the report and the comparison show) equals what `dvc add`
+    writes into its .dvc file: a file's md5, a folder's `<md5>.dir` (hidden files such as
+    Snakemake's .snakemake_timestamp included) with its file count and size."""
+    from higgs_tune.fileio import dvc_md5
+
+    folder = tmp_path / "adapter"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"r": 16}\n')
+    (folder / "sub" / "w.bin").write_bytes(bytes(range(256)) * 5)
+    (folder / ".snakemake_timestamp").write_text("")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\r\n')  # CRLF: DVC 3 hashes the bytes as they are
+    sh([str(BIN / "dvc"), "init", "-q", "--no-scm"], tmp_path)
+    for name in ("adapter", "metrics.jsonl"):
+        sh([str(BIN / "dvc"), "add", "-q", name], tmp_path)
+        recorded = yaml.safe_load((tmp_path / f"{name}.dvc").read_text())["outs"][0]
+        mine = dvc_md5(tmp_path / name)
+        assert mine == {k: recorded[k] for k in ("md5", "size", "nfiles") if k in recorded}, name
+    assert dvc_md5(folder)["md5"].endswith(".dir") and dvc_md5(folder)["nfiles"] == 3
+    assert dvc_md5(tmp_path / "metrics.jsonl")["md5"] == md5(tmp_path / "metrics.jsonl")
+    with pytest.raises(FileNotFoundError, match="nothing to hash"):
+        dvc_md5(tmp_path / "absent")
+
+
 def test_curves_csv(tmp_path):
     from higgs_tune.curves import jsonl_to_csv
 
@@ -329,6 +354,27 @@ def test_lineage_of_the_adapter_matches_dvc_lock(run):
     text = sh([sys.executable, "-m", "higgs_tune.lineage", "results/mine/eval/metrics.json"], repo).stdout
     assert text.startswith("results/mine/eval/metrics.json") and "stage evaluate-mine" in text
     assert f"HEAD {run['commit_a']}" in text and "workspace: matches dvc.lock" in text
+    assert adapter["role"] == "adapter" and "results/mine/train/adapter  [adapter]  md5 " in sh(
+        [sys.executable, "-m", "higgs_tune.lineage", "--no-status", "results/mine/train/adapter"], repo).stdout
+
+    # the report names each input by the md5 dvc.lock records for it: a caption and dvc.lock agree by eye
+    from browser import html_tables
+
+    html = (run["out"] / "report.html").read_text()
+    report_deps = {d["path"]: d["md5"] for d in lock["report-mine"]["deps"]}
+    in_captions = set(re.findall(r"\(md5 ([0-9a-f]{32}(?:\.dir)?)\)", html))
+    assert len(in_captions) >= 8 and in_captions <= set(report_deps.values()), in_captions - set(report_deps.values())
+    files = {row[0]: row for row in html_tables(html)["input-files"]["body"][1:]}  # role, path, bytes, md5
+    for path, h in report_deps.items():
+        if path.startswith("results/"):  # every output the report reads: listed, by the hash in dvc.lock
+            row = next(r for r in files.values() if r[1] == path)
+            assert row[3].split()[0] == h, (path, row)
+    assert files["adapter"][3].split()[0] == report_deps["results/mine/train/adapter"]
+    # the adapter's files: each by its md5, an entry of the folder's listing in DVC's cache
+    dir_md5 = report_deps["results/mine/train/adapter"]
+    listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / dir_md5[:2] / dir_md5[2:]).read_text())
+    assert {f"adapter:{e['relpath']}": e["md5"] for e in listing if not e["relpath"].startswith(".")} == {
+        role: row[3] for role, row in files.items() if role.startswith("adapter:") and "/." not in row[1]}
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Report stage: one self-contained HTML file with captions naming each input's sha256.
+"""Report stage: one self-contained HTML file with captions naming each input by the md5 DVC records for it.
 
 Its inputs are produced by the real stages on real clips (the manifest stage on the bad-input
 corpus, the audit gate passing and failing, training, evaluation), so a renamed audit rule, fix
@@ -34,8 +34,9 @@ needs_chromium = pytest.mark.skipif(chromium_path() is None,
                                     reason="no Chromium on PATH: run .ci/chromium-up (root, Debian) to install it")
 
 
-def _sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def _md5(path) -> str:
+    """The md5 of a file's bytes: what DVC records for a file in dvc.lock."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +140,17 @@ def test_report_self_contained_with_provenance(inputs, repo_root):
     assert "<b>Selected: step 3</b>" in html and "of 1 checkpoint: step 3" in html
     for role in ("metrics", "val_metrics", "predictions", "audit_summary", "audit_samples", "eval_metrics",
                  "fixes", "quarantine"):
-        assert _sha(paths[role])[:12] in html, role
-    assert _sha(Path(paths["adapter"]) / "adapter_config.json")[:12] in html
-    assert _sha(paths["metrics"])[:12] in re.search(r"<figcaption>.*?</figcaption>", html, re.S).group(0)
+        assert f"(md5 {_md5(paths[role])})" in html, role
+    assert _md5(Path(paths["adapter"]) / "adapter_config.json") in html
+    assert f"{paths['metrics']} (md5 {_md5(paths['metrics'])})" in re.search(r"<figcaption>.*?</figcaption>", html,
+                                                                           re.S).group(0)
+    # a folder is named by DVC's folder hash (<md5>.dir), as dvc.lock records it
+    from higgs_tune.fileio import dvc_md5
+
+    files = {r[0]: r for r in html_tables(html)["input-files"]["body"]}
+    for role in ("adapter", "audio", "base_audio"):
+        assert files[role][3] == f"{dvc_md5(paths[role])['md5']} ({dvc_md5(paths[role])['nfiles']} files)", role
+        assert files[role][3].split()[0].endswith(".dir")
     assert paths["metrics"] in html
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True).stdout.strip()
     assert head and head in html

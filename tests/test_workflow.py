@@ -42,6 +42,42 @@ def test_dry_run_plans_the_chain_and_validates_configs(tmp_path):
     assert res.returncode != 0 and "rank" in res.stdout + res.stderr
 
 
+def test_every_output_is_a_row_of_the_table_of_outputs(tmp_path):
+    """Every job of every rule (one tokenize job and tokenize shards, checkpoint steps and the merged
+    model planned too) writes exactly its rows of higgs_tune.outputs.OUTPUTS, in order, under
+    results_dir/experiment (the sweep's comparison, results_dir/compare-NAME.html, is no experiment's):
+    a rule declaring an output the table lacks fails here. The roles the report, the comparison and
+    the lineage read resolve to their rules."""
+    from higgs_tune import outputs
+
+    overlay = tmp_path / "all.yaml"
+    overlay.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "r"), "eval": {"checkpoints": "every"},
+                                       "train": {"max_steps": 4, "save_interval": 2},
+                                       "sweep": {"name": "s", "runs": {"one": {}, "sharded": {
+                                           "audio_tokenizer": {"shards": 2}}}}}))
+    res = run(SNAKEMAKE + ["-n", "--forceall", "--configfile", "config/demo.yaml", str(overlay), "--", "all", "export"],
+              ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    planned = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    output: (.*)$", res.stdout, re.M)
+    rules_seen = set()
+    for rule, outs in planned:
+        if rule == "compare":
+            continue
+        rows = outputs.of_rule(rule)
+        paths = outs.split(", ")
+        assert len(paths) == len(rows), (rule, paths)
+        for row, path in zip(rows, paths):
+            pattern = re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(str(tmp_path / "r" / "{experiment}" / row.path)))
+            assert re.fullmatch(pattern, path), (rule, row, path)
+            assert outputs.role_of(rule, path) == row.role
+        rules_seen.add(rule)
+    assert rules_seen == {r for o in outputs.OUTPUTS for r in o.rules}, rules_seen
+    assert [outputs.producer(r) for r in ("metrics", "adapter", "tokens_index", "base_audio", "selection")] == [
+        "train", "train", "tokenize", "evaluate_base", "select"]
+    with pytest.raises(KeyError, match="no output has role"):
+        outputs.producer("nonsense")
+
+
 @pytest.mark.slow
 def test_end_to_end_on_the_bad_input_corpus(tmp_path, lj_dir):
     """The whole chain on tests/data/bad_inputs (real LJSpeech clips made bad, plus good rows):

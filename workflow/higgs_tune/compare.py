@@ -1,9 +1,10 @@
 """Compare stage: one self-contained HTML comparing the runs of a sweep.
 
 Overlays the runs' train/val loss curves, per-codebook loss and accuracy curves and held-out eval
-scores (seaborn, embedded as base64 PNGs), lists each run's lineage (the sha256 of the data
-manifest, kept manifests, token index, audit summary, adapter, metrics, of every config section,
-and the code revisions) and a table of the config keys that differ between the runs (only those).
+scores (seaborn, embedded as base64 PNGs), lists each run's lineage (the md5 ``dvc.lock`` records of
+the data manifest, kept manifests, token index, audit summary, adapter folder, metrics
+(:func:`higgs_tune.fileio.dvc_md5`); the sha256 of every config section; the code revisions) and a
+table of the config keys that differ between the runs (only those).
 
     python -m higgs_tune.compare --config-json CONFIG --out compare.html
         --inputs '{"demo-lr1e-3": {"metrics": "..."}, ...}'
@@ -11,13 +12,12 @@ and the code revisions) and a table of the config keys that differ between the r
 (as ``workflow/rules/compare.smk`` renders it: ``--config-json`` holds ``sweep`` (name, base
 experiment, each run's overlay), ``experiments`` (each run's resolved config) and ``code`` (stage ->
 code signature); ``--inputs`` maps each run's experiment to its input roles and paths; the
-comparison reads nothing else). Shares its helpers and templates with :mod:`higgs_tune.report`.
+comparison reads nothing else). Shares its helpers and templates with the report (:mod:`higgs_tune.figures`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,43 +29,28 @@ import seaborn as sns
 import yaml
 
 from higgs_tune.config import add_config_args, config_from_args
-from higgs_tune.fileio import git_revision, read_jsonl, sha256_file, write_text
-from higgs_tune.report import (SHORT, Inputs, _expand, _melt, eval_groups, eval_scalars, fmt, package_versions,
-                               per_codebook, png_uri, render, require)
+from higgs_tune.fileio import SHORT_HASH, canonical_sha256, git_revision, read_jsonl, write_text
+from higgs_tune.figures import (Inputs, eval_groups, eval_scalars, fmt, melt_lists, melt_scalars, package_versions,
+                                per_codebook, png_uri, render, require)
+from higgs_tune.outputs import BY_ROLE, COMPARE_ROLES, DATA_MANIFEST_LABEL, DATA_MANIFEST_ROLE
 from higgs_tune.sweep import MISSING, config_diff
 
-#: input roles of one run read as files (``adapter`` is a folder), in lineage order
-LINEAGE_ROLES = (("manifest", "data manifest (data.manifest)"), ("train_manifest", "train manifest (kept rows)"),
-                 ("val_manifest", "val manifest (kept rows)"), ("tokens_index", "token index"),
-                 ("audit_summary", "audit summary"), ("metrics", "train metrics"), ("val_metrics", "val metrics"),
-                 ("train_state", "train state"), ("eval_metrics", "eval metrics"),
-                 ("paired_summary", "base -> fine-tuned summary"), ("base_eval_metrics", "base-model eval metrics"))
+#: what the lineage lists of each run, in order: ``(role, label)`` (higgs_tune.outputs: the data manifest and
+#: :data:`~higgs_tune.outputs.COMPARE_ROLES`; ``adapter`` is a folder)
+LINEAGE_ROLES = ((DATA_MANIFEST_ROLE, DATA_MANIFEST_LABEL), *((r, BY_ROLE[r].label) for r in COMPARE_ROLES))
 #: config keys that are not a run's settings (the name is the run's column; all runs share results_dir)
 NOT_SETTINGS = ("experiment", "results_dir")
 #: eval scores drawn as bars, when present
 EVAL_BARS = ("loss", "text_loss", "audio_loss", "text_acc", "generation.wer", "generation.sim")
 
 
-def dir_sha256(folder: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """A folder's digest: sha256 of its files' ``relative path NUL sha256 LF`` lines in path order,
-    and those ``(path, sha256)`` pairs; ``(None, [])`` for a missing or empty folder. Snakemake's
-    ``.snakemake_timestamp`` marker is left out (the same adapter has the same digest whoever ran it)."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".snakemake"))
-    files = files if Path(folder).is_dir() else []
-    pairs = [(str(f.relative_to(folder)), sha256_file(f)) for f in files]
-    if not pairs:
-        return None, []
-    h = hashlib.sha256("".join(f"{p}\0{s}\n" for p, s in pairs).encode())
-    return h.hexdigest(), pairs
-
-
 def section_sha256(value: Any) -> str:
-    """sha256 of a config section as canonical JSON (sorted keys)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of a config section as canonical JSON (:func:`higgs_tune.fileio.canonical_sha256`; all 64 digits)."""
+    return canonical_sha256(value)
 
 
 class Run:
-    """One run of the sweep: its name, experiment, config, inputs (with sha256) and loaded data."""
+    """One run of the sweep: its name, experiment, config, inputs (each with its DVC md5) and loaded data."""
 
     def __init__(self, run: str, experiment: str, cfg: dict, paths: dict[str, str]):
         self.run, self.experiment, self.cfg, self.paths = run, experiment, cfg, paths
@@ -75,13 +60,10 @@ class Run:
         for role, _ in LINEAGE_ROLES:
             if paths.get(role):
                 self.inputs.add(role, Path(paths[role]))
-        self.adapter_sha, adapter_files = dir_sha256(Path(paths["adapter"])) if paths.get("adapter") else (None, [])
-        for rel, _ in adapter_files:
-            self.inputs.add(f"adapter:{rel}", Path(paths["adapter"]) / rel)
         self.metrics = pd.DataFrame(read_jsonl(metrics_path))
         if self.metrics.empty or "step" not in self.metrics:
             raise ValueError(f"{metrics_path} holds no step rows (run {run})")
-        present = {r: Path(f["path"]) for r, f in self.inputs.files.items() if f["sha256"]}
+        present = {r: Path(f["path"]) for r, f in self.inputs.files.items() if f["md5"] and Path(f["path"]).is_file()}
         self.val = pd.DataFrame(read_jsonl(present["val_metrics"])) if "val_metrics" in present else pd.DataFrame()
         self.eval = json.loads(eval_path.read_text())
         self.state = json.loads(present["train_state"].read_text()) if "train_state" in present else {}
@@ -135,14 +117,14 @@ def curve_figures(runs: list[Run]) -> list[dict]:
     names = [r.run for r in runs]
     caption = " ".join(r.inputs.caption("metrics", "val_metrics") for r in runs)
     figs = []
-    loss = _long(runs, lambda d: _melt(d, ["loss", "text_loss", "audio_loss"]))
+    loss = _long(runs, lambda d: melt_scalars(d, ["loss", "text_loss", "audio_loss"]))
     if not loss.empty:
         figs.append(("Train (solid) and val (dashed) loss", overlay(loss, names, "Loss", "cross-entropy", log=True)))
-    cb_loss = _long(runs, lambda d: _expand(d, "codebook_losses", "cb"))
+    cb_loss = _long(runs, lambda d: melt_lists(d, "codebook_losses", "cb"))
     if not cb_loss.empty:
         figs.append(("Per-codebook audio loss", overlay(cb_loss, names, "Per-codebook loss", "cross-entropy",
                                                         col_wrap=4, log=True)))
-    cb_acc = _long(runs, lambda d: pd.concat([_expand(d, "codebook_acc", "cb"), _melt(d, ["text_acc"])]))
+    cb_acc = _long(runs, lambda d: pd.concat([melt_lists(d, "codebook_acc", "cb"), melt_scalars(d, ["text_acc"])]))
     if not cb_acc.empty:
         figs.append(("Per-codebook (and text) teacher-forced top-1 accuracy",
                      overlay(cb_acc, names, "Teacher-forced top-1 accuracy", "accuracy", col_wrap=5,
@@ -195,23 +177,20 @@ def _row(label: str, values: list[str | None], full: list[str | None] | None = N
 
 
 def lineage(runs: list[Run], code: dict[str, str]) -> list[dict]:
-    """Rows ``{"label", "values" (short, per run), "full", "differs"}``: the sha256 of each input
-    file, of the adapter folder (:func:`dir_sha256`), of every config section; the audit verdict; the
-    git revision training ran at; the code signature of each stage."""
+    """Rows ``{"label", "values" (short, per run), "full", "differs"}``: the DVC md5 of each input
+    (:data:`LINEAGE_ROLES`; the adapter folder's ``<md5>.dir``, as ``dvc.lock`` records it), the sha256
+    of every config section; the audit verdict; the git revision training ran at; the code signature
+    of each stage. Shortened hashes show :data:`~higgs_tune.fileio.SHORT_HASH` digits."""
     rows = []
     for role, label in LINEAGE_ROLES:
-        shas = [(r.inputs.files.get(role) or {}).get("sha256") for r in runs]
-        if any(shas):
-            rows.append(_row(label, [s[:SHORT] if s else "not produced" for s in shas], shas))
-        if role == "train_state":
-            rows.append(_row("adapter (all files)", [s[:SHORT] if s else "not produced" for s in
-                                                       (r.adapter_sha for r in runs)],
-                             [r.adapter_sha for r in runs]))
+        hashes = [(r.inputs.files.get(role) or {}).get("md5") for r in runs]
+        if any(hashes):
+            rows.append(_row(label, [h[:SHORT_HASH] if h else "not produced" for h in hashes], hashes))
     rows.append(_row("audit passed", [fmt(r.audit_passed) for r in runs]))
     sections = sorted({k for r in runs for k in r.cfg} - set(NOT_SETTINGS))
     for sec in sections:
         shas = [section_sha256(r.cfg.get(sec)) if sec in r.cfg else None for r in runs]
-        rows.append(_row(f"config: {sec}", [s[:SHORT] if s else "(not set)" for s in shas], shas))
+        rows.append(_row(f"config: {sec}", [s[:SHORT_HASH] if s else "(not set)" for s in shas], shas))
     rows.append(_row("code: git revision (training, state.json)",
                      [str(r.state.get("git_revision") or "not recorded") for r in runs]))
     for stage, sig in sorted((code or {}).items()):
@@ -228,7 +207,7 @@ def diff_table(runs: list[Run]) -> list[dict]:
 
 def build_compare(cfg: dict, inputs_by_run: dict[str, dict[str, str]], out: str | Path) -> Path:
     """Render the comparison of the runs in ``inputs_by_run`` (experiment -> role -> path; roles as
-    the compare rule's :data:`COMPARE_ROLES` plus ``manifest``) to ``out``.
+    :data:`higgs_tune.outputs.COMPARE_ROLES` plus ``manifest``: the compare rule's inputs) to ``out``.
 
     Args:
         cfg: ``{"sweep": {"name", "base", "runs": {run: overlay}, "order": [experiment, ...]

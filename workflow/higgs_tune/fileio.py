@@ -1,4 +1,11 @@
-"""Small file I/O shared by every stage: JSON/JSONL, atomic writes, stale temp files, git revision.
+"""Small file I/O shared by every stage: JSON/JSONL, atomic writes, stale temp files, git revision,
+and the project's two hash notions (one home each):
+
+* content of a file or folder: :func:`dvc_md5`, the md5 DVC records in ``dvc.lock`` (so a hash the
+  report or the comparison shows can be found in ``dvc.lock`` by eye);
+* a value (a config section, a manifest row): :func:`canonical_sha256` of :func:`canonical_json`.
+
+Shown shortened, hashes show :data:`SHORT_HASH` hex digits.
 
 Named ``fileio``, not ``io``: no module of this project shadows the standard library.
 
@@ -130,6 +137,57 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False, default=json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+#: hex digits shown of a shortened hash (config hashes, the comparison's lineage cells)
+SHORT_HASH = 12
+
+
+def canonical_json(obj: Any) -> str:
+    """``obj`` as canonical JSON: sorted keys, no spaces (``","``/``":"``), non-ASCII kept as is.
+
+    The manifest's derived row ids hash exactly this text: never change its form.
+
+    Raises:
+        TypeError: ``obj`` holds a value JSON cannot represent.
+    """
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def canonical_sha256(obj: Any, n: int | None = None) -> str:
+    """sha256 hex of :func:`canonical_json` of ``obj`` (UTF-8), its first ``n`` digits (``None``: all 64).
+
+    Raises:
+        TypeError: as :func:`canonical_json`.
+    """
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:n]
+
+
+def dvc_md5(path: str | Path) -> dict[str, Any]:
+    """The content hash DVC records for ``path`` in ``dvc.lock``, computed by DVC's own code
+    (``dvc_data.hashfile.build``): a file: ``{"md5": <md5 of its bytes>, "size": bytes}``; a folder:
+    ``{"md5": "<md5>.dir", "size": bytes of all files, "nfiles": n}``, the md5 of DVC's JSON list of
+    ``{"md5", "relpath"}`` of every file under it (hidden ones too, e.g. Snakemake's
+    ``.snakemake_timestamp``; the repository's ``.dvcignore`` names nothing under ``results/``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import MemoryFileSystem
+    from dvc_objects.fs.local import LocalFileSystem
+
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: nothing to hash")
+    odb = HashFileDB(MemoryFileSystem(), "memory://higgs-tune-dvc-md5")  # staging only: nothing is stored
+    _, meta, obj = build(odb, path, LocalFileSystem(), "md5", dry_run=True)
+    out: dict[str, Any] = {"md5": obj.hash_info.value, "size": meta.size if meta.size is not None else
+                           os.path.getsize(path)}
+    if meta.isdir:
+        out["nfiles"] = meta.nfiles
+    return out
 
 
 def sha256_file(path: str | Path) -> str:

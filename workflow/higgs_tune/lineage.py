@@ -9,12 +9,14 @@ For the stage that wrote ``PATH`` (an output, a metrics or plots file, or a file
 folder) and, recursively, every stage upstream of it, prints:
 
 * the stage (``<rule>-<experiment>``), the Snakemake rule and experiment, its command;
-* its outputs with the content hashes DVC recorded (``md5``; folders: ``<md5>.dir`` with file count);
+* its outputs, each with its role (:data:`higgs_tune.outputs.OUTPUTS`, the table of outputs) and the
+  content hash DVC recorded (``md5``; folders: ``<md5>.dir`` with file count; the report and the
+  comparison name their inputs by the same hashes);
 * its dependencies with their recorded hashes, grouped: ``data`` (the manifest, the audio folders
   or files, other inputs), ``upstream`` (outputs of another stage, named), ``code`` (the rule file and
   the ``higgs_tune`` modules its code trigger hashes);
 * its config sections (``params``): the recorded values and a sha256 of each (canonical JSON, first
-  16 hex digits; the same value gives the same hash in every experiment);
+  12 hex digits, as the comparison shows them; the same value gives the same hash in every experiment);
 * the code revision: the git commit checked out, the last commit that changed ``dvc.lock``, and
   whether ``dvc.lock``, ``dvc.yaml``, ``params/`` or ``workflow/`` differ from it;
 * whether the workspace still matches the record (DVC's own ``status`` of the stage and upstream).
@@ -30,7 +32,6 @@ experiments' output folders) or there is no ``dvc.yaml``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from higgs_tune.fileio import SHORT_HASH, canonical_sha256
+from higgs_tune.outputs import role_of
 
 
 class LineageError(RuntimeError):
@@ -58,8 +62,9 @@ def _outputs(stage: dict) -> list[str]:
 
 
 def value_hash(value: Any) -> str:
-    """sha256 (first 16 hex digits) of ``value`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    """sha256 (first :data:`~higgs_tune.fileio.SHORT_HASH` hex digits) of ``value`` as canonical JSON
+    (:func:`higgs_tune.fileio.canonical_sha256`: the comparison's config-section hashes are the same)."""
+    return canonical_sha256(value, SHORT_HASH)
 
 
 def _rel(path: str, root: Path) -> str:
@@ -181,7 +186,8 @@ class Lineage:
         return {
             "stage": name, "rule": meta.get("rule"), "experiment": meta.get("experiment"),
             "configfiles": meta.get("configfiles"), "cmd": cmd, "recorded": rec is not None,
-            "outs": [{"path": p, "hash": _hash_of(outs_rec.get(p))} for p in _outputs(st)],
+            "outs": [{"path": p, "role": role_of(meta.get("rule") or "", p), "hash": _hash_of(outs_rec.get(p))}
+                     for p in _outputs(st)],
             "deps": deps, "params": params,
         }
 
@@ -260,7 +266,8 @@ def format_text(t: dict[str, Any]) -> str:
         if full:
             lines.append(f"  cmd: {s['cmd']}")
             lines.append("  outputs:")
-            lines.extend(f"    {o['path']}  {_fmt_hash(o['hash'])}" for o in s["outs"])
+            lines.extend(f"    {o['path']}" + (f"  [{o['role']}]" if o.get("role") else "") + f"  {_fmt_hash(o['hash'])}"
+                         for o in s["outs"])
         lines.append("  data:")
         lines.extend([f"    {d['path']}  {_fmt_hash(d['hash'])}" for d in s["deps"]["data"]] or ["    (none)"])
         if s["deps"]["upstream"]:

@@ -3,7 +3,9 @@
 Reads the training curves, the label audit, the eval metrics, the manifest fixes/quarantine, the
 prediction snapshots and any eval audio; embeds every plot (base64 PNG) and audio clip (base64 WAV
 data URI) so the file can be mailed around. Every figure's caption names the exact input files it
-was drawn from (path + short sha256) plus the experiment name and the config hash.
+was drawn from (path + the md5 DVC records for it in ``dvc.lock``: :func:`higgs_tune.fileio.dvc_md5`)
+plus the experiment name and the config hash. The helpers it shares with the comparison live in
+:mod:`higgs_tune.figures`.
 
     python -m higgs_tune.report --config-json CONFIG --inputs '{"metrics": "...", ...}' --out report.html
 
@@ -15,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import io
 import json
-import math
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,77 +29,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
-from jinja2 import Environment, FileSystemLoader  # noqa: E402
 
 from higgs_tune.config import add_config_args, config_from_args  # noqa: E402
-from higgs_tune.fileio import git_revision, read_jsonl, sha256_file, write_text  # noqa: E402
+from higgs_tune.fileio import git_revision, read_jsonl, write_text  # noqa: E402
+from higgs_tune.figures import (Inputs, eval_groups, flatten, fmt, melt_lists, melt_scalars,  # noqa: E402
+                                package_versions, per_codebook, png_uri, render, require)
+from higgs_tune.outputs import DATA_MANIFEST_ROLE, REPORT_ROLES  # noqa: E402
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
-PACKAGES = ["torch", "transformers", "peft", "boson-multimodal", "pandas", "seaborn", "matplotlib"]
 MAX_TABLE_ROWS = 200
 MAX_AUDIO_BYTES = 8 * 1024 * 1024
-SHORT = 12  # hex chars of sha256 shown in captions
 
 
 # ----------------------------------------------------------------------------- small helpers
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:SHORT]
-
-
-#: input role -> the rule that writes it (for the error naming what to run)
-PRODUCER = {"metrics": "train", "val_metrics": "train", "predictions": "train", "train_state": "train",
-            "adapter": "train", "audit_summary": "audit", "audit_samples": "audit", "eval_metrics": "evaluate",
-            "generated": "evaluate", "audio": "evaluate", "paired": "evaluate", "paired_summary": "evaluate",
-            "base_eval_metrics": "evaluate_base", "base_generated": "evaluate_base", "base_audio": "evaluate_base",
-            "fixes": "manifest", "quarantine": "manifest",
-            "train_manifest": "manifest", "val_manifest": "manifest", "tokens_index": "tokenize",
-            "selection": "select"}
-
-
-def require(inputs: dict[str, str], role: str) -> Path:
-    """The path of input ``role``.
-
-    Raises:
-        FileNotFoundError: naming the file and the Snakemake rule that writes it, when it is absent.
-    """
-    path = Path(inputs[role]) if inputs.get(role) else None
-    if path is None or not path.exists():
-        rule = PRODUCER.get(role, role)
-        raise FileNotFoundError(
-            f"{path or role} is missing: it is written by the '{rule}' rule; run the workflow "
-            f"(snakemake --profile profiles/default --configfile YOUR.yaml), which runs '{rule}' first")
-    return path
-
-
-def fmt(value: Any) -> str:
-    """One table cell: floats to 4 significant digits, containers as compact (truncated) JSON."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if hasattr(value, "tolist"):  # numpy scalars / arrays from parquet
-        value = value.tolist()
-        if isinstance(value, float):
-            return fmt(value)
-    if isinstance(value, (list, tuple, dict)):
-        text = json.dumps(value, default=str)
-        return text if len(text) <= 160 else text[:157] + "..."
-    return str(value)
-
-
-def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for key, value in (d or {}).items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.extend(flatten(value, name))
-        else:
-            out.append((name, value))
-    return out
-
-
 def table(df: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS) -> dict:
     """A DataFrame as ``{columns, rows, total}`` of pre-formatted strings (the template escapes)."""
     shown = df.head(max_rows)
@@ -117,71 +56,6 @@ def records(rows: list[dict], max_rows: int = MAX_TABLE_ROWS) -> dict | None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return {"columns": columns, "rows": [[fmt(r.get(c)) for c in columns] for r in rows[:max_rows]],
             "total": len(rows)}
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-class Inputs:
-    """Records each input file read (path, size, sha256) and renders caption source lines."""
-
-    def __init__(self, cfg: dict):
-        self.exp, self.cfg_hash, self.files = cfg["experiment"], config_hash(cfg), {}
-        self.cfg = cfg
-
-    def add(self, role: str, path: Path) -> Path | None:
-        path = Path(path)
-        if path.is_file():
-            self.files[role] = {"role": role, "path": str(path), "bytes": path.stat().st_size,
-                                "sha256": sha256_file(path)}
-            return path
-        self.files[role] = {"role": role, "path": str(path), "bytes": None, "sha256": None}
-        return None
-
-    def caption(self, *roles: str) -> str:
-        used = [self.files[r] for r in roles if self.files.get(r, {}).get("sha256")]
-        src = "; ".join(f"{f['path']} (sha256 {f['sha256'][:SHORT]})" for f in used)
-        return f"Source: {src}. Experiment '{self.exp}', config hash {self.cfg_hash}."
-
-
-def render(template: str, context: dict) -> str:
-    """Render ``workflow/report/<template>`` with ``context``; every value is HTML-escaped
-    (autoescape), so text from data (transcripts, hypotheses, config) shows as text."""
-    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
-                      trim_blocks=True, lstrip_blocks=True)
-    return env.get_template(template).render(**context)
-
-
-# ----------------------------------------------------------------------------- plots
-def png_uri(fig) -> str:
-    """A matplotlib figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _expand(df: pd.DataFrame, column: str, prefix: str) -> pd.DataFrame:
-    """A list column (one value per codebook) as long rows ``step, series, value``."""
-    if column not in df or df[column].isna().all():
-        return pd.DataFrame(columns=["step", "series", "value"])
-    rows = [{"step": s, "series": f"{prefix}{k}", "value": v}
-            for s, vals in zip(df["step"], df[column]) if isinstance(vals, list) for k, v in enumerate(vals)]
-    return pd.DataFrame(rows)
-
-
-def _melt(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    cols = [c for c in columns if c in df]
-    if df.empty or not cols:
-        return pd.DataFrame(columns=["step", "series", "value"])
-    return df.melt(id_vars="step", value_vars=cols, var_name="series", value_name="value").dropna()
 
 
 def _curves(train: pd.DataFrame, val: pd.DataFrame, title: str, ylabel: str, log: bool = False,
@@ -214,13 +88,13 @@ def training_figures(metrics: pd.DataFrame, val: pd.DataFrame, inputs: Inputs) -
     loss_cols = ["loss", "text_loss", "audio_loss"]
     figs = [
         ("Training loss (total, text, audio)",
-         _curves(_melt(metrics, loss_cols), _melt(val, loss_cols), "Loss", "cross-entropy", log=True)),
+         _curves(melt_scalars(metrics, loss_cols), melt_scalars(val, loss_cols), "Loss", "cross-entropy", log=True)),
         ("Per-codebook audio loss",
-         _curves(_expand(metrics, "codebook_losses", "cb"), _expand(val, "codebook_losses", "cb"),
+         _curves(melt_lists(metrics, "codebook_losses", "cb"), melt_lists(val, "codebook_losses", "cb"),
                  "Per-codebook loss", "cross-entropy", log=True, palette="viridis")),
     ]
-    acc_train = pd.concat([_expand(metrics, "codebook_acc", "cb"), _melt(metrics, ["text_acc"])])
-    acc_val = pd.concat([_expand(val, "codebook_acc", "cb"), _melt(val, ["text_acc"])])
+    acc_train = pd.concat([melt_lists(metrics, "codebook_acc", "cb"), melt_scalars(metrics, ["text_acc"])])
+    acc_val = pd.concat([melt_lists(val, "codebook_acc", "cb"), melt_scalars(val, ["text_acc"])])
     figs.append(("Teacher-forced top-1 accuracy per codebook (and text)",
                  _curves(acc_train, acc_val, "Teacher-forced top-1 accuracy", "accuracy",
                          palette="viridis", ylim=(-0.02, 1.02))))
@@ -342,73 +216,6 @@ def fractions_table(fractions: dict) -> dict | None:
             "target_share": [fmt(share.get(m)) for m in modalities] if share else None}
 
 
-#: eval score groups, in table order
-EVAL_GROUPS = ("losses", "accuracies", "generation", "calibration", "counts and run")
-#: what an eval/metrics.json key means (shown beside its value)
-EVAL_HELP = {
-    "loss": "text_weight × text CE + audio_weight × audio CE (held-out, teacher-forced)",
-    "text_loss": "text cross-entropy per text target", "audio_loss": "mean of the per-codebook audio CE",
-    "text_acc": "teacher-forced top-1 accuracy of text targets",
-    "generation.wer": "ASR word error rate of the generated audio against the text (corpus)",
-    "generation.sim": "speaker similarity of the generated audio to the speaker's real audio (mean)",
-    "generation.eos_rate": "share of generations the model ended itself (EOS)",
-    "generation.voiced_rate": "share of generations with voiced audio (SIM defined)",
-    "generation.n_samples": "generated samples",
-    "generation.gt_wer": "WER of the real clips: the ASR's own error",
-    "generation.codec_wer": "WER of the real clips' codes decoded: what the audio tokenizer allows",
-    "generation.gt_sim": "SIM of the real clip to its cloning reference",
-    "generation.codec_sim": "SIM of the decoded codes to the real audio",
-    "generation.asr_model": "the ASR scoring WER", "generation.speaker_model": "the speaker encoder scoring SIM",
-    "generation.cer": "ASR character error rate (corpus) of the rows in languages written without spaces",
-    "generation.hit_max_rate": "share of generations cut at eval.generate.max_seconds without EOS",
-    "generation.silent_tail_rate": "share of generations ending in at least 1 s of silence",
-    "generation.trailing_silence_s": "mean seconds of silence at the end of a generation",
-    "generation.asr_multilingual": "the ASR model transcribes languages other than English",
-    "paired.scores.err.delta": "mean paired difference fine-tuned − base of WER/CER (see the opening table)",
-}
-
-
-def eval_group(key: str) -> str:
-    """The :data:`EVAL_GROUPS` entry of a dotted eval/metrics.json key."""
-    leaf = key.rsplit(".", 1)[-1]
-    if key.startswith("generation."):
-        return "calibration" if leaf.startswith(("gt_", "codec_")) or leaf.endswith("_model") else "generation"
-    if "loss" in leaf:
-        return "losses"
-    if leaf.endswith("acc"):
-        return "accuracies"
-    return "counts and run"
-
-
-def eval_scalars(metrics: dict) -> dict[str, Any]:
-    """The scalar scores of eval/metrics.json as ``{dotted key: value}`` (lists of numbers, e.g.
-    per-codebook scores, and the ``audio`` players are left out)."""
-    out = {}
-    for key, value in flatten({k: v for k, v in (metrics or {}).items() if k != "audio"}):
-        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            continue
-        out[key] = value
-    return out
-
-
-def eval_groups(columns: dict[str, dict]) -> list[dict]:
-    """Eval scores grouped (:data:`EVAL_GROUPS`) for a table with one value column per entry of
-    ``columns`` (``{column name: eval/metrics.json}``; one column for a report, one per run for a
-    comparison). Returns ``[{"group", "rows": [{"key", "values": [str per column], "help",
-    "differs"}]}]``, empty groups left out."""
-    scal = {name: eval_scalars(m) for name, m in columns.items()}
-    keys = list(dict.fromkeys(k for s in scal.values() for k in s))
-    groups = []
-    for g in EVAL_GROUPS:
-        rows = []
-        for k in (k for k in keys if eval_group(k) == g):
-            vals = [fmt(scal[name].get(k)) for name in columns]
-            rows.append({"key": k, "values": vals, "help": EVAL_HELP.get(k, ""), "differs": len(set(vals)) > 1})
-        if rows:
-            groups.append({"group": g, "rows": rows})
-    return groups
-
-
 def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
     cov = summary.get("codebook_coverage") or []
     sec = {
@@ -429,12 +236,6 @@ def audit_section(summary: dict, samples: Path | None, inputs: Inputs) -> dict:
         sec["samples"] = table(pd.read_parquet(samples))
         sec["samples_caption"] = inputs.caption("audit_samples")
     return sec
-
-
-def per_codebook(metrics: dict) -> dict[str, list]:
-    """The per-codebook score lists of eval/metrics.json (top-level lists of numbers), by key."""
-    return {k: v for k, v in (metrics or {}).items()
-            if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)}
 
 
 def eval_section(metrics: dict, inputs: Inputs) -> dict:
@@ -650,7 +451,7 @@ def checkpoints_section(selection: dict | None, inputs: Inputs) -> dict | None:
         fig, axes = plt.subplots(1, len(panels), figsize=(max(9, 4.4 * len(panels)), 3.4), squeeze=False)
         for ax, cols in zip(axes[0], panels):
             cols = [c for c in cols if c in scored]
-            data = _melt(scored, cols)
+            data = melt_scalars(scored, cols)
             sns.lineplot(data=data, x="step", y="value", hue="series", marker="o", ax=ax, lw=1.3)
             ax.axvline(selection["selected_step"], color="black", ls=":", lw=1.2)
             sel = data[data["step"] == selection["selected_step"]]
@@ -668,15 +469,10 @@ def checkpoints_section(selection: dict | None, inputs: Inputs) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- main
-#: input roles read as files (besides the folders ``adapter`` and ``audio``), in report order
-FILE_ROLES = ("manifest", "train_manifest", "val_manifest", "fixes", "quarantine", "tokens_index", "audit_summary",
-              "audit_samples", "metrics", "val_metrics", "predictions", "train_state", "eval_metrics", "generated",
-              "paired", "paired_summary", "base_eval_metrics", "base_generated", "selection")
-
-
 def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> Path:
     """Render the report to ``out`` from the files named in ``inputs_by_role`` (role -> path: the
-    report rule's inputs, see :data:`FILE_ROLES`; ``adapter`` and ``audio`` are folders).
+    report rule's inputs: the data manifest and :data:`higgs_tune.outputs.REPORT_ROLES`; ``adapter``,
+    ``audio`` and ``base_audio`` are folders). Each is named by its DVC md5 (:class:`higgs_tune.figures.Inputs`).
 
     Raises:
         FileNotFoundError: ``metrics``, ``audit_summary`` or ``eval_metrics`` is missing (naming the rule to run).
@@ -686,15 +482,15 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
     audit_path = require(inputs_by_role, "audit_summary")
     eval_path = require(inputs_by_role, "eval_metrics")
     inputs = Inputs(cfg)
-    for role in FILE_ROLES:
+    for role in (DATA_MANIFEST_ROLE, *REPORT_ROLES):
         if inputs_by_role.get(role):
             inputs.add(role, Path(inputs_by_role[role]))
     adapter = Path(inputs_by_role["adapter"]) if inputs_by_role.get("adapter") else None
-    if adapter and adapter.is_dir():
+    if adapter and adapter.is_dir():  # each file too (DVC's md5 of it: an entry of the folder's .dir listing)
         for f in sorted(p for p in adapter.rglob("*") if p.is_file()):
             inputs.add(f"adapter:{f.relative_to(adapter)}", f)
     audio_dir = Path(inputs_by_role["audio"]) if inputs_by_role.get("audio") else None
-    present = {r: Path(f["path"]) for r, f in inputs.files.items() if f["sha256"]}
+    present = {r: Path(f["path"]) for r, f in inputs.files.items() if f["md5"] and Path(f["path"]).is_file()}
 
     sns.set_theme(style="whitegrid", context="notebook")
     metrics = pd.DataFrame(read_jsonl(metrics_path))

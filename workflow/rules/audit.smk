@@ -7,8 +7,7 @@ rule audit:
         val=upstream("manifest", "val"),
         index=upstream("tokenize", "index"),
     output:
-        summary=OUT / "audit" / "summary.json",
-        samples=OUT / "audit" / "samples.parquet",
+        **rule_outputs("audit"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("model", "audit", "lora"),
         code=code_sig("audit"),

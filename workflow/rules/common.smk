@@ -28,6 +28,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 PKG = Path(workflow.basedir) / "workflow" / "higgs_tune"
 sys.path.insert(0, str(PKG.parent))  # this checkout's higgs_tune, whatever the venv has installed
+from higgs_tune import outputs as outputs_table  # noqa: E402
 from higgs_tune.config import train_job_config  # noqa: E402
 from higgs_tune.select import SelectionError, checkpoint_steps  # noqa: E402
 from higgs_tune.sweep import experiment_configs, sweep_experiments  # noqa: E402
@@ -42,6 +43,18 @@ RESULTS = Path(config["results_dir"])
 #: every output of one experiment lies under OUT (the output contract in README.md)
 OUT = RESULTS / "{experiment}"
 LOGS = OUT / "logs"
+
+
+def output_path(role):
+    """OUT / the path of output ``role`` (the table of outputs: higgs_tune/outputs.py)."""
+    return OUT / outputs_table.BY_ROLE[role].path
+
+
+def rule_outputs(rule_name):
+    """The named outputs of ``rule_name`` as the table of outputs (higgs_tune/outputs.py) lists them,
+    ``{key: path}`` in its order, folders as ``directory()``: a rule's ``output: **rule_outputs(...)``."""
+    return {o.key: directory(output_path(o.role)) if o.kind == "dir" else output_path(o.role)
+            for o in outputs_table.of_rule(rule_name)}
 
 
 wildcard_constraints:
@@ -197,21 +210,16 @@ select_config.sections = ("eval",)  # read by stage_owner
 select_config.view = lambda c: c["eval"]["select"]
 
 
-#: what the comparison reads of each run (role -> rule, output key): curves, eval scores, and the
-#: lineage (the data, tokens, audit, adapter and training state each run was built from)
-COMPARE_ROLES = {
-    "train_manifest": ("manifest", "train"),
-    "val_manifest": ("manifest", "val"),
-    "tokens_index": ("tokenize", "index"),
-    "audit_summary": ("audit", "summary"),
-    "metrics": ("train", "metrics"),
-    "val_metrics": ("train", "val_metrics"),
-    "train_state": ("train", "state"),
-    "adapter": ("train", "adapter"),
-    "eval_metrics": ("evaluate", "metrics"),
-    "paired_summary": ("evaluate", "paired_summary"),
-    "base_eval_metrics": ("evaluate_base", "metrics"),
-}
+#: what the comparison reads of each run: role -> (rule, output key), from the table of outputs
+#: (higgs_tune.outputs.COMPARE_ROLES)
+COMPARE_ROLES = {r: (outputs_table.BY_ROLE[r].rule, outputs_table.BY_ROLE[r].key) for r in outputs_table.COMPARE_ROLES}
+
+
+def report_inputs():
+    """The report rule's named inputs but the data manifest: ``{role: upstream(rule, key)}`` for each
+    role of higgs_tune.outputs.REPORT_ROLES, in that order."""
+    return {r: upstream(outputs_table.BY_ROLE[r].rule, outputs_table.BY_ROLE[r].key)
+            for r in outputs_table.REPORT_ROLES}
 
 
 def sweep_inputs(wildcards):
@@ -228,7 +236,7 @@ def sweep_inputs(wildcards):
     out = {}
     for exp in TARGET_EXPERIMENTS:
         wc = SimpleNamespace(experiment=exp)
-        out[exp] = {"manifest": EXPERIMENTS[exp]["data"]["manifest"]}
+        out[exp] = {outputs_table.DATA_MANIFEST_ROLE: EXPERIMENTS[exp]["data"]["manifest"]}
         out[exp].update({role: upstream(rule, key)(wc) for role, (rule, key) in COMPARE_ROLES.items()})
     return out
 

@@ -1,6 +1,6 @@
 rule compare:
     """One self-contained HTML comparing the runs of a sweep: train/val loss, per-codebook curves and
-    eval scores overlaid, each run's lineage (sha256 of its inputs, config sections, code) and the
+    eval scores overlaid, each run's lineage (DVC md5 of its inputs, sha256 of config sections, code) and the
     config keys that differ between runs."""
     input:
         lambda wc: sorted({p for roles in sweep_inputs(wc).values() for p in roles.values()}),

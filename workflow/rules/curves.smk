@@ -9,8 +9,7 @@ rule curves:
         metrics=upstream("train", "metrics"),
         val_metrics=upstream("train", "val_metrics"),
     output:
-        train=OUT / "train" / "curves.csv",
-        val=OUT / "train" / "val_curves.csv",
+        **rule_outputs("curves"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         code=code_sig("curves"),
     conda:

@@ -8,9 +8,7 @@ rule evaluate_base:
         val=upstream("manifest", "val"),
         index=upstream("tokenize", "index"),
     output:
-        metrics=OUT / "eval_base" / "metrics.json",
-        generated=OUT / "eval_base" / "generated.jsonl",
-        audio=directory(OUT / "eval_base" / "audio"),
+        **rule_outputs("evaluate_base"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
         code=code_sig("evaluate_base"),
@@ -35,11 +33,7 @@ rule evaluate:
         index=upstream("tokenize", "index"),
         base=upstream("evaluate_base", "generated"),
     output:
-        metrics=OUT / "eval" / "metrics.json",
-        generated=OUT / "eval" / "generated.jsonl",
-        audio=directory(OUT / "eval" / "audio"),
-        paired=OUT / "eval" / "paired.jsonl",
-        paired_summary=OUT / "eval" / "paired.json",
+        **rule_outputs("evaluate"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
         code=code_sig("evaluate"),
@@ -68,11 +62,7 @@ rule evaluate_step:
         index=upstream("tokenize", "index"),
         base=upstream("evaluate_base", "generated"),
     output:
-        metrics=OUT / "eval" / "steps" / "{step}" / "metrics.json",
-        generated=OUT / "eval" / "steps" / "{step}" / "generated.jsonl",
-        audio=directory(OUT / "eval" / "steps" / "{step}" / "audio"),
-        paired=OUT / "eval" / "steps" / "{step}" / "paired.jsonl",
-        paired_summary=OUT / "eval" / "steps" / "{step}" / "paired.json",
+        **rule_outputs("evaluate_step"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
         code=code_sig("evaluate"),
@@ -97,7 +87,7 @@ rule select:
         state=upstream("train", "state"),
         steps=step_metrics,
     output:
-        selection=OUT / "eval" / "selection.json",
+        **rule_outputs("select"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=select_config,
         code=code_sig("select"),

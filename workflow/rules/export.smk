@@ -9,7 +9,7 @@ rule export_model:
         steps=upstream("train", "steps"),
         adapter=upstream("train", "adapter"),
     output:
-        merged=directory(OUT / "merged"),
+        **rule_outputs("export_model"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("model"),
         code=code_sig("export"),

@@ -3,10 +3,7 @@ rule manifest:
     input:
         manifest=lambda wc: experiment_config(wc)["data"]["manifest"],
     output:
-        train=OUT / "manifest" / "train.jsonl",
-        val=OUT / "manifest" / "val.jsonl",
-        quarantine=OUT / "manifest" / "quarantine.jsonl",
-        fixes=OUT / "manifest" / "fixes.json",
+        **rule_outputs("manifest"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "cache_dir"),
         code=code_sig("manifest"),

@@ -1,31 +1,11 @@
 rule report:
     """One self-contained HTML report: curves, audit, eval, predictions vs labels, provenance (every
-    input it reads is declared here and named with its sha256 in the report)."""
+    input it reads is declared here and named in the report with the md5 dvc.lock records for it)."""
     input:
         manifest=rules.manifest.input.manifest,
-        train_manifest=upstream("manifest", "train"),
-        val_manifest=upstream("manifest", "val"),
-        fixes=upstream("manifest", "fixes"),
-        quarantine=upstream("manifest", "quarantine"),
-        tokens_index=upstream("tokenize", "index"),
-        audit_summary=upstream("audit", "summary"),
-        audit_samples=upstream("audit", "samples"),
-        metrics=upstream("train", "metrics"),
-        val_metrics=upstream("train", "val_metrics"),
-        predictions=upstream("train", "predictions"),
-        train_state=upstream("train", "state"),
-        adapter=upstream("train", "adapter"),
-        eval_metrics=upstream("evaluate", "metrics"),
-        generated=upstream("evaluate", "generated"),
-        audio=upstream("evaluate", "audio"),
-        paired=upstream("evaluate", "paired"),
-        paired_summary=upstream("evaluate", "paired_summary"),
-        base_eval_metrics=upstream("evaluate_base", "metrics"),
-        base_generated=upstream("evaluate_base", "generated"),
-        base_audio=upstream("evaluate_base", "audio"),
-        selection=upstream("select", "selection"),
+        **report_inputs(),  # every role of higgs_tune.outputs.REPORT_ROLES, from the rule writing it
     output:
-        report(OUT / "report.html", caption="../report/report.rst", category="higgs-tune"),
+        report(output_path("report"), caption="../report/report.rst", category="higgs-tune"),
     params:
         cfg=stage_config(),
         code=code_sig("report"),

@@ -9,8 +9,7 @@ rule tokenize:
         train=upstream("manifest", "train"),
         val=upstream("manifest", "val"),
     output:
-        index=OUT / "tokens" / "index.parquet",
-        stats=OUT / "tokens" / "stats.json",
+        **rule_outputs("tokenize"),  # names and paths: workflow/higgs_tune/outputs.py
     wildcard_constraints:
         experiment=experiments_matching(TOKENIZE_ONE_JOB),
     params:
@@ -38,8 +37,7 @@ rule tokenize_shard:
         train=upstream("manifest", "train"),
         val=upstream("manifest", "val"),
     output:
-        index=OUT / "tokens" / "shards" / "{shard}-of-{nshards}.parquet",
-        stats=OUT / "tokens" / "shards" / "{shard}-of-{nshards}.json",
+        **rule_outputs("tokenize_shard"),  # names and paths: workflow/higgs_tune/outputs.py
     wildcard_constraints:
         experiment=experiments_matching(TOKENIZE_SHARDED),
         shard=r"\d+",
@@ -72,8 +70,7 @@ rule tokenize_gather:
         shard_index=shard_outputs("index"),
         shard_stats=shard_outputs("stats"),
     output:
-        index=OUT / "tokens" / "index.parquet",
-        stats=OUT / "tokens" / "stats.json",
+        **rule_outputs("tokenize_gather"),  # names and paths: workflow/higgs_tune/outputs.py
     wildcard_constraints:
         experiment=experiments_matching(TOKENIZE_SHARDED),
     params:

@@ -9,15 +9,7 @@ rule train:
         index=upstream("tokenize", "index"),
         accelerate="config/accelerate.yaml",
     output:
-        metrics=OUT / "train" / "metrics.jsonl",
-        val_metrics=OUT / "train" / "val_metrics.jsonl",
-        predictions=OUT / "train" / "predictions.jsonl",
-        adapter=directory(OUT / "train" / "adapter"),
-        checkpoint=directory(OUT / "train" / "checkpoint"),
-        state=OUT / "train" / "state.json",
-        tensorboard=directory(OUT / "train" / "tensorboard"),
-        # the adapter of every save step (step-XXXXXXXX/), from the resume folder: eval.checkpoints scores them
-        steps=directory(OUT / "train" / "steps"),
+        **rule_outputs("train"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=train_config,
         monitor=train_monitor_config,

@@ -3,14 +3,13 @@ items, text, language, id), each fix recorded."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import unicodedata
 from typing import Any
 
 import jsonschema
 
+from ..fileio import canonical_json, canonical_sha256  # noqa: F401 - canonical_json: re-exported (manifest, run.py)
 from .rows import AUDIO_KEYS, ROLES, ROW_SCHEMA, ROW_SCHEMA_PATH, Reject
 
 #: checks a normalized row against :data:`higgs_tune.manifest.rows.ROW_SCHEMA`
@@ -211,13 +210,14 @@ def audio_refs(sample: dict) -> list[tuple[str, dict]]:
             refs.append((f"messages[{i}].content", msg["content"]))
     return refs
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+#: hex digits of a derived row id (part of the id: never the display length)
+DERIVED_ID_HEX = 16
 
 
 def derived_id(original: Any) -> str:
-    """Stable id of a row without one: ``row-`` + 16 hex of sha256 of its canonical JSON as read."""
-    return "row-" + hashlib.sha256(canonical_json(original).encode()).hexdigest()[:16]
+    """Stable id of a row without one: ``row-`` + 16 hex of sha256 of its canonical JSON as read
+    (:func:`higgs_tune.fileio.canonical_sha256`)."""
+    return "row-" + canonical_sha256(original, DERIVED_ID_HEX)
 
 
 def resolve_id(sample: dict, original: Any, fixes: list[dict]) -> str:
