@@ -13,8 +13,8 @@ Each positional argument is one experiment: the config files Snakemake gets for 
 Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# generated-with:`` line)
 are reused, else ``config/demo.yaml``.
 
-For every experiment the Snakefile is evaluated with the Snakemake API (the whole DAG, as
-``--forceall`` plans it) and every job becomes one DVC stage ``<rule>-<experiment>`` (a job with
+For every experiment the Snakefile is planned with the Snakemake API's dry run (the whole DAG, as
+``snakemake -n --forceall`` plans it; :func:`snakemake_graph`) and every job becomes one DVC stage ``<rule>-<experiment>`` (a job with
 other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
