@@ -14,8 +14,8 @@ Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# gener
 are reused, else ``config/demo.yaml``.
 
 For every experiment the Snakefile is planned with the Snakemake API's dry run (the whole DAG, as
-``snakemake -n --forceall`` plans it; :func:`snakemake_graph`) and every job becomes one DVC stage ``<rule>-<experiment>`` (a job with
-other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
+``snakemake -n --forceall`` plans it; :func:`snakemake_graph`) and every job becomes one DVC stage
+``<rule>-<experiment>`` (a job with other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
