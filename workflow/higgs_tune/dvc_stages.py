@@ -202,7 +202,8 @@ def _job(event: dict[str, Any], rule, config: dict) -> Job:
 
     Raises:
         GeneratorError: a file is annotated in the event (Snakemake marks pipe/service/storage files
-            ``path (pipe)``...): not a path a DVC stage can track.
+            ``path (pipe)``...): not a path a DVC stage can track; or the rule has ``params.cfg`` but
+            its command passes no ``--config-json`` (its DVC params would be unknown).
     """
     outputs = [str(o) for o in event["output"] or []]
     for p in [*outputs, *map(str, event["input"] or [])]:
@@ -216,6 +217,9 @@ def _job(event: dict[str, Any], rule, config: dict) -> Job:
     words = shlex.split(shell)
     cfg = words[words.index("--config-json") + 1] if "--config-json" in words else None
     params = dict(rule.params.items())
+    if "cfg" in params and cfg is None:
+        raise GeneratorError(f"rule {event['rule_name']!r} has params.cfg but its command passes no --config-json: "
+                             "pass `--config-json {params.cfg:q}` (the DVC params are the sections it passes)")
     return Job(rule=event["rule_name"], rule_file=Path(rule.snakefile),
                inputs={f"_{i}": str(p) for i, p in enumerate(event["input"] or [])},
                outputs={names.get(i, f"_{i}"): p for i, p in enumerate(outputs)},
