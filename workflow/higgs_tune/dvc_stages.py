@@ -13,9 +13,9 @@ Each positional argument is one experiment: the config files Snakemake gets for 
 Without arguments, the ones recorded in the existing ``dvc.yaml`` (its ``# generated-with:`` line)
 are reused, else ``config/demo.yaml``.
 
-For every experiment the Snakefile is evaluated with the Snakemake API (the whole DAG, as
-``--forceall`` plans it) and every job becomes one DVC stage ``<rule>-<experiment>`` (a job with
-other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
+For every experiment the Snakefile is planned with the Snakemake API's dry run (the whole DAG, as
+``snakemake -n --forceall`` plans it; :func:`snakemake_graph`) and every job becomes one DVC stage
+``<rule>-<experiment>`` (a job with other wildcards: their values appended, ``evaluate_step-<experiment>-<step>``):
 
 * ``cmd`` runs that Snakemake rule for that experiment only:
   ``snakemake --profile ${profile} --configfile params/<exp>.yaml --allowed-rules R --forcerun R -- <output>``
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shlex
@@ -126,68 +127,107 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
     """Evaluate ``root/Snakefile`` with ``configfiles`` (Snakemake API, in process) and return the
     experiment's merged config and every job of its full DAG (``--forceall``), upstream first.
 
+    The jobs come from Snakemake's documented interfaces: the API's dry run
+    (``SnakemakeApi().workflow().dag(DAGSettings(forceall=True)).execute_workflow(executor="dryrun")``,
+    i.e. ``snakemake -n --forceall``) logs one ``job_info`` event per planned job, with the fields the
+    logger-plugin interface documents for it (``jobid``, ``rule_name``, ``wildcards``, ``input``,
+    ``output``, ``shellcmd``: the rendered command). A job's config sections are the ``--config-json``
+    its rendered command passes (every rule with ``params.cfg`` passes it so). No public call gives
+    the merged config nor a rule's static declaration (its ``.smk`` file, docstring, output names,
+    ``params.code``: what ``--list-rules`` and ``--print-compilation`` print as text): those are read
+    from the workflow object the API loaded (``WorkflowApi._workflow``: ``.config``, ``.rules``),
+    not from Snakemake's DAG internals.
+
     Raises:
         GeneratorError: the Snakefile or config does not evaluate (Snakemake's message included).
     """
     from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness,
-                                          ResourceSettings)
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings, OutputSettings,
+                                          Quietness, ResourceSettings)
 
     cwd = os.getcwd()
     files = [Path(os.path.abspath(f)) for f in configfiles]
     for f in files:
         if not f.is_file():
             raise GeneratorError(f"config file {f} does not exist (experiment {'+'.join(configfiles)})")
+    events = _JobEvents()
+    sm_logger = logging.getLogger("snakemake")
+    sm_logger.addHandler(events)
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             wapi = api.workflow(resource_settings=ResourceSettings(cores=1),
                                 config_settings=ConfigSettings(configfiles=files),
                                 snakefile=root / "Snakefile", workdir=root)
-            wapi.dag(DAGSettings(forceall=True))
-            # Snakemake has no public call returning the planned jobs; this is what --summary and
-            # --dag do before printing (snakemake 9: Workflow._prepare_dag/_build_dag, Workflow.dag.jobs)
+            # a dry run takes no lock and plans over incomplete outputs (a killed job's) like --forceall
+            wapi.dag(DAGSettings(forceall=True)).execute_workflow(
+                executor="dryrun", execution_settings=ExecutionSettings(lock=False, ignore_incomplete=True))
+            # the merged config and the declared rules (no public getter: what --print-compilation shows)
             wf = wapi._workflow
-            wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
-            wf._build_dag()
             config = json.loads(json.dumps(dict(wf.config)))
-            jobs = []
-            for job in wf.dag.toposorted():
-                for j in job:
-                    if not j.output:
-                        continue  # `all`: a target rule, nothing to run
-                    params = dict(j.params.items())
-                    names = {str(v): k for k, v in j.output.items()}
-                    jobs.append(Job(
-                        rule=j.rule.name, rule_file=Path(j.rule.snakefile),
-                        inputs=_named_files(j.input),
-                        outputs={names.get(str(v), f"_{i}"): str(v) for i, v in enumerate(j.output)},
-                        cfg_keys=param_keys(json.loads(params["cfg"]), config) if "cfg" in params else [],
-                        code=params.get("code"), doc=(j.rule.docstring or "").strip(),
-                        shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", j.rule.shellcmd or "")))),
-                        wildcards={k: str(v) for k, v in j.wildcards.items() if k not in ("experiment", "nshards")}))
+            rules = {r.name: r for r in wf.rules}
+        # in job id order (Snakemake numbers the jobs as it builds the DAG): the tie order below
+        jobs = [_job(ev, rules[ev["rule_name"]], config) for ev in sorted(events.jobs, key=lambda e: e["jobid"])
+                if ev["output"]]
     except GeneratorError:
         raise
     except Exception as exc:  # WorkflowError, validation errors, ...
         raise GeneratorError(f"Snakemake could not evaluate {root / 'Snakefile'} with {' '.join(configfiles)}: "
                              f"{exc}") from exc
     finally:
+        sm_logger.removeHandler(events)
         os.chdir(cwd)
-    # depth first, then shard (list.sort empties the list while it sorts: the depths are computed before)
+    # depth first, then shard, then job id (list.sort empties the list while it sorts: the depths are computed before)
     depth = {id(j): _order(j, jobs) for j in jobs}
     jobs.sort(key=lambda j: (depth[id(j)], int(j.wildcards.get("shard", -1))))
     return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
 
 
-def _named_files(files) -> dict[str, str]:
-    """A job's named inputs as ``name -> path``; a named list of files (the select rule's ``steps``)
-    as ``name_0``, ``name_1``, ... (one DVC dep each)."""
-    out = {}
-    for k, v in files.items():
-        if isinstance(v, (list, tuple)):
-            out.update({f"{k}_{i}": str(x) for i, x in enumerate(v)})
-        else:
-            out[k] = str(v)
-    return out
+class _JobEvents(logging.Handler):
+    """Collects the ``job_info`` events of a dry run (one per planned job): the fields Snakemake's
+    logger-plugin interface documents for that event, as plain values."""
+
+    FIELDS = ("jobid", "rule_name", "input", "output", "wildcards", "shellcmd")
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.jobs: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(getattr(record, "event", "")) == "job_info":
+            self.jobs.append({k: getattr(record, k, None) for k in self.FIELDS})
+
+
+def _job(event: dict[str, Any], rule, config: dict) -> Job:
+    """A :class:`Job` from a dry run's ``job_info`` event and its declared ``rule``.
+
+    Raises:
+        GeneratorError: a file is annotated in the event (Snakemake marks pipe/service/storage files
+            ``path (pipe)``...): not a path a DVC stage can track; or the rule has ``params.cfg`` but
+            its command passes no ``--config-json`` (its DVC params would be unknown).
+    """
+    outputs = [str(o) for o in event["output"] or []]
+    for p in [*outputs, *map(str, event["input"] or [])]:
+        if p.endswith(")") and " (" in p:
+            raise GeneratorError(f"rule {event['rule_name']!r}: file {p!r} is annotated by Snakemake (pipe, service, "
+                                 "storage, ...): a DVC stage tracks plain paths; declare it as a plain file")
+    # the declared output names by position (the job's outputs are the rule's, in order)
+    declared = list(rule.output)
+    names = {i: name for name, v in rule.output.items() for i, d in enumerate(declared) if d is v}
+    shell = event["shellcmd"] or ""
+    words = shlex.split(shell)
+    cfg = words[words.index("--config-json") + 1] if "--config-json" in words else None
+    params = dict(rule.params.items())
+    if "cfg" in params and cfg is None:
+        raise GeneratorError(f"rule {event['rule_name']!r} has params.cfg but its command passes no --config-json: "
+                             "pass `--config-json {params.cfg:q}` (the DVC params are the sections it passes)")
+    return Job(rule=event["rule_name"], rule_file=Path(rule.snakefile),
+               inputs={f"_{i}": str(p) for i, p in enumerate(event["input"] or [])},
+               outputs={names.get(i, f"_{i}"): p for i, p in enumerate(outputs)},
+               cfg_keys=param_keys(json.loads(cfg), config) if cfg is not None else [],
+               code=params.get("code"), doc=(rule.docstring or "").strip(),
+               shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", shell)))),
+               wildcards={k: str(v) for k, v in (event["wildcards"] or {}).items()
+                          if k not in ("experiment", "nshards")})
 
 
 def _order(job: Job, jobs: list[Job]) -> int:
