@@ -308,7 +308,7 @@ def test_padding_efficiency_on_the_demo_data(demo_config, demo_train):
 
 
 # ------------------------------------------------------------------------------------ the report
-def test_report_shows_padding_efficiency(tmp_path):
+def test_report_shows_padding_efficiency(tmp_path, demo_config):
     import pandas as pd
 
     from higgs_tune.report import Inputs, overall_padding_efficiency, padding_figure
@@ -317,7 +317,7 @@ def test_report_shows_padding_efficiency(tmp_path):
             for s, (p, q) in enumerate([(900, 1000), (500, 1000), (1800, 2000)], 1)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    inputs = Inputs({"experiment": "x"})
+    inputs = Inputs(demo_config)
     inputs.add("metrics", path)
     df = pd.DataFrame(rows)
     assert overall_padding_efficiency(df) == pytest.approx(3200 / 4000)

@@ -108,7 +108,8 @@ def sharded_export(tmp_path_factory, demo_config):
     root = tmp_path_factory.mktemp("sharded")
     base = build_model(root / "base")
     cfg = {"model": {"source": "pretrained", "path": str(base), "text_tokenizer": str(base), "device": "cpu",
-                     "dtype": "bfloat16", "seed": 0}}
+                     "dtype": "bfloat16", "seed": 0,
+                     "attn_implementation": None}}
     from higgs_tune.model import build_model as build_base
 
     lora = {**demo_config["lora"], "modules_to_save": ["audio_lm_head"]}

@@ -82,7 +82,7 @@ def test_same_model_on_both_sides_has_an_interval_covering_zero(tmp_path, tiny_m
     rows = [tts_row(c, _text(transcripts, c), short_codes[c][0], lj_dir) for c in SHORT[:2]]
     by_sha = {sha: codes for sha, codes in short_codes.values()}
     codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)
-    gen = {"max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+    gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     scorers = {"transcriber": S.Transcriber(), "speaker": S.SpeakerEncoder(), "quality": S.DNSMOS()}
     base, _ = evaluate_generation(tiny_model.eval(), text_tokenizer, rows, by_sha.__getitem__, codec,
                                   tmp_path / "base", gen, calibrate=False, **scorers)
@@ -185,7 +185,7 @@ def test_rows_carry_language_and_their_metric(tmp_path, tiny_model, text_tokeniz
     assert row_language(en, "en") == "en"
     by_sha = {s: c for s, c in short_codes.values()}
     codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)
-    gen = {"max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+    gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     rows, summary = evaluate_generation(tiny_model.eval(), text_tokenizer, [en, zh], by_sha.__getitem__, codec,
                                         tmp_path, gen, transcriber=Asr(), speaker=Speaker(), quality=quality,
                                         language="en", calibrate=False)

@@ -122,7 +122,8 @@ def test_pretrained_loaders_read_the_hub_layouts(layout, demo_config, lj_dir):
     from higgs_tune.labels import HIGGS_SPECIAL_TOKENS
     from higgs_tune.model import build_model, load_text_tokenizer
 
-    cfg = {"source": "pretrained", "path": str(layout.model)}
+    # the demo's validated sections (defaults filled), switched to the hub layouts
+    cfg = {**demo_config["model"], "source": "pretrained", "path": str(layout.model)}
     model = build_model(cfg, torch.bfloat16, "cpu")
     saved = {}
     for shard in layout.model.glob("model-*.safetensors"):
@@ -133,8 +134,8 @@ def test_pretrained_loaders_read_the_hub_layouts(layout, demo_config, lj_dir):
     tok = load_text_tokenizer(str(layout.model))
     assert all(tok.convert_tokens_to_ids(t) == i for i, t in HIGGS_SPECIAL_TOKENS.items())
 
-    at = {"source": "pretrained", "path": str(layout.audio_tokenizer), "semantic_model": str(layout.hubert),
-          "device": "cpu"}
+    at = {**{k: v for k, v in demo_config["audio_tokenizer"].items() if k != "arch"}, "source": "pretrained",
+          "path": str(layout.audio_tokenizer), "semantic_model": str(layout.hubert), "device": "cpu"}
     # an `arch` merged in from config/demo.yaml (the Snakefile's configfile) does not override config.json
     assert tokenizer_geometry({**at, "arch": {"ratios": [8, 5, 4, 2], "n_q": 4}}) == tokenizer_geometry(at)
     assert tokenizer_geometry(at)["hop_length"] == 960

@@ -143,7 +143,7 @@ def test_evaluate_generation_scores_dnsmos_with_calibration(tmp_path, dnsmos, ti
         "start_index": 4, "misc": {"id": "clone-t", "audio_sha256": {url[c]: short_codes[c][0] for c in url}}}
     by_sha = {sha: codes for sha, codes in short_codes.values()}
     codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)  # decodes only
-    gen = {"max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+    gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     rows, summary = evaluate_generation(tiny_model.eval(), text_tokenizer, [row], by_sha.__getitem__, codec,
                                         tmp_path, gen, transcriber=Asr(), speaker=Speaker(), quality=dnsmos)
     (r,) = rows

@@ -13,7 +13,7 @@ from higgs_tune import data as D
 from higgs_tune.loss import count_targets, forward_loss, higgs_loss, shifted_audio_targets
 from higgs_tune.model import apply_lora
 
-from conftest import SHORT, stage_train_inputs, tts_row
+from conftest import ROOT, SHORT, stage_train_inputs, tts_row
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def test_alarm_non_finite_loss():
 
 
 def test_alarm_loss_rebuilt_from_item(real_batch, tiny_model):
-    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"],
+                                    "modules_to_save": []})
     _, loss = forward_loss(model, real_batch, "cpu")
     health.check_loss(loss.loss)  # the real loss is fine
     with pytest.raises(health.LossWithoutGrad, match=r"\.item\(\)"):
@@ -82,7 +83,8 @@ def test_alarm_audio_loss_floor():
 
 
 def test_alarm_zero_lora_gradient(real_batch, tiny_model):
-    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]})
+    model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"],
+                                    "modules_to_save": []})
     out, loss = forward_loss(model, real_batch, "cpu")
     (out.logits.sum() * 0.0).backward()  # a loss that does not depend on the adapters
     with pytest.raises(health.ZeroLoraGradient, match="target_modules"):
@@ -268,6 +270,30 @@ def test_raising_max_steps_continues_from_the_checkpoint(staged, caplog):
     cfg["train"]["max_steps"] = 3
     with pytest.raises(ScheduleError, match="run is now 3 optimizer steps.*checkpoint is at step 4"):
         train(cfg, io)
+
+
+def test_resume_fingerprint_hashes_the_train_rules_code_signature(tmp_config, tmp_path, monkeypatch):
+    """The resume fingerprint's code is the train rule's code signature (codesig.code_sig of the train
+    package's import closure; the rule adds only launch.py, which starts the processes and is not in the
+    closure): a code edit that reruns the rule also starts training from step 0."""
+    import re
+    import types
+
+    from higgs_tune import codesig
+    from higgs_tune.train import run_fingerprint
+
+    io = types.SimpleNamespace(**{k: tmp_path / k for k in ("train", "val", "index")})
+    for p in vars(io).values():
+        p.write_text(p.name)
+    calls, real = [], codesig.code_sig
+    monkeypatch.setattr(codesig, "code_sig", lambda *m, **kw: calls.append(m) or real(*m, **kw))
+    fp = run_fingerprint(tmp_config, io, 1)
+    assert calls == [("train",)]
+    monkeypatch.setattr(codesig, "code_sig", lambda *m, **kw: real(*m, **kw)[::-1])
+    assert run_fingerprint(tmp_config, io, 1) != fp
+    rule = re.search(r"code=code_sig\(([^)]*)\)", (ROOT / "workflow" / "rules" / "train.smk").read_text())[1]
+    assert [m.strip(' "') for m in rule.split(",")] == ["train", "launch"]
+    assert "launch" not in codesig.modules("train")
 
 
 def test_torn_newest_checkpoint_falls_back_to_the_previous(staged, caplog):

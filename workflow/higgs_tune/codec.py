@@ -167,7 +167,7 @@ def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
         return model.to(device).eval()
     folder = pretrained_folder(cfg["path"])
     arch = json.loads((folder / "config.json").read_text())
-    semantic = load_semantic_model(cfg.get("semantic_model") or "bosonai/hubert_base")
+    semantic = load_semantic_model(cfg["semantic_model"])
     with inject_semantic_model(semantic):
         model = HiggsAudioTokenizer(**arch, device=device)
     load_tokenizer_weights(model, folder / "model.pth")
@@ -289,7 +289,7 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
             if not f.is_file():
                 raise FileNotFoundError(f"audio tokenizer {folder}: no {f.name} (expected config.json + model.pth)")
             _hash_file(h, f)
-        semantic = cfg.get("semantic_model") or "bosonai/hubert_base"
+        semantic = cfg["semantic_model"]
         if os.path.isdir(semantic):
             for f in sorted(Path(semantic).iterdir()):
                 if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
@@ -300,7 +300,7 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
         blob = h.hexdigest()
     else:
         blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision"),
-                           "semantic_model": cfg.get("semantic_model") or "bosonai/hubert_base"}, sort_keys=True)
+                           "semantic_model": cfg["semantic_model"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -453,9 +453,9 @@ def build_codec(at_cfg: dict[str, Any]) -> HiggsCodec:
     call on CPU (a batch of four 4 s clips took 1.3x the time of four single calls there: the
     activations fall out of cache).
     """
-    device = at_cfg.get("device", "cpu")
+    device = at_cfg["device"]
     tok = build_audio_tokenizer(at_cfg, device=device)
-    seed = at_cfg.get("seed", 0) if at_cfg["source"] == "random_init" else None
+    seed = at_cfg["seed"] if at_cfg["source"] == "random_init" else None
     on_cuda = str(device).startswith("cuda")
-    return HiggsCodec(tok, init_seed=seed, fast=bool(at_cfg.get("fast_encode", True)),
-                      max_batch_seconds=at_cfg.get("batch_seconds", 60.0), max_batch_size=64 if on_cuda else 1)
+    return HiggsCodec(tok, init_seed=seed, fast=bool(at_cfg["fast_encode"]),
+                      max_batch_seconds=at_cfg["batch_seconds"], max_batch_size=64 if on_cuda else 1)

@@ -102,7 +102,7 @@ def train_job_config(cfg: dict) -> tuple[dict, dict]:
     tracked = {k: copy.deepcopy(cfg.get(k)) for k in ("model", "lora", "train")}
     train = tracked["train"] or {}
     monitor = {"train": {k: train.pop(k) for k in TRAIN_MONITOR_KEYS if k in train},
-               "eval": {k: (cfg.get("eval") or {}).get(k) for k in EVAL_KEYS_IN_TRAINING}}
+               "eval": {k: cfg["eval"][k] for k in EVAL_KEYS_IN_TRAINING}}
     return tracked, monitor
 
 

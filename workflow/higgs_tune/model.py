@@ -144,7 +144,7 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
         config = tiny_higgs_config(cfg["arch"])
         # set before construction: the decoder layers pick their attention class in __init__
         config._attn_implementation = config.text_config._attn_implementation = (
-            cfg.get("attn_implementation") or "eager")
+            cfg["attn_implementation"] or "eager")
         with device:
             model = HiggsAudioModel(config)
         return model.to(dtype).eval()
@@ -152,7 +152,7 @@ def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device:
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path}: no config.json; model.path must be a HiggsAudioModel "
                                 f"checkpoint folder (config.json + *.safetensors) or hub id")
-    extra = {"attn_implementation": cfg["attn_implementation"]} if cfg.get("attn_implementation") else {}
+    extra = {"attn_implementation": cfg["attn_implementation"]} if cfg["attn_implementation"] else {}
     return HiggsAudioModel.from_pretrained(path, torch_dtype=dtype, device_map={"": device},
                                            low_cpu_mem_usage=True, **extra).eval()
 
@@ -172,7 +172,7 @@ def apply_lora(model, lora: dict[str, Any]):
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"],
-        modules_to_save=lora.get("modules_to_save") or None,
+        modules_to_save=lora["modules_to_save"] or None,
         bias="none",
     )
     return get_peft_model(model, config)

@@ -125,12 +125,12 @@ PADDING_NOTE = ("Padding efficiency = the samples' positions / all positions of 
 
 def batching(train_cfg: dict) -> str:
     """How the run built its micro-batches, in words (``train.packing``, ``train.length_bucketing``)."""
-    per = f"{train_cfg.get('batch_size', '?')} samples per process and micro-step"
-    if train_cfg.get("packing"):
-        cap = train_cfg.get("pack_positions")
+    per = f"{train_cfg['batch_size']} samples per process and micro-step"
+    if train_cfg["packing"]:
+        cap = train_cfg["pack_positions"]
         rows = f"rows of at most {cap} positions" if cap else "one row"
         return f"packed ({per} in {rows}, block-diagonal attention)"
-    if train_cfg.get("length_bucketing", True):
+    if train_cfg["length_bucketing"]:
         return f"length-bucketed ({per}, padded rows)"
     return f"random order ({per}, padded rows)"
 
@@ -160,7 +160,7 @@ def padding_figure(metrics: pd.DataFrame, inputs: Inputs) -> dict | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", frameon=False)
     return {"title": "Padding efficiency", "uri": png_uri(fig),
-            "caption": f"{PADDING_NOTE} Batching: {batching(inputs.cfg.get('train', {}))}. Whole run: "
+            "caption": f"{PADDING_NOTE} Batching: {batching(inputs.cfg['train'])}. Whole run: "
                        f"{overall:.3f}. {inputs.caption('metrics')}"}
 
 
@@ -508,7 +508,7 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
 
     last = metrics.iloc[-1]
     context = {
-        "title": cfg.get("report", {}).get("title", "higgs-tune report"),
+        "title": cfg["report"]["title"],
         "experiment": cfg["experiment"], "config_hash": inputs.cfg_hash,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "random_init": random_init, "sources": sources,
@@ -517,7 +517,7 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
                      if k in metrics] + [("eval " + k, fmt(eval_metrics.get(k)))
                                          for k in ("loss", "text_acc") if k in eval_metrics]
                     + ([("padding efficiency (whole run)", fmt(overall_padding_efficiency(metrics))),
-                        ("batching", batching(cfg.get("train", {})))]
+                        ("batching", batching(cfg["train"]))]
                        if overall_padding_efficiency(metrics) is not None else []),
         "train_figures": training_figures(metrics, val, inputs),
         "val_missing": val.empty,

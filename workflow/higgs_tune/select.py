@@ -56,9 +56,9 @@ def checkpoint_steps(cfg: dict) -> list[int]:
             its number of steps only once training starts); a listed step that is not a save step,
             or past ``train.max_steps``.
     """
-    want = (cfg.get("eval") or {}).get("checkpoints")
+    want = cfg["eval"]["checkpoints"]
     tc = cfg["train"]
-    every, max_steps = int(tc["save_interval"]), tc.get("max_steps")
+    every, max_steps = int(tc["save_interval"]), tc["max_steps"]
     if want is None:
         return []
     if want == "every":

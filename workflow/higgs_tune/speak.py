@@ -113,8 +113,8 @@ def speak(cfg: dict[str, Any], text: str, out: str | Path, *, adapter: str | Pat
 
     if reference is not None and not reference_text:
         raise ValueError("--reference needs --reference-text: the transcript of the reference clip")
-    gen = (cfg.get("eval") or {}).get("generate") or {}
-    dev, dtype = device_and_dtype(device or cfg["model"].get("device"), cfg["model"].get("dtype", "float32"))
+    gen = cfg["eval"]["generate"]
+    dev, dtype = device_and_dtype(device or cfg["model"]["device"], cfg["model"]["dtype"])
     model, tok = load_model(cfg, adapter=adapter, merged=merged, device=dev, dtype=dtype)
     codec = build_codec({**cfg["audio_tokenizer"], "device": str(dev)})
     ref_codes, ref_sha = None, None
@@ -128,11 +128,11 @@ def speak(cfg: dict[str, Any], text: str, out: str | Path, *, adapter: str | Pat
     def codes_of(sha: str) -> torch.Tensor:
         return ref_codes
 
-    seconds = float(max_seconds if max_seconds is not None else gen.get("max_seconds", 15.0))
+    seconds = float(max_seconds if max_seconds is not None else gen["max_seconds"])
     g = generate_codes(model, tok, row, codes_of, max_frames=int(seconds * codec.frame_rate),
-                       temperature=float(temperature if temperature is not None else gen.get("temperature", 0.7)),
-                       top_p=float(top_p if top_p is not None else gen.get("top_p", 0.95)),
-                       seed=int(seed if seed is not None else gen.get("seed", 0)), device=dev)
+                       temperature=float(temperature if temperature is not None else gen["temperature"]),
+                       top_p=float(top_p if top_p is not None else gen["top_p"]),
+                       seed=int(seed if seed is not None else gen["seed"]), device=dev)
     wave = codec.decode(g.codes) if g.codes.shape[1] else np.zeros(0, np.float32)
     if not g.codes.shape[1]:
         log.warning("the model produced no audio frames: %s is empty", out)

@@ -238,7 +238,7 @@ def _source_duration(path: str, fallback: float) -> float:
 
 def _fast(at_cfg: dict[str, Any]) -> bool:
     """The ``audio_tokenizer.fast_encode`` switch (default true; see :mod:`higgs_tune.codec_fast`)."""
-    return bool(at_cfg.get("fast_encode", True))
+    return bool(at_cfg["fast_encode"])
 
 
 def _tune_process(at_cfg: dict[str, Any]) -> None:
@@ -444,8 +444,8 @@ def _encode_missing(todo: list[Clip], at_cfg: dict[str, Any], codec: Codec | Non
 
     for folder in {c.entry.parent for c in todo}:
         clean_stale_temps(folder)
-    num_workers = int(at_cfg.get("num_workers", 0))
-    device = str(getattr(codec, "device", at_cfg.get("device", "cpu")))
+    num_workers = int(at_cfg["num_workers"])
+    device = str(getattr(codec, "device", at_cfg["device"]))
     on_cuda = device.startswith("cuda")
     mode = "workers" if (codec is None and num_workers > 0 and not on_cuda) else "main"
     # longest first: better load balance at the end; equal source lengths end up adjacent (batching)
@@ -485,7 +485,7 @@ def _encode_missing(todo: list[Clip], at_cfg: dict[str, Any], codec: Codec | Non
                 torch.set_num_threads(int(threads))
             if codec is None:
                 codec = build_codec(at_cfg)
-            batch_s = float(at_cfg.get("batch_seconds", 60.0)) if on_cuda else 0.0  # CPU: one clip per call
+            batch_s = float(at_cfg["batch_seconds"]) if on_cuda else 0.0  # CPU: one clip per call
             log.info("encoding %d clips in this process (%s), %s", len(order), device,
                      f"equal-length batches <= {batch_s:g} s" if batch_s else "clip by clip")
             _run_main(pool, order, codec, rate, batch_s, num_workers, finished)

@@ -490,7 +490,7 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
         ``{"checks": [...], "failures": [Failure...], "evaluated": [rule...], "note"?}``. Errors of the
         model are recorded as failures, not raised.
     """
-    from .. import packing as PK
+    from .. import packing
     from ..data import sample_length
 
     P = _Probe()
@@ -501,8 +501,8 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
     if len(samples) < 2:
         return skipped("fewer than 2 probe samples")
     try:
-        reason = PK.unsupported(model)
-        model_config = PK._higgs_model(model).config
+        reason = packing.unsupported(model)
+        model_config = packing._higgs_model(model).config
         lengths = [sample_length(s, model_config) for s in samples]
     except (TypeError, ValueError) as exc:
         return skipped(str(exc))
@@ -511,7 +511,7 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
     sid = ",".join(sample_ids)
     # the sample whose codes change: the first in the row with audio-out segments; its audio_logits
     # rows lie between its first segment's start and the next sample's first segment
-    packed = PK.packed_collate(samples, lengths, collator)
+    packed = packing.packed_collate(samples, lengths, collator)
     row = packed.rows[0]
     n_out = [int((samples[i].input_ids == model_config.audio_out_token_idx).sum()) for i in row]
     k = next((j for j, n in enumerate(n_out) if n), None)
@@ -520,15 +520,15 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
     try:
         with torch.no_grad():
             _, ref = forward_loss(model, collator(samples), device)
-            with PK.packed_attention(model, packed):
+            with packing.packed_attention(model, packed):
                 out_p, got = forward_loss(model, packed.batch, device)
             out_q = None
             if k is not None:
                 first = samples[row[k]]
                 altered = list(samples)
                 altered[row[k]] = dataclasses.replace(first, audio_ids_concat=(first.audio_ids_concat + 7) % 1024)
-                packed2 = PK.packed_collate(altered, lengths, collator)
-                with PK.packed_attention(model, packed2):
+                packed2 = packing.packed_collate(altered, lengths, collator)
+                with packing.packed_attention(model, packed2):
                     out_q = model(**batch_to_model_kwargs(packed2.batch, device))
     except Exception as exc:  # noqa: BLE001 - the gate reports, never crashes
         P.record("probe_packed_equivalence", False, sid, f"packed forward raised {type(exc).__name__}: {exc}")

@@ -149,7 +149,7 @@ def _model_under_audit(cfg: dict[str, Any], acfg: dict[str, Any], model) -> tupl
         return None, "cpu"
     from ..model import apply_lora, build_model, device_and_dtype
 
-    dev, _ = device_and_dtype(cfg["model"].get("device"), "float32")
+    dev, _ = device_and_dtype(cfg["model"]["device"], "float32")
     model = build_model(cfg["model"], dtype=torch.float32, device=dev)
     if acfg["probe_with_lora"] and cfg.get("lora"):
         model = apply_lora(model, cfg["lora"])
@@ -269,7 +269,7 @@ def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: 
     index = CodesIndex(tokens_index)
     model, device = _model_under_audit(cfg, acfg, model)
     model_config = model_config_of(model) if model is not None else config_only(cfg["model"])
-    tok = text_tokenizer or load_text_tokenizer(cfg["model"].get("text_tokenizer"))
+    tok = text_tokenizer or load_text_tokenizer(cfg["model"]["text_tokenizer"])
     expect = Expect.from_model(model_config, tok)
     collator = collator if collator is not None else make_collator(model_config)
     collator_info, f_coll = check_collator(collator, model_config)

@@ -88,7 +88,7 @@ def resolve_audio_path(url: str, manifest_dir: Path, root: Path | None, fixes: l
 
 def data_root(data: dict[str, Any]) -> Path | None:
     """``data.data_root`` as an absolute path, or ``None`` (the default: audio paths are not confined)."""
-    root = data.get("data_root")
+    root = data["data_root"]
     return Path(os.path.abspath(root)) if root else None
 
 
@@ -116,7 +116,7 @@ def referenced_audio(manifest: str | Path, data: dict[str, Any]) -> list[Path]:
     manifest_dir = manifest_folder(manifest)
     root = data_root(data)
     found: set[str] = set()
-    for src in read_rows(manifest, detect_format(manifest, data.get("format", "auto"))):
+    for src in read_rows(manifest, detect_format(manifest, data["format"])):
         if src.error:
             continue
         try:

@@ -56,15 +56,15 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
         RuntimeError: rows_in != kept + quarantined (a bug; never expected).
     """
     data = cfg["data"]
-    cache = Path(cfg.get("cache_dir") or ".cache/higgs-tune")
+    cache = Path(cfg["cache_dir"])
     quarantine_out = Path(quarantine_out)
     manifest = Path(manifest or data["manifest"])
     if not manifest.exists():
         raise FileNotFoundError(f"data.manifest {manifest} does not exist")
     manifest_dir = manifest_folder(manifest)
     root = data_root(data)
-    fmt = detect_format(manifest, data.get("format", "auto"))
-    min_s, max_s = float(data.get("min_duration_s", 0.3)), float(data.get("max_duration_s", 30.0))
+    fmt = detect_format(manifest, data["format"])
+    min_s, max_s = float(data["min_duration_s"]), float(data["max_duration_s"])
     log.info("reading %s as %s (data_root %s)", manifest, fmt, root or "not set: paths not confined")
     rows = read_rows(manifest, fmt)
 
@@ -166,9 +166,9 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
         kept.append(sample)
 
     # 5. split by connected clips (or speakers), write, check
-    val_fraction = float(data.get("val_fraction", 0.1))
-    split_by, groups, split_reason = split_groups(kept, str(data.get("split_by", "auto")))
-    split = assign_splits({k: len(v) for k, v in groups.items()}, val_fraction, int(data.get("split_seed", 0)))
+    val_fraction = float(data["val_fraction"])
+    split_by, groups, split_reason = split_groups(kept, str(data["split_by"]))
+    split = assign_splits({k: len(v) for k, v in groups.items()}, val_fraction, int(data["split_seed"]))
     for key, idx in groups.items():
         for i in idx:
             kept[i]["misc"]["split"] = split[key]
@@ -222,7 +222,7 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
     if not rows:
         raise ManifestError(f"{manifest} has no rows")
     fraction = len(quarantine) / len(rows)
-    limit = float(data.get("max_quarantine_fraction", 0.05))
+    limit = float(data["max_quarantine_fraction"])
     if fraction > limit:
         raise QuarantineTooLarge(
             f"{len(quarantine)} of {len(rows)} rows ({fraction:.1%}) quarantined, above data.max_quarantine_fraction="

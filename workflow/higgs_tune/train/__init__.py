@@ -60,10 +60,10 @@ from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointin
 from .monitor import predictions_record, val_metrics
 from .preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from .schedule import Schedule, ScheduleError
-from .sampler import (BUCKET_POOL, Position, bucketed_micro_steps, epoch_order, micro_steps, next_window, rank_slice,
+from .sampler import (Position, bucketed_micro_steps, epoch_order, micro_steps, next_window, rank_slice,
                       serpentine)
 
-__all__ = ["AuditNotPassed", "BUCKET_POOL", "Checkpoints", "EXIT_PREEMPTED", "EXIT_REFUSED", "Position", "Preempted",
+__all__ = ["AuditNotPassed", "Checkpoints", "EXIT_PREEMPTED", "EXIT_REFUSED", "Position", "Preempted",
            "PreemptionFlag", "TrainIO", "autocast", "bucketed_micro_steps", "enable_gradient_checkpointing",
            "epoch_order", "main", "micro_steps", "next_window", "predictions_record", "rank_slice",
            "require_passed_audit", "run_fingerprint", "serpentine", "train", "trainable_to_fp32", "val_metrics",

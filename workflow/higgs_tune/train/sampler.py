@@ -15,11 +15,7 @@ import random
 from dataclasses import dataclass
 
 from .. import data as D
-from .. import packing as P
-
-#: Default ``train.bucket_pool``: micro-steps per length-sorting pool.
-BUCKET_POOL = 64
-
+from ..packing import pack_rows
 
 def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch: a permutation of ``range(n_samples)`` from ``(seed, epoch)`` only."""
@@ -49,8 +45,7 @@ def serpentine(step: list[int], world: int) -> list[int]:
     return [i for share in shares for i in share]
 
 
-def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch: int, pool: int = BUCKET_POOL
-                         ) -> list[list[int]]:
+def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch: int, pool: int) -> list[list[int]]:
     """Length-bucketed micro-steps of one epoch: every sample exactly once, from ``(seed, epoch)`` only.
 
     With ``size = batch_size x world`` samples per micro-step:
@@ -76,8 +71,8 @@ def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch:
         lengths: one :class:`higgs_tune.data.SampleLength` per training sample (index = sample).
         batch_size: samples per process and micro-step, >= 1.
         world: number of processes, >= 1.
-        pool: micro-steps per sorting pool, >= 1 (larger: less padding, less varied batches; a pool
-            of a whole epoch repeats the same micro-batches every epoch, in a new order).
+        pool: micro-steps per sorting pool (``train.bucket_pool``), >= 1 (larger: less padding, less
+            varied batches; a pool of a whole epoch repeats the same micro-batches every epoch, in a new order).
 
     Returns:
         Lists of sample indices, one per micro-step.
@@ -115,20 +110,23 @@ def bucketed_micro_steps(lengths, batch_size: int, world: int, seed: int, epoch:
 
 @functools.lru_cache(maxsize=4)
 def micro_steps(n_samples: int, batch_size: int, world: int, seed: int, epoch: int, lengths: tuple | None = None,
-                pool: int = BUCKET_POOL) -> list[list[int]]:
+                pool: int | None = None) -> list[list[int]]:
     """One epoch cut into micro-steps of ``batch_size x world`` sample indices (the last may be short).
 
     ``lengths`` (a tuple of :class:`higgs_tune.data.SampleLength`, one per sample) turns on length
-    bucketing (:func:`bucketed_micro_steps`, pools of ``pool`` micro-steps); ``None`` keeps the
-    random order: :func:`epoch_order` cut in order. Cached (the result must not be modified).
+    bucketing (:func:`bucketed_micro_steps`, pools of ``pool`` micro-steps, ``train.bucket_pool``: required
+    then); ``None`` keeps the random order: :func:`epoch_order` cut in order. Cached (the result must not be
+    modified).
 
     Raises:
-        ValueError: when ``lengths`` does not hold ``n_samples`` entries.
+        ValueError: when ``lengths`` does not hold ``n_samples`` entries, or is given without ``pool``.
     """
     size = batch_size * world
     if lengths is not None:
         if len(lengths) != n_samples:
             raise ValueError(f"{len(lengths)} lengths for {n_samples} samples")
+        if pool is None:
+            raise ValueError("length bucketing needs pool (train.bucket_pool)")
         return bucketed_micro_steps(lengths, batch_size, world, seed, epoch, pool)
     order = epoch_order(n_samples, seed, epoch)
     return [order[i:i + size] for i in range(0, n_samples, size)]
@@ -149,7 +147,7 @@ class Position:
 
 
 def next_window(pos: Position, n_samples: int, batch_size: int, world: int, seed: int, accum: int,
-                lengths: tuple | None = None, pool: int = BUCKET_POOL) -> tuple[list[list[int]], Position]:
+                lengths: tuple | None = None, pool: int | None = None) -> tuple[list[list[int]], Position]:
     """The ``accum`` micro-steps of the next optimizer step (a window may span an epoch boundary)
     and the position after it; ``lengths`` and ``pool`` as in :func:`micro_steps`."""
     window, epoch, index = [], pos.epoch, pos.index
@@ -172,13 +170,13 @@ def micro_batch_positions(lengths, packing: bool = False, pack_positions: int | 
     ``None``: one row) times the longest row rounded up to 8. What ``n_padded_positions`` counts."""
     if not packing:
         return D.batch_positions(list(lengths))[1]
-    rows = P.pack_rows([x.positions for x in lengths], pack_positions)
+    rows = pack_rows([x.positions for x in lengths], pack_positions)
     loads = [sum(lengths[i].positions for i in r) for r in rows]
     return D.batch_positions([D.SampleLength(n, n) for n in loads])[1]
 
 
-def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, bucketing: bool = True,
-                   pool: int = BUCKET_POOL, packing: bool = False, pack_positions: int | None = None
+def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, pool: int, bucketing: bool = True,
+                   packing: bool = False, pack_positions: int | None = None
                    ) -> list[list[int]]:
     """One epoch cut into micro-batches of at most ``max_tokens`` positions each
     (:func:`micro_batch_positions`): every sample exactly once, from ``(seed, epoch)`` only, whatever
@@ -194,7 +192,7 @@ def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, bucketing
     Args:
         lengths: one :class:`higgs_tune.data.SampleLength` per training sample (index = sample).
         max_tokens: positions per micro-batch (``train.max_tokens``), >= 1.
-        pool: about how many micro-batches' worth of positions each sorting pool holds, >= 1.
+        pool: about how many micro-batches' worth of positions each sorting pool holds (``train.bucket_pool``), >= 1.
 
     Returns:
         Lists of sample indices, one per micro-batch.
