@@ -5,18 +5,17 @@ scores (seaborn, embedded as base64 PNGs), lists each run's lineage (the sha256 
 manifest, kept manifests, token index, audit summary, adapter, metrics, of every config section,
 and the code revisions) and a table of the config keys that differ between the runs (only those).
 
-    python -m higgs_tune.compare --config-json CONFIG --out compare.html
-        --inputs '{"demo-lr1e-3": {"metrics": "..."}, ...}'
+    python -m higgs_tune.compare --config-json CONFIG --html compare.html
+        --input demo-lr1e-3:metrics=PATH --input ...
 
 (as ``workflow/rules/compare.smk`` renders it: ``--config-json`` holds ``sweep`` (name, base
 experiment, each run's overlay), ``experiments`` (each run's resolved config) and ``code`` (stage ->
-code signature); ``--inputs`` maps each run's experiment to its input roles and paths; the
-comparison reads nothing else). Shares its helpers and templates with :mod:`higgs_tune.report`.
+code signature); one ``--input EXPERIMENT:ROLE=PATH`` per input of each run; the comparison
+reads nothing else). Shares its helpers and templates with :mod:`higgs_tune.report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -250,7 +249,7 @@ def build_compare(cfg: dict, inputs_by_run: dict[str, dict[str, str]], out: str 
         run = exp[len(prefix):] if exp.startswith(prefix) else exp
         runs.append(Run(run, exp, cfg["experiments"][exp], paths))
     if not runs:
-        raise ValueError("no runs to compare: --inputs is empty")
+        raise ValueError("no runs to compare: no --input given")
 
     sns.set_theme(style="whitegrid", context="notebook")
     overlays = sweep.get("runs") or {}
@@ -282,15 +281,15 @@ def build_compare(cfg: dict, inputs_by_run: dict[str, dict[str, str]], out: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.compare", description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--inputs", required=True,
-                        help="JSON object: run experiment -> {input role -> path} (the compare rule's inputs)")
-    parser.add_argument("--out", required=True, help="output: the HTML file")
+    from higgs_tune.stage_cli import add_input_roles, input_roles, stage_parser
+
+    parser = stage_parser("python -m higgs_tune.compare", __doc__.split("\n")[0], outputs={"html": "the HTML file"})
+    add_input_roles(parser, "EXPERIMENT:ROLE=PATH",
+                    "input: one input of one run (its experiment, role and path: the compare rule's inputs); repeated")
     args = parser.parse_args(argv)
     if not args.config_json:
         parser.error("--config-json is required (the compare rule renders it: sweep, experiments, code)")
-    out = build_compare(config_from_args(args), json.loads(args.inputs), args.out)
+    out = build_compare(config_from_args(args), input_roles(parser, args.input, nested=True), args.html)
     plt.close("all")
     print(f"compare: {out}")
 

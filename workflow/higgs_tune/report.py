@@ -5,15 +5,14 @@ prediction snapshots and any eval audio; embeds every plot (base64 PNG) and audi
 data URI) so the file can be mailed around. Every figure's caption names the exact input files it
 was drawn from (path + short sha256) plus the experiment name and the config hash.
 
-    python -m higgs_tune.report --config-json CONFIG --inputs '{"metrics": "...", ...}' --out report.html
+    python -m higgs_tune.report --config-json CONFIG --input metrics=PATH --input ... --html report.html
 
-(as ``workflow/rules/report.smk`` renders it: ``--inputs`` maps each input role of that rule to its
-path; the report reads nothing else).
+(as ``workflow/rules/report.smk`` renders it: one ``--input ROLE=PATH`` per input of that rule, the
+role being its key; the report reads nothing else. The convention: :mod:`higgs_tune.stage_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import io
@@ -749,12 +748,12 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.report", description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--inputs", required=True, help="JSON object: input role -> path (the report rule's inputs)")
-    parser.add_argument("--out", required=True, help="output: the HTML file")
+    from higgs_tune.stage_cli import add_input_roles, input_roles, stage_parser
+
+    parser = stage_parser("python -m higgs_tune.report", __doc__.split("\n")[0], outputs={"html": "the HTML file"})
+    add_input_roles(parser, help_="input: one of the report rule's inputs, its key (role) and path; repeated")
     args = parser.parse_args(argv)
-    out = build_report(config_from_args(args), json.loads(args.inputs), args.out)
+    out = build_report(config_from_args(args), input_roles(parser, args.input), args.html)
     print(f"report: {out}")
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -212,6 +213,13 @@ COMPARE_ROLES = {
     "paired_summary": ("evaluate", "paired_summary"),
     "base_eval_metrics": ("evaluate_base", "metrics"),
 }
+
+
+def role_args(roles, prefix=""):
+    """``--input ROLE=PATH`` for each of ``roles`` (``{role: path}``), shell-quoted: the command line of
+    a stage whose inputs are named roles (report; compare with ``prefix`` ``EXPERIMENT:``), as
+    ``higgs_tune.stage_cli.input_roles`` reads it back."""
+    return " ".join(f"--input {shlex.quote(f'{prefix}{role}={path}')}" for role, path in roles.items())
 
 
 def sweep_inputs(wildcards):
