@@ -106,7 +106,7 @@ def test_dry_run_plans_one_evaluate_step_job_per_save_step(tmp_path):
         assert f"--adapter {tmp_path}/demo/train/steps/step-{s:08d} --step {s}" in out
         assert f"--metrics {tmp_path}/demo/eval/steps/{s}/metrics.json" in out
     assert (f"--steps {tmp_path}/demo/eval/steps/2/metrics.json {tmp_path}/demo/eval/steps/4/metrics.json "
-            f"{tmp_path}/demo/eval/steps/6/metrics.json --out {tmp_path}/demo/eval/selection.json") in out
+            f"{tmp_path}/demo/eval/steps/6/metrics.json --selection {tmp_path}/demo/eval/selection.json") in out
     assert f"--selection {tmp_path}/demo/eval/selection.json --steps {tmp_path}/demo/train/steps" in out
     bad = _snakemake_n(tmp_path, "eval: {checkpoints: [3]}", "train: {max_steps: 8, save_interval: 2}")
     assert bad.returncode != 0 and "not save steps" in bad.stderr + bad.stdout

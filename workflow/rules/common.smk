@@ -241,6 +241,10 @@ def sweep_inputs(wildcards):
     return out
 
 
+#: stage -> its module where the names differ (higgs_tune.tokenize would shadow the standard library's)
+STAGE_MODULES = {"tokenize": "audio_tokens"}
+
+
 def sweep_config(wildcards):
     """The compare job's --config-json: the sweep (name, base experiment, each run's overlay, the
     runs' experiments in declared order), every run's resolved config, and the code signature of
@@ -249,8 +253,8 @@ def sweep_config(wildcards):
     return json.dumps({"sweep": {"name": SWEEP["name"], "base": BASE, "runs": SWEEP["runs"],
                                  "order": TARGET_EXPERIMENTS},
                        "experiments": {e: EXPERIMENTS[e] for e in TARGET_EXPERIMENTS},
-                       "code": {s: code_sig(s) for s in ("manifest", "tokenize", "audit", "train", "evaluate_base",
-                                                          "evaluate")}},
+                       "code": {s: code_sig(STAGE_MODULES.get(s, s))
+                                for s in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate")}},
                       sort_keys=True)
 
 
