@@ -10,7 +10,7 @@ given), then runs each stage as the workflow does, one fresh process per stage a
 
 * manifest (``python -m higgs_tune.manifest``) at every size of ``--sizes`` and ``--manifest-sizes``
   (the split included);
-* tokenize (``python -m higgs_tune.tokenize``, the demo's random-init tokenizer) on the first
+* tokenize (``python -m higgs_tune.audio_tokens encode``, the demo's random-init tokenizer) on the first
   ``--tokenize-rows`` rows only: on CPU it encodes ~5 clips/s, so 10k clips would take over half an
   hour. ``--shards N`` also runs the sharded tokenize (``audio_tokenizer.shards``, through Snakemake)
   where the schema has that key; otherwise it says it is not in this checkout. For the audit and the
@@ -160,7 +160,7 @@ def run_tokenize(cfg: dict, work: Path, n_rows: int) -> tuple[float, float, int]
     rows = (read_jsonl(o / "train.jsonl") + read_jsonl(o / "val.jsonl"))[:n_rows]
     write_jsonl(t / "train.jsonl", rows)
     write_jsonl(t / "val.jsonl", [])
-    wall, mb = run_measured([PY, "-m", "higgs_tune.tokenize", "--config-json", json.dumps(cfg),
+    wall, mb = run_measured([PY, "-m", "higgs_tune.audio_tokens", "encode", "--config-json", json.dumps(cfg),
                              "--train", str(t / "train.jsonl"), "--val", str(t / "val.jsonl"),
                              "--index", str(t / "index.parquet"), "--stats", str(t / "stats.json"),
                              "--threads", str(os.cpu_count() or 1), "--no-progress"], t / "tokenize.log", ENV)

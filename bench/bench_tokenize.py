@@ -117,7 +117,7 @@ def main() -> int:
 
     from higgs_tune import codec as C
     from higgs_tune import codec_fast as CF
-    from higgs_tune import tokenize as T
+    from higgs_tune import audio_tokens as T
     from higgs_tune.config import load_config
 
     base = load_config([args.configfile])
@@ -289,7 +289,7 @@ def child(run: str, spec_json: str) -> int:
     import numpy as np
     import torch
 
-    from higgs_tune import tokenize as T
+    from higgs_tune import audio_tokens as T
     from higgs_tune.codec import build_audio_tokenizer
 
     spec = json.loads(spec_json)

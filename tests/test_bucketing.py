@@ -212,9 +212,10 @@ def demo_train(tmp_path_factory, demo_config):
                                    "--manifest", cfg["data"]["manifest"],
                                    *[a for k, p in m.items() for a in (f"--{k}", str(p))]], out / "manifest.log")
     index = out / "tokens" / "index.parquet"
-    _stage("higgs_tune.tokenize", ["--config-json", json.dumps({k: cfg[k] for k in ("audio_tokenizer", "cache_dir")}),
-                                   "--train", str(m["train"]), "--val", str(m["val"]), "--index", str(index),
-                                   "--stats", str(out / "tokens" / "stats.json"), "--threads", "2", "--no-progress"],
+    _stage("higgs_tune.audio_tokens",
+           ["encode", "--config-json", json.dumps({k: cfg[k] for k in ("audio_tokenizer", "cache_dir")}),
+            "--train", str(m["train"]), "--val", str(m["val"]), "--index", str(index),
+            "--stats", str(out / "tokens" / "stats.json"), "--threads", "2", "--no-progress"],
            out / "tokenize.log")
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(index)

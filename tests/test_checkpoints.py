@@ -106,7 +106,7 @@ def test_dry_run_plans_one_evaluate_step_job_per_save_step(tmp_path):
         assert f"--adapter {tmp_path}/demo/train/steps/step-{s:08d} --step {s}" in out
         assert f"--metrics {tmp_path}/demo/eval/steps/{s}/metrics.json" in out
     assert (f"--steps {tmp_path}/demo/eval/steps/2/metrics.json {tmp_path}/demo/eval/steps/4/metrics.json "
-            f"{tmp_path}/demo/eval/steps/6/metrics.json --out {tmp_path}/demo/eval/selection.json") in out
+            f"{tmp_path}/demo/eval/steps/6/metrics.json --selection {tmp_path}/demo/eval/selection.json") in out
     assert f"--selection {tmp_path}/demo/eval/selection.json --steps {tmp_path}/demo/train/steps" in out
     bad = _snakemake_n(tmp_path, "eval: {checkpoints: [3]}", "train: {max_steps: 8, save_interval: 2}")
     assert bad.returncode != 0 and "not save steps" in bad.stderr + bad.stdout
@@ -168,7 +168,7 @@ def test_a_middle_checkpoint_with_the_lowest_val_loss_is_selected_and_exported(t
     selection = ev / "selection.json"
     S.main(["--config-json", json.dumps({"eval": {"select": cfg["eval"]["select"]}}), "--final",
             str(ev / "metrics.json"), "--state", str(io.state), "--steps"]
-           + [str(ev / "steps" / str(s) / "metrics.json") for s in steps + [5]] + ["--out", str(selection)])
+           + [str(ev / "steps" / str(s) / "metrics.json") for s in steps + [5]] + ["--selection", str(selection)])
     sel = json.loads(selection.read_text())
     assert sel["selected_step"] == 4 and not sel["final"] and sel["metric"] == "loss"
     assert sel["value"] == losses[4] and sel["reason"].startswith(
@@ -176,7 +176,7 @@ def test_a_middle_checkpoint_with_the_lowest_val_loss_is_selected_and_exported(t
 
     merged = tmp_path / "merged"
     export.main(["--config-json", json.dumps({"model": cfg["model"]}), "--selection", str(selection), "--steps",
-                 str(io.steps), "--adapter", str(io.adapter), "--out", str(merged)])
+                 str(io.steps), "--adapter", str(io.adapter), "--merged", str(merged)])
     record = json.loads((merged / "higgs_tune_export.json").read_text())
     assert record["step"] == 4 and record["adapter"] == str(io.steps / "step-00000004")
     assert record["selection"] == sel["reason"]

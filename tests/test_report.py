@@ -85,7 +85,7 @@ def stage_outputs(tmp_path_factory, demo_config, short_codes, transcripts, lj_di
     from higgs_tune import select as S  # eval.checkpoints null: the final adapter is the selection
 
     S.main(["--config-json", json.dumps({"eval": cfg["eval"]}), "--final", str(ev / "metrics.json"), "--state",
-            str(io.state), "--steps", "--out", str(ev / "selection.json")])
+            str(io.state), "--steps", "--selection", str(ev / "selection.json")])
     paths = {"manifest": CORPUS / "manifest.jsonl", "train_manifest": io.train, "val_manifest": io.val,
              "fixes": m / "fixes.json", "quarantine": m / "quarantine.jsonl", "tokens_index": io.index,
              "audit_summary": audit["summary"], "audit_samples": audit["samples"], "metrics": io.metrics,

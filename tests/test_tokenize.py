@@ -29,7 +29,7 @@ import yaml
 from higgs_tune import audio_io, fileio
 from higgs_tune import codec as C
 from higgs_tune import codec_fast as CF
-from higgs_tune import tokenize as T
+from higgs_tune import audio_tokens as T
 from higgs_tune.data import CodesIndex
 from higgs_tune.fileio import write_jsonl
 
@@ -298,7 +298,7 @@ def test_cache_rerun_shared_clips_and_index(codec, tmp_config, crops, tmp_path, 
     assert (written["n_encoded"], written["index"]) == (3, str(index)) and written["wall_s"] > 0
     assert sorted(p.name for p in index.parent.iterdir()) == ["index.parquet"]
 
-    with caplog.at_level(logging.INFO, logger="higgs_tune.tokenize"):
+    with caplog.at_level(logging.INFO, logger="higgs_tune.audio_tokens"):
         s2 = T.encode_all(cfg, manifests, index, codec=codec)
     assert (s2["n_encoded"], s2["n_cached"]) == (0, 3)
     assert "0 to encode, 3 cached" in caplog.text
@@ -375,7 +375,7 @@ def test_sigkill_mid_run_then_resume(codec, tmp_config, crops, repo_root, tmp_pa
     index, stats = index_of(exp), exp / "tokens" / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(repo_root / "workflow"), "HIGGS_TUNE_THREADS": "1"}
     cfg_json = json.dumps({"audio_tokenizer": cfg["audio_tokenizer"], "cache_dir": cfg["cache_dir"]})
-    proc = subprocess.Popen([sys.executable, "-m", "higgs_tune.tokenize", "--config-json", cfg_json,
+    proc = subprocess.Popen([sys.executable, "-m", "higgs_tune.audio_tokens", "encode", "--config-json", cfg_json,
                              "--train", str(train), "--val", str(val), "--index", str(index), "--stats", str(stats),
                              "--no-progress"], cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -528,7 +528,8 @@ def job_counts(log: str) -> dict[str, int]:
 
 
 def shard_job_pid(marker: str, shard: int) -> int | None:
-    """The pid of the running ``python -m higgs_tune.tokenize ... --shard K`` whose command line holds ``marker``."""
+    """The pid of the running ``python -m higgs_tune.audio_tokens encode ... --shard K`` whose command line
+    holds ``marker``."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -536,7 +537,7 @@ def shard_job_pid(marker: str, shard: int) -> int | None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"higgs_tune.tokenize" in argv and marker.encode() in b" ".join(argv) and \
+        if b"higgs_tune.audio_tokens" in argv and marker.encode() in b" ".join(argv) and \
                 any(a == b"--shard" and b == str(shard).encode() for a, b in zip(argv, argv[1:])):
             return int(proc.name)
     return None
@@ -633,8 +634,8 @@ def test_sharded_plan_under_the_slurm_profile_and_its_dvc_stages(tmp_path, repo_
     assert "tokenize-sh3" not in stages
     from higgs_tune import codesig
 
-    code = [f.relative_to(repo_root).as_posix() for f in codesig.code_files("tokenize", pkg=repo_root / "workflow" /
-                                                                                          "higgs_tune")]
+    code = [f.relative_to(repo_root).as_posix()
+            for f in codesig.code_files("audio_tokens", pkg=repo_root / "workflow" / "higgs_tune")]
     for k in range(3):
         st = stages[f"tokenize_shard-sh3-{k}"]
         assert st["cmd"].endswith(f"--allowed-rules tokenize_shard --forcerun tokenize_shard -- "

@@ -1,5 +1,8 @@
 """CPU speed machinery for the Higgs audio encoder: upstream's codes, computed faster.
 
+What each part gains is measured by ``bench/bench_tokenize.py`` (``--ablation``); the figures are in
+``bench/README.md`` ("Tokenize"), not here.
+
 :class:`FastEncoder` is what :class:`higgs_tune.codec.HiggsCodec` encodes with when the config's
 ``audio_tokenizer.fast_encode`` is true (the default); with ``fast_encode: false`` the codec calls
 upstream ``HiggsAudioTokenizer.encode`` (boson-multimodal 0.1.1) instead, the reference path. The two
@@ -12,7 +15,7 @@ ones; ``bench/bench_tokenize.py`` on all 32). Nothing here changes what is compu
   ``160 * semantic_downsample_factor`` samples per side, keeping only the second result. Frame counts
   are a function of the length alone, so :meth:`FastEncoder.acoustic_frames` predicts the mismatch
   from the convolution arithmetic and the encoder runs once, on the input upstream would have kept
-  (the acoustic encoder is ~90 % of the encode time). Upstream's re-run also hard-codes batch 1
+  (the acoustic encoder is most of the encode time). Upstream's re-run also hard-codes batch 1
   (``F.pad(x[:, 0, :], ...).unsqueeze(0)``); this one pads per clip, so a batch of equal-length clips
   is one call. (Only equal lengths: the encoders are non-causal, zero-padding a clip changes its codes.)
 * **Weight norm folded** into the encoder's convolution weights once (:func:`fold_weight_norm`:
@@ -22,11 +25,10 @@ ones; ``bench/bench_tokenize.py`` on all 32). Nothing here changes what is compu
   channels at 3-24 kHz, tens of MB): each ``ResidualUnit`` as one pass (:func:`residual_unit_tiled`),
   each block's Snake + strided convolution as another (:func:`downsample_tiled`), the remaining
   Snakes in tiles, in place where their input is not read again (:func:`snake_tiled`). Upstream's
-  whole-clip layers run at memory speed there (the 7-tap convolution at 59-79 GFLOP/s, the strided
-  one at 42, vs ~100 on tiles, one thread, measured here).
-* **NumPy's SIMD sine** for the Snakes on CPU (:func:`_sin_`: 1.8x ATen's, within one ULP of it).
-* **oneDNN for the wide 1x1 convolutions** rather than MKL (:func:`_pointwise_convs_on_onednn`, 1.5x).
-* :func:`tune_malloc` stops glibc from ``mmap``/``munmap``-ing each large activation (1.5x on CPU);
+  whole-clip layers run at memory speed there, the tiles at compute speed.
+* **NumPy's SIMD sine** for the Snakes on CPU (:func:`_sin_`: faster than ATen's, within one ULP of it).
+* **oneDNN for the wide 1x1 convolutions** rather than MKL (:func:`_pointwise_convs_on_onednn`).
+* :func:`tune_malloc` stops glibc from ``mmap``/``munmap``-ing each large activation (on CPU);
   a process-wide setting, called by the tokenize stage's encoding processes when ``fast_encode`` is on.
 
 Numerics: the fp32 activations agree with upstream's to rounding (relative 1e-6; the convolutions

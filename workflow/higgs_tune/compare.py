@@ -6,18 +6,17 @@ the data manifest, kept manifests, token index, audit summary, adapter folder, m
 (:func:`higgs_tune.fileio.dvc_md5`); the sha256 of every config section; the code revisions) and a
 table of the config keys that differ between the runs (only those).
 
-    python -m higgs_tune.compare --config-json CONFIG --out compare.html
-        --inputs '{"demo-lr1e-3": {"metrics": "..."}, ...}'
+    python -m higgs_tune.compare --config-json CONFIG --html compare.html
+        --input demo-lr1e-3:metrics=PATH --input ...
 
 (as ``workflow/rules/compare.smk`` renders it: ``--config-json`` holds ``sweep`` (name, base
 experiment, each run's overlay), ``experiments`` (each run's resolved config) and ``code`` (stage ->
-code signature); ``--inputs`` maps each run's experiment to its input roles and paths; the
-comparison reads nothing else). Shares its helpers and templates with the report (:mod:`higgs_tune.figures`).
+code signature); one ``--input EXPERIMENT:ROLE=PATH`` per input of each run; the comparison
+reads nothing else). Shares its helpers and templates with the report (:mod:`higgs_tune.figures`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +27,12 @@ import pandas as pd
 import seaborn as sns
 import yaml
 
-from higgs_tune.config import add_config_args, config_from_args
+from higgs_tune.config import config_from_args
 from higgs_tune.fileio import SHORT_HASH, canonical_sha256, git_revision, read_jsonl, write_text
 from higgs_tune.figures import (Inputs, eval_groups, eval_scalars, fmt, melt_lists, melt_scalars, package_versions,
                                 per_codebook, png_uri, render, require)
 from higgs_tune.outputs import BY_ROLE, COMPARE_ROLES, DATA_MANIFEST_LABEL, DATA_MANIFEST_ROLE
+from higgs_tune.stage_cli import add_input_roles, input_roles, stage_parser
 from higgs_tune.sweep import MISSING, config_diff
 
 #: what the lineage lists of each run, in order: ``(role, label)`` (higgs_tune.outputs: the data manifest and
@@ -229,7 +229,7 @@ def build_compare(cfg: dict, inputs_by_run: dict[str, dict[str, str]], out: str 
         run = exp[len(prefix):] if exp.startswith(prefix) else exp
         runs.append(Run(run, exp, cfg["experiments"][exp], paths))
     if not runs:
-        raise ValueError("no runs to compare: --inputs is empty")
+        raise ValueError("no runs to compare: no --input given")
 
     sns.set_theme(style="whitegrid", context="notebook")
     overlays = sweep.get("runs") or {}
@@ -261,15 +261,13 @@ def build_compare(cfg: dict, inputs_by_run: dict[str, dict[str, str]], out: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.compare", description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--inputs", required=True,
-                        help="JSON object: run experiment -> {input role -> path} (the compare rule's inputs)")
-    parser.add_argument("--out", required=True, help="output: the HTML file")
+    parser = stage_parser("python -m higgs_tune.compare", __doc__.split("\n")[0], outputs={"html": "the HTML file"})
+    add_input_roles(parser, "EXPERIMENT:ROLE=PATH",
+                    "input: one input of one run (its experiment, role and path: the compare rule's inputs); repeated")
     args = parser.parse_args(argv)
     if not args.config_json:
         parser.error("--config-json is required (the compare rule renders it: sweep, experiments, code)")
-    out = build_compare(config_from_args(args), json.loads(args.inputs), args.out)
+    out = build_compare(config_from_args(args), input_roles(parser, args.input, nested=True), args.html)
     plt.close("all")
     print(f"compare: {out}")
 

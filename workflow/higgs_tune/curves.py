@@ -13,7 +13,6 @@ CLI (as ``workflow/rules/curves.smk`` renders it)::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import read_jsonl, write_text
+from .stage_cli import stage_parser
 
 
 def flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -64,15 +64,13 @@ def jsonl_to_csv(src: str | Path, dst: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 0 (errors raise, naming the file)."""
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.curves", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--metrics", required=True, help="input: train/metrics.jsonl")
-    parser.add_argument("--val-metrics", required=True, help="input: train/val_metrics.jsonl")
-    parser.add_argument("--train-csv", required=True, help="output: train/curves.csv")
-    parser.add_argument("--val-csv", required=True, help="output: train/val_curves.csv")
+    parser = stage_parser("python -m higgs_tune.curves", __doc__.split("\n\n")[0], config=False,
+                          inputs={"metrics": "train/metrics.jsonl", "val_metrics": "train/val_metrics.jsonl"},
+                          outputs={"train": "train/curves.csv", "val": "train/val_curves.csv"})
     args = parser.parse_args(argv)
-    n = jsonl_to_csv(args.metrics, args.train_csv)
-    m = jsonl_to_csv(args.val_metrics, args.val_csv)
-    print(f"curves: {n} train rows -> {args.train_csv}, {m} val rows -> {args.val_csv}")
+    n = jsonl_to_csv(args.metrics, args.train)
+    m = jsonl_to_csv(args.val_metrics, args.val)
+    print(f"curves: {n} train rows -> {args.train}, {m} val rows -> {args.val}")
     return 0
 
 

@@ -30,7 +30,6 @@ rate, share cut at ``max_seconds`` without EOS, share ending in a silent tail, t
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -39,10 +38,11 @@ from typing import Any
 import torch
 
 from . import data as D
-from .config import add_config_args, config_from_args
+from .config import config_from_args
 from .fileio import write_json, write_jsonl
 from .metrics import evaluate_batches
 from .paired import flagged, health_rates
+from .stage_cli import add_paths, stage_parser
 
 log = logging.getLogger("higgs_tune.evaluate")
 
@@ -337,18 +337,20 @@ def _skipped_step(step: int, reason: str, metrics_out, generated_out, audio_dir:
     return metrics
 
 
+#: the paths of the evaluate_base rule, which the evaluate rules render too (:mod:`higgs_tune.stage_cli`)
+EVALUATE_PATHS = {"inputs": {"val": "val manifest", "index": "tokens index"},
+                  "outputs": {"metrics": "metrics.json", "generated": "generated.jsonl", "audio": "folder of WAVs"}}
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.evaluate", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    for name, what in (("val", "input: val manifest"),
-                       ("index", "input: tokens index"), ("metrics", "output: metrics.json"),
-                       ("generated", "output: generated.jsonl"), ("audio", "output: folder of WAVs")):
-        parser.add_argument(f"--{name}", required=True, help=what)
-    parser.add_argument("--adapter", help="input: the trained LoRA adapter folder (omitted: the base model alone)")
-    parser.add_argument("--base-generated", help="input: the base model's generated.jsonl (evaluate_base)")
-    parser.add_argument("--paired", help="output: paired per-sample rows (JSONL), with --base-generated")
-    parser.add_argument("--paired-summary", help="output: the paired summary (JSON), with --base-generated")
+    parser = stage_parser("python -m higgs_tune.evaluate", __doc__.splitlines()[0], **EVALUATE_PATHS)
+    add_paths(parser, "input", {
+        "adapter": {"required": False, "help": "the trained LoRA adapter folder (omitted: the base model alone)"},
+        "base_generated": {"required": False, "help": "the base model's generated.jsonl (evaluate_base)"}})
+    add_paths(parser, "output", {
+        "paired": {"required": False, "help": "paired per-sample rows (JSONL), with --base-generated"},
+        "paired_summary": {"required": False, "help": "the paired summary (JSON), with --base-generated"}})
     parser.add_argument("--step", type=int, help="--adapter is the snapshot of this step (train/steps/step-XXXXXXXX; "
                         "stage evaluate_step): missing, its metrics say skipped")
     args = parser.parse_args(argv)

@@ -10,21 +10,16 @@ losses). Its rows are what ``evaluate --base-generated`` pairs the fine-tuned ro
 
 from __future__ import annotations
 
-import argparse
 import logging
 
-from .config import add_config_args, config_from_args
-from .evaluate import run_evaluate
+from .config import config_from_args
+from .evaluate import EVALUATE_PATHS, run_evaluate
+from .stage_cli import stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.evaluate_base", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    for name, what in (("val", "input: val manifest"), ("index", "input: tokens index"),
-                       ("metrics", "output: metrics.json"), ("generated", "output: generated.jsonl"),
-                       ("audio", "output: folder of WAVs")):
-        parser.add_argument(f"--{name}", required=True, help=what)
+    parser = stage_parser("python -m higgs_tune.evaluate_base", __doc__.splitlines()[0], **EVALUATE_PATHS)
     args = parser.parse_args(argv)
     run_evaluate(config_from_args(args), adapter=None, val=args.val, index=args.index, metrics_out=args.metrics,
                  generated_out=args.generated, audio_dir=args.audio)

@@ -35,7 +35,6 @@ adapter as that dtype allows. Memory: one float32 copy of the model (3B Higgs: ~
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -45,8 +44,9 @@ from typing import Any
 
 import torch
 
-from .config import add_config_args, config_from_args
+from .config import config_from_args
 from .fileio import git_revision, sha256_file, write_json
+from .stage_cli import stage_parser
 
 log = logging.getLogger("higgs_tune.export")
 
@@ -202,12 +202,12 @@ def export(cfg: dict[str, Any], *, adapter: str | Path, out: str | Path, selecti
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.export", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--adapter", required=True, help="input: the trained LoRA adapter folder (the final one)")
-    parser.add_argument("--selection", help="input: eval/selection.json: merge the checkpoint it selected")
-    parser.add_argument("--steps", help="input: train/steps, the adapter snapshots (with --selection)")
-    parser.add_argument("--out", required=True, help="output: the merged model folder")
+    parser = stage_parser(
+        "python -m higgs_tune.export", __doc__.splitlines()[0],
+        inputs={"adapter": "the trained LoRA adapter folder (the final one)",
+                "selection": {"required": False, "help": "eval/selection.json: merge the checkpoint it selected"},
+                "steps": {"required": False, "help": "train/steps, the adapter snapshots (with --selection)"}},
+        outputs={"merged": "the merged model folder"})
     args = parser.parse_args(argv)
     if args.selection and not args.steps:
         parser.error("--selection needs --steps (the train stage's adapter snapshots)")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         selection = json.loads(Path(args.selection).read_text())
         adapter = adapter_of(selection, args.adapter, args.steps)
         log.info("merging step %d (%s): %s", selection["selected_step"], selection["reason"], adapter)
-    export(config_from_args(args), adapter=adapter, out=args.out, selection=selection)
+    export(config_from_args(args), adapter=adapter, out=args.merged, selection=selection)
 
 
 if __name__ == "__main__":

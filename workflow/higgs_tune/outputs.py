@@ -84,7 +84,7 @@ OUTPUTS: tuple[Output, ...] = (
     Output("step_paired_summary", "evaluate_step", "paired_summary", "eval/steps/{step}/paired.json",
            "base -> saved step summary"),
     Output("selection", "select", "selection", "eval/selection.json", "checkpoint selection"),
-    Output("report", "report", "report", "report.html", "the report"),
+    Output("report", "report", "html", "report.html", "the report"),
     Output("merged", "export_model", "merged", "merged", "merged model", D),
     Output("train_curves", "curves", "train", "train/curves.csv", "train curves (CSV)"),
     Output("val_curves", "curves", "val", "train/val_curves.csv", "val curves (CSV)"),

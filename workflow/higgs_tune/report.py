@@ -7,15 +7,14 @@ was drawn from (path + the md5 DVC records for it in ``dvc.lock``: :func:`higgs_
 plus the experiment name and the config hash. The helpers it shares with the comparison live in
 :mod:`higgs_tune.figures`.
 
-    python -m higgs_tune.report --config-json CONFIG --inputs '{"metrics": "...", ...}' --out report.html
+    python -m higgs_tune.report --config-json CONFIG --input metrics=PATH --input ... --html report.html
 
-(as ``workflow/rules/report.smk`` renders it: ``--inputs`` maps each input role of that rule to its
-path; the report reads nothing else).
+(as ``workflow/rules/report.smk`` renders it: one ``--input ROLE=PATH`` per input of that rule, the
+role being its key; the report reads nothing else. The convention: :mod:`higgs_tune.stage_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 from datetime import datetime, timezone
@@ -30,11 +29,12 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
-from higgs_tune.config import add_config_args, config_from_args  # noqa: E402
+from higgs_tune.config import config_from_args  # noqa: E402
 from higgs_tune.fileio import git_revision, read_jsonl, write_text  # noqa: E402
 from higgs_tune.figures import (Inputs, eval_groups, flatten, fmt, melt_lists, melt_scalars,  # noqa: E402
                                 package_versions, per_codebook, png_uri, render, require)
 from higgs_tune.outputs import DATA_MANIFEST_ROLE, REPORT_ROLES  # noqa: E402
+from higgs_tune.stage_cli import add_input_roles, input_roles, stage_parser  # noqa: E402
 
 MAX_TABLE_ROWS = 200
 MAX_AUDIO_BYTES = 8 * 1024 * 1024
@@ -545,12 +545,10 @@ def build_report(cfg: dict, inputs_by_role: dict[str, str], out: str | Path) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.report", description=__doc__.split("\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--inputs", required=True, help="JSON object: input role -> path (the report rule's inputs)")
-    parser.add_argument("--out", required=True, help="output: the HTML file")
+    parser = stage_parser("python -m higgs_tune.report", __doc__.split("\n")[0], outputs={"html": "the HTML file"})
+    add_input_roles(parser, help_="input: one of the report rule's inputs, its key (role) and path; repeated")
     args = parser.parse_args(argv)
-    out = build_report(config_from_args(args), json.loads(args.inputs), args.out)
+    out = build_report(config_from_args(args), input_roles(parser, args.input), args.html)
     print(f"report: {out}")
 
 

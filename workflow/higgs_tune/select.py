@@ -20,15 +20,15 @@ The steps scored are resolved when the workflow is planned (:func:`checkpoint_st
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from .config import add_config_args, config_from_args
+from .config import config_from_args
 from .fileio import write_json
+from .stage_cli import stage_parser
 
 log = logging.getLogger("higgs_tune.select")
 
@@ -170,12 +170,12 @@ def adapter_of(selection: dict, adapter: str | Path, steps: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.select", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--final", required=True, help="input: the final adapter's eval/metrics.json")
-    parser.add_argument("--state", required=True, help="input: train/state.json (the run's last step)")
-    parser.add_argument("--steps", nargs="*", default=[], help="input: each evaluate_step job's metrics.json")
-    parser.add_argument("--out", required=True, help="output: eval/selection.json")
+    parser = stage_parser("python -m higgs_tune.select", __doc__.splitlines()[0],
+                          inputs={"final": "the final adapter's eval/metrics.json",
+                                  "state": "train/state.json (the run's last step)",
+                                  "steps": {"nargs": "*", "default": [], "required": False,
+                                            "help": "each evaluate_step job's metrics.json"}},
+                          outputs={"selection": "eval/selection.json"})
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     rows = selection_rows(json.loads(Path(args.final).read_text()), json.loads(Path(args.state).read_text()),
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         out = select(rows, cfg["eval"]["select"]["metric"], cfg["eval"]["select"]["mode"])
     except SelectionError as exc:
         raise SystemExit(f"select: {exc}") from exc
-    write_json(args.out, out)
+    write_json(args.selection, out)
     log.info("selected step %d: %s", out["selected_step"], out["reason"])
 
 

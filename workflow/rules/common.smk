@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,6 +223,13 @@ def report_inputs():
             for r in outputs_table.REPORT_ROLES}
 
 
+def role_args(roles, prefix=""):
+    """``--input ROLE=PATH`` for each of ``roles`` (``{role: path}``), shell-quoted: the command line of
+    a stage whose inputs are named roles (report; compare with ``prefix`` ``EXPERIMENT:``), as
+    ``higgs_tune.stage_cli.input_roles`` reads it back."""
+    return " ".join(f"--input {shlex.quote(f'{prefix}{role}={path}')}" for role, path in roles.items())
+
+
 def sweep_inputs(wildcards):
     """{run experiment: {role: path}} for the sweep named ``{sweep}``: each run's data manifest and
     the :data:`COMPARE_ROLES` outputs, from the experiment that owns them (shared stages: the base).
@@ -241,6 +249,10 @@ def sweep_inputs(wildcards):
     return out
 
 
+#: stage -> its module where the names differ (higgs_tune.tokenize would shadow the standard library's)
+STAGE_MODULES = {"tokenize": "audio_tokens"}
+
+
 def sweep_config(wildcards):
     """The compare job's --config-json: the sweep (name, base experiment, each run's overlay, the
     runs' experiments in declared order), every run's resolved config, and the code signature of
@@ -249,8 +261,8 @@ def sweep_config(wildcards):
     return json.dumps({"sweep": {"name": SWEEP["name"], "base": BASE, "runs": SWEEP["runs"],
                                  "order": TARGET_EXPERIMENTS},
                        "experiments": {e: EXPERIMENTS[e] for e in TARGET_EXPERIMENTS},
-                       "code": {s: code_sig(s) for s in ("manifest", "tokenize", "audit", "train", "evaluate_base",
-                                                          "evaluate")}},
+                       "code": {s: code_sig(STAGE_MODULES.get(s, s))
+                                for s in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate")}},
                       sort_keys=True)
 
 

@@ -5,15 +5,16 @@ rule compare:
     input:
         lambda wc: sorted({p for roles in sweep_inputs(wc).values() for p in roles.values()}),
     output:
-        report(RESULTS / "compare-{sweep}.html", caption="../report/compare.rst", category="higgs-tune"),
+        html=report(RESULTS / "compare-{sweep}.html", caption="../report/compare.rst", category="higgs-tune"),
     params:
         cfg=sweep_config,
         code=code_sig("compare"),
-        inputs=lambda wc: json.dumps(sweep_inputs(wc), sort_keys=True),
+        inputs=lambda wc: " ".join(role_args(dict(sorted(roles.items())), f"{exp}:")
+                                   for exp, roles in sorted(sweep_inputs(wc).items())),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
         RESULTS / "compare-{sweep}.log",
     shell:
-        "python -m higgs_tune.compare --config-json {params.cfg:q} --inputs {params.inputs:q}"
-        " --out {output:q} > {log:q} 2>&1 && echo 'compare: {output}'"
+        "python -m higgs_tune.compare --config-json {params.cfg:q} {params.inputs}"
+        " --html {output.html:q} > {log:q} 2>&1 && echo 'compare: {output.html}'"

@@ -18,4 +18,4 @@ rule curves:
         LOGS / "curves.log",
     shell:
         "python -m higgs_tune.curves --metrics {input.metrics:q} --val-metrics {input.val_metrics:q}"
-        " --train-csv {output.train:q} --val-csv {output.val:q} > {log:q} 2>&1"
+        " --train {output.train:q} --val {output.val:q} > {log:q} 2>&1"

@@ -31,7 +31,7 @@ rule evaluate:
         adapter=upstream("train", "adapter"),
         val=upstream("manifest", "val"),
         index=upstream("tokenize", "index"),
-        base=upstream("evaluate_base", "generated"),
+        base_generated=upstream("evaluate_base", "generated"),
     output:
         **rule_outputs("evaluate"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
@@ -43,7 +43,7 @@ rule evaluate:
         LOGS / "evaluate.log",
     shell:
         "python -m higgs_tune.evaluate --config-json {params.cfg:q} --adapter {input.adapter:q} --val {input.val:q}"
-        " --index {input.index:q} --base-generated {input.base:q} --metrics {output.metrics:q}"
+        " --index {input.index:q} --base-generated {input.base_generated:q} --metrics {output.metrics:q}"
         " --generated {output.generated:q} --audio {output.audio:q} --paired {output.paired:q}"
         " --paired-summary {output.paired_summary:q} > {log:q} 2>&1"
 
@@ -60,7 +60,7 @@ rule evaluate_step:
         steps=upstream("train", "steps"),
         val=upstream("manifest", "val"),
         index=upstream("tokenize", "index"),
-        base=upstream("evaluate_base", "generated"),
+        base_generated=upstream("evaluate_base", "generated"),
     output:
         **rule_outputs("evaluate_step"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
@@ -73,9 +73,9 @@ rule evaluate_step:
         LOGS / "evaluate_step-{step}.log",
     shell:
         "python -m higgs_tune.evaluate --config-json {params.cfg:q} --adapter {params.adapter:q} --step {wildcards.step}"
-        " --val {input.val:q} --index {input.index:q} --base-generated {input.base:q} --metrics {output.metrics:q}"
-        " --generated {output.generated:q} --audio {output.audio:q} --paired {output.paired:q}"
-        " --paired-summary {output.paired_summary:q} > {log:q} 2>&1"
+        " --val {input.val:q} --index {input.index:q} --base-generated {input.base_generated:q}"
+        " --metrics {output.metrics:q} --generated {output.generated:q} --audio {output.audio:q}"
+        " --paired {output.paired:q} --paired-summary {output.paired_summary:q} > {log:q} 2>&1"
 
 
 rule select:
@@ -97,4 +97,4 @@ rule select:
         LOGS / "select.log",
     shell:
         "python -m higgs_tune.select --config-json {params.cfg:q} --final {input.final:q} --state {input.state:q}"
-        " --steps {input.steps:q} --out {output.selection:q} > {log:q} 2>&1"
+        " --steps {input.steps:q} --selection {output.selection:q} > {log:q} 2>&1"

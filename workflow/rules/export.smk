@@ -21,7 +21,7 @@ rule export_model:
         LOGS / "export.log",
     shell:
         "python -m higgs_tune.export --config-json {params.cfg:q} --selection {input.selection:q}"
-        " --steps {input.steps:q} --adapter {input.adapter:q} --out {output.merged:q} > {log:q} 2>&1"
+        " --steps {input.steps:q} --adapter {input.adapter:q} --merged {output.merged:q} > {log:q} 2>&1"
 
 
 rule export:

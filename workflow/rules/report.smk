@@ -5,15 +5,15 @@ rule report:
         manifest=rules.manifest.input.manifest,
         **report_inputs(),  # every role of higgs_tune.outputs.REPORT_ROLES, from the rule writing it
     output:
-        report(output_path("report"), caption="../report/report.rst", category="higgs-tune"),
+        html=report(output_path("report"), caption="../report/report.rst", category="higgs-tune"),
     params:
         cfg=stage_config(),
         code=code_sig("report"),
-        inputs=lambda wc, input: json.dumps(dict(input.items())),
+        inputs=lambda wc, input: role_args(dict(input.items())),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
         LOGS / "report.log",
     shell:
-        "python -m higgs_tune.report --config-json {params.cfg:q} --inputs {params.inputs:q}"
-        " --out {output:q} > {log:q} 2>&1 && echo 'report: {output}'"
+        "python -m higgs_tune.report --config-json {params.cfg:q} {params.inputs}"
+        " --html {output.html:q} > {log:q} 2>&1 && echo 'report: {output.html}'"

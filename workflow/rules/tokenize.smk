@@ -14,7 +14,7 @@ rule tokenize:
         experiment=experiments_matching(TOKENIZE_ONE_JOB),
     params:
         cfg=stage_config("audio_tokenizer", "cache_dir"),
-        code=code_sig("tokenize"),
+        code=code_sig("audio_tokens"),
     threads: 2
     resources:
         mem_mb=8000,
@@ -25,8 +25,8 @@ rule tokenize:
     benchmark:
         LOGS / "tokenize.benchmark.tsv"
     shell:
-        "python -m higgs_tune.tokenize --config-json {params.cfg:q} --train {input.train:q} --val {input.val:q}"
-        " --index {output.index:q} --stats {output.stats:q} --threads {threads} > {log:q} 2>&1"
+        "python -m higgs_tune.audio_tokens encode --config-json {params.cfg:q} --train {input.train:q}"
+        " --val {input.val:q} --index {output.index:q} --stats {output.stats:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule tokenize_shard:
@@ -44,7 +44,7 @@ rule tokenize_shard:
         nshards=r"\d+",
     params:
         cfg=stage_config("audio_tokenizer", "cache_dir"),
-        code=code_sig("tokenize"),
+        code=code_sig("audio_tokens"),
         shard=shard_arg,
     threads: 2
     resources:
@@ -56,8 +56,8 @@ rule tokenize_shard:
     benchmark:
         LOGS / "tokenize_shard" / "{shard}-of-{nshards}.benchmark.tsv"
     shell:
-        "python -m higgs_tune.tokenize --config-json {params.cfg:q} --train {input.train:q} --val {input.val:q}"
-        " --shard {params.shard} --index {output.index:q} --stats {output.stats:q} --threads {threads}"
+        "python -m higgs_tune.audio_tokens encode --config-json {params.cfg:q} --train {input.train:q}"
+        " --val {input.val:q} --shard {params.shard} --index {output.index:q} --stats {output.stats:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
@@ -74,12 +74,12 @@ rule tokenize_gather:
     wildcard_constraints:
         experiment=experiments_matching(TOKENIZE_SHARDED),
     params:
-        code=code_sig("tokenize"),
+        code=code_sig("audio_tokens"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
         LOGS / "tokenize_gather.log",
     shell:
-        "python -m higgs_tune.tokenize gather --train {input.train:q} --val {input.val:q}"
+        "python -m higgs_tune.audio_tokens gather --train {input.train:q} --val {input.val:q}"
         " --shard-index {input.shard_index:q} --shard-stats {input.shard_stats:q}"
         " --index {output.index:q} --stats {output.stats:q} > {log:q} 2>&1"

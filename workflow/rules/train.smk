@@ -14,7 +14,7 @@ rule train:
         cfg=train_config,
         monitor=train_monitor_config,
         code=code_sig("train", "launch"),
-        resume=resume_dir,
+        resume_dir=resume_dir,
         nproc=lambda wc, resources: processes_per_node(resources, experiment_config(wc)),
     threads: 2
     resources:
@@ -33,4 +33,5 @@ rule train:
         " --audit {input.audit:q} --train {input.train:q} --val {input.val:q} --index {input.index:q}"
         " --metrics {output.metrics:q} --val-metrics {output.val_metrics:q} --predictions {output.predictions:q}"
         " --adapter {output.adapter:q} --checkpoint {output.checkpoint:q} --state {output.state:q}"
-        " --tensorboard {output.tensorboard:q} --steps {output.steps:q} --resume-dir {params.resume:q} > {log:q} 2>&1"
+        " --tensorboard {output.tensorboard:q} --steps {output.steps:q} --resume-dir {params.resume_dir:q}"
+        " > {log:q} 2>&1"

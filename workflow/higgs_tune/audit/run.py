@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..data import CodesIndex, ManifestSamples, build_dataset_sample, make_collator, sample_id
-from ..config import add_config_args, config_from_args
+from ..config import config_from_args
+from ..stage_cli import stage_parser
 from .checks import BatchResult, check_batch, torch_threads
 from .expect import Expect, build_sample, check_collator, config_only, model_config_of
 from .leak_probe import leak_probe, packing_probe, probe_pick
@@ -308,18 +309,16 @@ def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: config options (``config.add_config_args``) and the five paths the rule renders."""
-    parser = argparse.ArgumentParser(
-        prog="python -m higgs_tune.audit",
-        description="The label audit gate: build the exact training tensors from the kept manifests and cached "
-                    "codes and check every label rule and the leak probe; exit 1 (after writing both outputs) "
-                    "when any rule fails.")
-    add_config_args(parser)
-    parser.add_argument("--train", required=True, type=Path, help="kept train manifest (JSONL)")
-    parser.add_argument("--val", required=True, type=Path, help="kept val manifest (JSONL)")
-    parser.add_argument("--index", required=True, type=Path, help="tokens index (parquet) of the cached codes")
-    parser.add_argument("--summary", required=True, type=Path, help="output: summary.json (the gate)")
-    parser.add_argument("--samples", required=True, type=Path, help="output: samples.parquet (one row per sample)")
-    return parser
+    return stage_parser(
+        "python -m higgs_tune.audit",
+        "The label audit gate: build the exact training tensors from the kept manifests and cached "
+        "codes and check every label rule and the leak probe; exit 1 (after writing both outputs) "
+        "when any rule fails.",
+        inputs={"train": {"type": Path, "help": "kept train manifest (JSONL)"},
+                "val": {"type": Path, "help": "kept val manifest (JSONL)"},
+                "index": {"type": Path, "help": "tokens index (parquet) of the cached codes"}},
+        outputs={"summary": {"type": Path, "help": "summary.json (the gate)"},
+                 "samples": {"type": Path, "help": "samples.parquet (one row per sample)"}})
 
 
 def main(argv: Iterable[str] | None = None) -> int:

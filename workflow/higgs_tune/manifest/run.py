@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -13,6 +12,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..fileio import write_json, write_jsonl
+from ..stage_cli import stage_parser
 from .audio import data_root, extract_raw_audio, probe_audio, resolve_audio_path
 from .chatml import audio_refs, canonical_json, add_fix, carry_language, normalize_structure, resolve_id
 from .cloning import build_cloning
@@ -235,11 +235,9 @@ def run_manifest(cfg: dict[str, Any], *, train_out: str | Path, val_out: str | P
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (1 on a too-large quarantine or an unusable input)."""
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.manifest", description=__doc__.split("\n\n")[0])
-    config_mod.add_config_args(parser)
-    parser.add_argument("--manifest", default=None, help="input manifest (default: data.manifest)")
-    for name in ("train", "val", "quarantine", "fixes"):
-        parser.add_argument(f"--{name}", required=True, help=f"output: the {name} file")
+    parser = stage_parser("python -m higgs_tune.manifest", __doc__.split("\n\n")[0],
+                          inputs={"manifest": {"required": False, "help": "the data manifest (default: data.manifest)"}},
+                          outputs={name: f"the {name} file" for name in ("train", "val", "quarantine", "fixes")})
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_mod.config_from_args(args)

@@ -25,6 +25,10 @@ def require_passed_audit(summary_path: Path) -> dict:
     return summary
 
 
+#: the :class:`TrainIO` fields the stage reads (the rule's inputs); the others it writes (``resume_dir``: both)
+TRAIN_INPUTS = ("audit", "train", "val", "index")
+
+
 @dataclass(frozen=True)
 class TrainIO:
     """Every file the train stage reads or writes: the train rule's inputs and outputs, plus the

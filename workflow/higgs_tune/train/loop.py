@@ -3,7 +3,6 @@ command-line entry point ``python -m higgs_tune.train``."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -21,12 +20,13 @@ import torch
 from .. import data as D
 from .. import health
 from .. import packing
-from ..config import add_config_args, config_from_args, deep_merge
+from ..config import config_from_args, deep_merge
 from ..fileio import append_jsonl, git_revision, read_jsonl, write_json
 from ..loss import count_targets, forward_loss
 from ..metrics import MetricSums
+from ..stage_cli import stage_parser
 from .checkpoint import Checkpoints, run_fingerprint
-from .contract import AuditNotPassed, TrainIO, require_passed_audit
+from .contract import TRAIN_INPUTS, AuditNotPassed, TrainIO, require_passed_audit
 from .early_stopping import EarlyStopping
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
 from .monitor import _tensorboard_row, predictions_record, val_metrics
@@ -265,10 +265,10 @@ def train(cfg: dict, io: TrainIO) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m higgs_tune.train", description="LoRA fine-tuning of Higgs Audio v2")
-    add_config_args(parser)
-    for f in fields(TrainIO):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=True)
+    parser = stage_parser("python -m higgs_tune.train", "LoRA fine-tuning of Higgs Audio v2",
+                          inputs={f.name: f"train rule's {f.name}" for f in fields(TrainIO) if f.name in TRAIN_INPUTS},
+                          outputs={f.name: f"train rule's {f.name}" for f in fields(TrainIO)
+                                   if f.name not in TRAIN_INPUTS})
     parser.add_argument("--monitor-json", default=None,
                         help="config keys that steer logging, evaluation and checkpointing only, as JSON, merged "
                              "over the config (the train rule passes them apart: higgs_tune.config.train_job_config)")

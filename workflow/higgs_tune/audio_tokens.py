@@ -1,6 +1,9 @@
 """The tokenize stage: every clip of the kept manifests -> Higgs audio codes in a content-addressed cache.
 
-``python -m higgs_tune.tokenize --config-json JSON --train results/X/manifest/train.jsonl --val
+(Named ``audio_tokens``, what it makes, not ``tokenize``: that name is the standard library's, which
+``linecache`` and torch import.)
+
+``python -m higgs_tune.audio_tokens encode --config-json JSON --train results/X/manifest/train.jsonl --val
 results/X/manifest/val.jsonl --index results/X/tokens/index.parquet --stats results/X/tokens/stats.json
 --threads 2`` (what ``workflow/rules/tokenize.smk`` runs; by hand, ``--configfile config/demo.yaml``
 instead of ``--config-json``) reads the manifests (ChatML JSONL whose ``misc.audio_sha256`` maps each
@@ -29,11 +32,11 @@ it reads are ``audio_tokenizer`` and ``cache_dir``.
 Shards (``audio_tokenizer.shards: N > 1``): ``... --shard K`` (K = 0..N-1, one job each, in parallel)
 encodes only the clips :func:`shard_clips` gives shard K (the distinct clips dealt out longest first
 to the shard with the least audio) into the same cache and writes that shard's index rows and stats;
-``python -m higgs_tune.tokenize gather --train T --val V --shard-index I0 .. --shard-stats S0 ..
+``python -m higgs_tune.audio_tokens gather --train T --val V --shard-index I0 .. --shard-stats S0 ..
 --index I --stats S`` joins them into the index one job writes (same rows, order and codes) and stats
 totalled over the shards (:func:`gather_shards`). A killed shard leaves whole entries; rerunning it encodes what it lacks.
 
-``python -m higgs_tune.tokenize decode --configfile ... [--index index.parquet] --sha256 HASH --out x.wav``
+``python -m higgs_tune.audio_tokens decode --configfile ... [--index index.parquet] --sha256 HASH --out x.wav``
 (or ``--codes file.npy``) turns cached codes back into a 24 kHz WAV with the tokenizer's decoder, for listening.
 
 Cache: ``{cache_dir}/codes/<key[:2]>/<key>.npy`` with ``key = cache_key(audio_sha256, tokenizer_id,
@@ -47,17 +50,15 @@ with everything cached builds no model: it logs ``0 to encode, N cached`` and re
 Encoding is :class:`higgs_tune.codec.HiggsCodec` (``audio_tokenizer.fast_encode`` picks
 :mod:`higgs_tune.codec_fast` or upstream's ``encode``: the same codes). Parallelism is this stage's:
 on CPU (``num_workers > 0``) each worker process decodes, resamples (24 kHz, soxr) and encodes whole
-clips with ``threads // num_workers`` torch threads; on 2 cores two 1-thread processes were 2.0x one
-1-thread process where one 2-thread process was 1.8x, and, unlike intra-op threads, degrade
-gracefully when other jobs share the cores. Single-threaded workers are forked on Linux
-(:func:`_start_method`), inheriting this process's imports. On CUDA (or with an injected codec)
-workers decode and resample ahead and this process encodes, in equal-length batches of up to
-``batch_seconds`` of audio.
+clips with ``threads // num_workers`` torch threads: processes scale better than intra-op threads
+and degrade gracefully when other jobs share the cores (figures: ``bench/README.md``, tokenize).
+Single-threaded workers are forked on Linux (:func:`_start_method`), inheriting this process's
+imports. On CUDA (or with an injected codec) workers decode and resample ahead and this process
+encodes, in equal-length batches of up to ``batch_seconds`` of audio.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -77,7 +78,7 @@ from .codec import Codec, audio_tokenizer_identity, build_codec, tokenizer_geome
 from .fileio import atomic_file, clean_stale_temps, fsync_dir, read_json, read_jsonl, tmp_owner, write_json
 from .labels import CODEBOOK_SIZE, NUM_CODEBOOKS
 
-log = logging.getLogger("higgs_tune.tokenize")
+log = logging.getLogger("higgs_tune.audio_tokens")
 
 #: Bumped when the entry format or the encoding procedure changes; part of every cache key.
 CACHE_FORMAT = "higgs-tune-codes-v1"
@@ -747,75 +748,65 @@ def _find_codes(sha256: str, index: str | Path | None, cache_dir: str | Path, to
 
 
 # ============================================================================================= CLI
-def _decode_main(argv: list[str]) -> int:
-    from .config import add_config_args, config_from_args
+def build_parser():
+    """``encode`` (the tokenize / tokenize_shard rules), ``gather`` (tokenize_gather) and ``decode``
+    (by hand: codes back to a WAV) sub-commands, in the stage convention (:mod:`higgs_tune.stage_cli`)."""
+    from .stage_cli import stage_subcommands
 
-    p = argparse.ArgumentParser(prog="python -m higgs_tune.tokenize decode",
-                                description="decode cached audio codes to a WAV with the tokenizer's decoder")
-    add_config_args(p)
-    g = p.add_mutually_exclusive_group(required=True)
+    parser, add = stage_subcommands("python -m higgs_tune.audio_tokens",
+                                    "the tokenize stage: audio -> Higgs audio codes (cache + index), and back")
+    enc = add("encode", "encode the kept manifests' audio into the code cache + index",
+              inputs={"train": "train manifest (ChatML JSONL with misc.audio_sha256)",
+                      "val": "val manifest (ChatML JSONL with misc.audio_sha256)"},
+              outputs={"index": "index.parquet to write (one row per distinct clip)",
+                       "stats": "stats.json to write (counts, throughput)"})
+    enc.add_argument("--threads", type=int, default=None,
+                     help="torch threads for the encoder (default $HIGGS_TUNE_THREADS, else all usable CPUs)")
+    enc.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    enc.add_argument("--shard", type=int, default=None,
+                     help="encode only shard K (0-based) of audio_tokenizer.shards; --index gets that shard's rows")
+    add("gather", "join the shard jobs' indexes into the one-job index.parquet + stats.json", config=False,
+        inputs={"train": "train manifest the shards were encoded from",
+                "val": "val manifest the shards were encoded from",
+                "shard_index": {"nargs": "+", "help": "shard k's index parquet at position k"},
+                "shard_stats": {"nargs": "+", "help": "shard k's stats JSON at position k"}},
+        outputs={"index": "index.parquet to write", "stats": "stats.json to write (totals over the shards)"})
+    dec = add("decode", "decode cached audio codes to a WAV with the tokenizer's decoder",
+              inputs={"index": {"required": False,
+                                "help": "tokens index.parquet to look --sha256 up in (default: only the cache, by "
+                                        "its key)"}},
+              outputs={"out": "WAV to write"})
+    g = dec.add_mutually_exclusive_group(required=True)
     g.add_argument("--sha256", help="audio hash (misc.audio_sha256 value) to look up")
     g.add_argument("--codes", help="a .npy codes file (K, T)")
-    p.add_argument("--index", default=None,
-                   help="tokens index.parquet to look --sha256 up in (default: only the cache, by its key)")
-    p.add_argument("--out", required=True, help="WAV to write")
-    args = p.parse_args(argv)
-    try:
-        res = decode_to_wav(config_from_args(args), args.out, sha256=args.sha256, codes=args.codes, index=args.index)
-    except (KeyError, FileNotFoundError, CorruptEntryError) as exc:
-        raise SystemExit(f"decode: {exc.args[0] if isinstance(exc, KeyError) else exc}") from exc
-    log.info("wrote %s: %d frames, %.2f s at %d Hz", res["out"], res["n_frames"], res["duration_s"], res["sample_rate"])
-    return 0
-
-
-def _gather_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m higgs_tune.tokenize gather",
-                                description="join the shard jobs' indexes into the one-job index.parquet + stats.json")
-    p.add_argument("--train", required=True, help="train manifest the shards were encoded from")
-    p.add_argument("--val", required=True, help="val manifest the shards were encoded from")
-    p.add_argument("--shard-index", nargs="+", required=True, help="shard k's index parquet at position k")
-    p.add_argument("--shard-stats", nargs="+", required=True, help="shard k's stats JSON at position k")
-    p.add_argument("--index", required=True, help="index.parquet to write")
-    p.add_argument("--stats", required=True, help="stats.json to write (totals over the shards)")
-    args = p.parse_args(argv)
-    try:
-        stats = gather_shards([args.train, args.val], args.shard_index, args.shard_stats, args.index, args.stats)
-    except ValueError as exc:
-        raise SystemExit(f"gather: {exc}") from exc
-    print(json.dumps({k: stats[k] for k in ("shards", "n_clips", "n_encoded", "n_cached", "n_corrupt", "index")}))
-    return 0
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m higgs_tune.tokenize (--config-json J | --configfile F) --train T --val V --index I
-    --stats S [--shard K] [--threads N] [--no-progress]``, ``python -m higgs_tune.tokenize gather --train T
-    --val V --shard-index I0 I1.. --shard-stats S0 S1.. --index I --stats S`` or ``python -m
-    higgs_tune.tokenize decode (--config-json J | --configfile F) [--index I] (--sha256 H | --codes X.npy)
-    --out X.wav``."""
-    from .config import add_config_args, config_from_args
+    """``python -m higgs_tune.audio_tokens encode (--config-json J | --configfile F) --train T --val V
+    --index I --stats S [--shard K] [--threads N] [--no-progress]``, ``... gather --train T --val V
+    --shard-index I0 I1.. --shard-stats S0 S1.. --index I --stats S`` or ``... decode (--config-json J |
+    --configfile F) [--index I] (--sha256 H | --codes X.npy) --out X.wav``."""
+    from .config import config_from_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "decode":
-        return _decode_main(argv[1:])
-    if argv and argv[0] == "gather":
-        return _gather_main(argv[1:])
-    p = argparse.ArgumentParser(
-        prog="python -m higgs_tune.tokenize",
-        description="encode the kept manifests' audio into the code cache + index "
-                    "(`python -m higgs_tune.tokenize decode --help`: codes back to a WAV; "
-                    "`... gather --help`: join shard indexes)")
-    add_config_args(p)
-    p.add_argument("--train", required=True, help="train manifest (ChatML JSONL with misc.audio_sha256)")
-    p.add_argument("--val", required=True, help="val manifest (ChatML JSONL with misc.audio_sha256)")
-    p.add_argument("--index", required=True, help="index.parquet to write (one row per distinct clip)")
-    p.add_argument("--stats", required=True, help="stats.json to write (counts, throughput)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the encoder (default $HIGGS_TUNE_THREADS, else all usable CPUs)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--shard", type=int, default=None,
-                   help="encode only shard K (0-based) of audio_tokenizer.shards; --index gets that shard's rows")
-    args = p.parse_args(argv)
+    if args.command == "decode":
+        try:
+            res = decode_to_wav(config_from_args(args), args.out, sha256=args.sha256, codes=args.codes,
+                                index=args.index)
+        except (KeyError, FileNotFoundError, CorruptEntryError) as exc:
+            raise SystemExit(f"decode: {exc.args[0] if isinstance(exc, KeyError) else exc}") from exc
+        log.info("wrote %s: %d frames, %.2f s at %d Hz", res["out"], res["n_frames"], res["duration_s"],
+                 res["sample_rate"])
+        return 0
+    if args.command == "gather":
+        try:
+            stats = gather_shards([args.train, args.val], args.shard_index, args.shard_stats, args.index, args.stats)
+        except ValueError as exc:
+            raise SystemExit(f"gather: {exc}") from exc
+        print(json.dumps({k: stats[k] for k in ("shards", "n_clips", "n_encoded", "n_cached", "n_corrupt", "index")}))
+        return 0
     cfg = config_from_args(args)
     _tune_process(cfg["audio_tokenizer"])
     stats = encode_all(cfg, [args.train, args.val], args.index, args.stats, shard=args.shard,
