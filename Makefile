@@ -49,8 +49,12 @@ dvc.yaml: venv
 repro: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# two pytest-xdist workers (CI has 2 cores, and much of the suite waits on subprocesses, Slurm and the
+# browser); --dist loadfile keeps each test file on one worker, so its module fixtures are built once;
+# --no-loadscope-reorder: files in collection order, the long ones first (tests/conftest.py LONG_FIRST)
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: venv
 	$(BIN)/snakemake --lint --configfile config/demo.yaml

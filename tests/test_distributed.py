@@ -249,6 +249,7 @@ def test_rendered_launches():
     assert one[-len(args) - 2:] == ["-m", "higgs_tune.train", *args]
     two = accelerate_command(args, processes_per_node=2)
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
+    assert two[two.index("--main_process_port") + 1] == "0"  # a free port: two trainings on one machine
     layout = SlurmLayout(nodes=2, hosts=("gpu-a17", "gpu-a18"), main_host="10.1.0.17", port=29517, job_id="4017",
                          cpus_per_node=16)
     step_env = {"SLURM_JOB_ID": "4017", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_CONF": "/x.conf",

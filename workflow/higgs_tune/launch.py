@@ -59,6 +59,10 @@ def accelerate_command(train_args: list[str], *, processes_per_node: int, nodes:
            "--num_machines", str(nodes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if total > 1:
         cmd.append("--multi_gpu")  # one process per device; on a machine without GPUs, gloo on CPU
+    if total > 1 and nodes == 1:
+        # port 0: accelerate picks a free port, so two trainings on one machine (two experiments' train
+        # jobs under the local profile) do not both wait for torchrun's default 29500
+        cmd += ["--main_process_port", "0"]
     if nodes > 1:
         if not main_host:
             raise ValueError("a multi-node launch needs the rendezvous host (main_host)")
