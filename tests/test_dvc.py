@@ -113,7 +113,8 @@ def test_stages_follow_the_rules():
         assert st["cmd"].startswith("snakemake --profile ${profile} --configfile params/demo.yaml "
                                     f"--allowed-rules {rule} --forcerun {rule} -- results/demo/")
         assert f"workflow/rules/{RULE_FILE.get(rule, rule)}.smk" in st["deps"]
-        modules = {"train": ("train", "launch"), "evaluate_step": ("evaluate",)}.get(rule, (rule,))
+        modules = {"train": ("train", "launch"), "evaluate_step": ("evaluate",),
+                   "tokenize": ("audio_tokens",)}.get(rule, (rule,))
         code = [d for d in st["deps"] if d.startswith("workflow/") and not d.endswith(".smk")]
         assert code == [f.relative_to(ROOT).as_posix() for f in codesig.code_files(*modules, pkg=pkg)], name
         for out in st["outs"] + st.get("metrics", []) + st.get("plots", []):
