@@ -299,6 +299,8 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
             h.update(semantic.encode())
         blob = h.hexdigest()
     else:
+        # not fileio.canonical_json: this id keys every cached code (audio_tokens.cache_key), and a new
+        # form would re-encode every user's cache for codes that are the same
         blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision"),
                            "semantic_model": cfg["semantic_model"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

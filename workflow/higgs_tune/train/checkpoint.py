@@ -18,7 +18,7 @@ import torch
 
 from .. import codesig
 from ..config import trajectory_config
-from ..fileio import sha256_file, write_json
+from ..fileio import canonical_json, sha256_file, write_json
 from .sampler import Position
 
 if TYPE_CHECKING:
@@ -29,14 +29,16 @@ log = logging.getLogger("higgs_tune.train")
 #: written last into a checkpoint: every other file's relative path, size (bytes) and sha256
 MANIFEST = "manifest.json"
 
+
 def run_fingerprint(cfg: dict, io: TrainIO, world: int) -> str:
     """What a checkpoint may be resumed under: exactly what changes the training trajectory, the
     model/lora config and the optimization keys of ``train`` (:func:`higgs_tune.config.trajectory_config`:
     not the run's length, logging, evaluation or checkpointing keys), the training inputs' bytes, the
     trainer's code (:func:`higgs_tune.codesig.code_sig` of the ``train`` package's import closure, as the
-    rules hash it) and the number of processes. Any change of these starts from step 0; 16 hex digits."""
+    rules hash it) and the number of processes; the config as :func:`higgs_tune.fileio.canonical_json`.
+    Any change of these starts from step 0; 16 hex digits."""
     h = hashlib.sha256()
-    h.update(json.dumps(trajectory_config(cfg), sort_keys=True).encode())
+    h.update(canonical_json(trajectory_config(cfg)).encode())
     for p in (io.train, io.val, io.index):
         h.update(sha256_file(p).encode())
     h.update(codesig.code_sig("train").encode())
@@ -48,7 +50,8 @@ class Checkpoints:
     """Resume checkpoints in ``{resume_dir}/{fingerprint}/step-XXXXXXXX/``.
 
     Beside them, ``adapters/step-XXXXXXXX/`` holds the LoRA adapter of every save step
-    (:meth:`save_adapter`; not pruned). Each checkpoint holds ``trainable.safetensors`` (every trainable tensor, fp32), ``trainer.pt`` (optimizer,
+    (:meth:`save_adapter`; not pruned). Each checkpoint holds ``trainable.safetensors`` (every
+    trainable tensor, fp32), ``trainer.pt`` (optimizer,
     LR plan, step, data position), ``rng-rank{r}.pt`` per process (python, numpy, torch, CUDA),
     ``logs/`` (the metric JSONL files up to this step), ``state.json`` and, written last,
     :data:`MANIFEST` (each other file's size and sha256). A checkpoint is written into a temp folder,
