@@ -23,11 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-# bench/tokenize.py is named like the stdlib ``tokenize`` (which linecache/torch import): keep this
-# folder off sys.path (``python bench/bench_audit.py`` puts it first) so the stdlib module is found.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-ROOT = _HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 
