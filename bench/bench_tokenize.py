@@ -19,7 +19,7 @@
 (c)  rerun of (a): every clip is a cache hit.
 (d)  sharded (``audio_tokenizer.shards: N``, ``--shards``, default 2; 0 skips): the N shard jobs at once,
      each a fresh process with ``threads // N`` torch threads and ``num_workers // N`` workers (at
-     least 1 if the config has any), then the gather (``tokenize.gather_shards``) in this process.
+     least 1 if the config has any), then the gather (``audio_tokens.gather_shards``) in this process.
      Timed two ways: elapsed from starting the N processes to the gathered index (Python start and
      imports included), and like (a) (the slowest shard's own wall, imports excluded, + the gather);
      the ratio (a) / (d) uses the latter. On one machine the shards share its cores, so (d) shows the
@@ -280,7 +280,7 @@ def child(run: str, spec_json: str) -> int:
 
     * ``naive``: build the upstream tokenizer, then per file ``librosa.load`` + ``encode`` + ``np.save``
       into ``spec["out"]``; reports ``wall`` and ``build`` seconds.
-    * ``stage`` / ``rerun`` / ``shard``: ``tokenize.encode_all`` of ``spec``'s config, manifests, index and
+    * ``stage`` / ``rerun`` / ``shard``: ``audio_tokens.encode_all`` of ``spec``'s config, manifests, index and
       stats with ``spec["threads"]`` (``shard``: only shard ``spec["shard"]``); ``rerun`` asserts that
       nothing was encoded.
     """

@@ -227,4 +227,4 @@ def test_export_rule_is_its_own_target(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr
     assert "rule export:" in export.stdout and "rule train:" in export.stdout and "rule report:" not in export.stdout
-    assert f"--adapter {tmp_path}/demo/train/adapter --out {tmp_path}/demo/merged" in export.stdout
+    assert f"--adapter {tmp_path}/demo/train/adapter --merged {tmp_path}/demo/merged" in export.stdout

@@ -280,6 +280,8 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
     Raises:
         FileNotFoundError: a pretrained folder without ``config.json`` or ``model.pth``.
     """
+    # not fileio.canonical_json: this id keys every cached code (audio_tokens.cache_key), and a new
+    # form would re-encode every user's cache for codes that are the same
     if cfg["source"] == "random_init":
         blob = json.dumps({"arch": cfg["arch"], "seed": cfg["seed"], "torch": torch.__version__}, sort_keys=True)
     elif os.path.isdir(cfg["path"]):
@@ -299,8 +301,6 @@ def audio_tokenizer_identity(cfg: dict[str, Any]) -> str:
             h.update(semantic.encode())
         blob = h.hexdigest()
     else:
-        # not fileio.canonical_json: this id keys every cached code (audio_tokens.cache_key), and a new
-        # form would re-encode every user's cache for codes that are the same
         blob = json.dumps({"hub": cfg["path"], "revision": cfg.get("revision"),
                            "semantic_model": cfg["semantic_model"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -192,7 +192,8 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _higgs_model(model):
+def higgs_model(model):
+    """The :class:`HiggsAudioModel` inside ``model`` (through DDP and peft wrappers); ``None`` if none."""
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     for m in model.modules():  # through DDP and peft wrappers
@@ -208,7 +209,7 @@ def unsupported(model) -> str | None:
     Raises:
         TypeError: ``model`` holds no ``HiggsAudioModel``.
     """
-    inner = _higgs_model(model)
+    inner = higgs_model(model)
     impl = {inner.config._attn_implementation, getattr(inner.config.text_config, "_attn_implementation", None)}
     if "flash_attention_2" in impl:
         return ("packing needs eager or sdpa attention (flash_attention_2 gets no 4D mask in HiggsAudioModel "
@@ -231,7 +232,7 @@ def packed_attention(model, packed: PackedBatch):
             merged sequence does not have the layout of ``packed`` (its 2D mask differs from
             ``segment_ids > 0``): a length count out of step with the model's merge.
     """
-    inner = _higgs_model(model)
+    inner = higgs_model(model)
     reason = unsupported(inner)  # one walk of the wrappers: inner finds itself first
     if reason:
         raise ValueError(reason)

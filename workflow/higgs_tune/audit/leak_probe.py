@@ -502,7 +502,7 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
         return skipped("fewer than 2 probe samples")
     try:
         reason = packing.unsupported(model)
-        model_config = packing._higgs_model(model).config
+        model_config = packing.higgs_model(model).config
         lengths = [sample_length(s, model_config) for s in samples]
     except (TypeError, ValueError) as exc:
         return skipped(str(exc))

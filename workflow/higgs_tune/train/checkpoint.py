@@ -35,7 +35,8 @@ def run_fingerprint(cfg: dict, io: TrainIO, world: int) -> str:
     model/lora config and the optimization keys of ``train`` (:func:`higgs_tune.config.trajectory_config`:
     not the run's length, logging, evaluation or checkpointing keys), the training inputs' bytes, the
     trainer's code (:func:`higgs_tune.codesig.code_sig` of the ``train`` package's import closure, as the
-    rules hash it) and the number of processes; the config as :func:`higgs_tune.fileio.canonical_json`.
+    rules hash it; the train rule also hashes the launcher, ``launch``, which reruns the job but does not
+    change the trajectory, so a launcher edit still resumes) and the number of processes; the config as :func:`higgs_tune.fileio.canonical_json`.
     Any change of these starts from step 0; 16 hex digits."""
     h = hashlib.sha256()
     h.update(canonical_json(trajectory_config(cfg)).encode())

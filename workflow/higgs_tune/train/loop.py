@@ -29,7 +29,7 @@ from .checkpoint import Checkpoints, run_fingerprint
 from .contract import TRAIN_INPUTS, AuditNotPassed, TrainIO, require_passed_audit
 from .early_stopping import EarlyStopping
 from .model_prep import UnsupportedDtype, autocast, enable_gradient_checkpointing, refuse_float16, trainable_to_fp32
-from .monitor import _tensorboard_row, predictions_record, val_metrics
+from .monitor import predictions_record, tensorboard_row, val_metrics
 from .preemption import Preempted, PreemptionFlag, note_preempted
 from .sampler import Batching, Position
 from .schedule import Schedule, ScheduleError
@@ -140,7 +140,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
         shutil.rmtree(io.tensorboard, ignore_errors=True)
         writer = SummaryWriter(str(io.tensorboard))
         for old in read_jsonl(io.metrics):  # a resumed run's curve starts where it left off
-            _tensorboard_row(writer, old)
+            tensorboard_row(writer, old)
     log.info("training %d samples on %d process(es), global batch %s, %d steps, %d trainable parameters "
              "(LoRA rank %d)", len(train_samples), world, plan.global_batch_size or
              f"of {tc['max_tokens']} positions x {world * tc['grad_accum_steps']} micro-batches", max_steps, n_trainable,
@@ -223,7 +223,7 @@ def train(cfg: dict, io: TrainIO) -> dict:
         last = step == max_steps
         if accelerator.is_main_process:
             append_jsonl(io.metrics, row)
-            _tensorboard_row(writer, row)
+            tensorboard_row(writer, row)
             if step % tc["log_interval"] == 0:
                 log.info("step %d/%d loss %.4f text %.4f audio %.4f lr %.2e", step, max_steps, row["loss"],
                          row["text_loss"], row["audio_loss"], row["lr"])

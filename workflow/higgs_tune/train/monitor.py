@@ -64,7 +64,9 @@ def predictions_record(model, batch, tokenizer, device, step: int, sample_id: st
             "text_acc": loss.text_correct / max(loss.n_text_targets, 1)}
 
 
-def _tensorboard_row(writer, row: dict) -> None:
+def tensorboard_row(writer, row: dict) -> None:
+    """Write one train-metrics ``row`` (step, losses, LR, grad norm, text accuracy, per-codebook loss and
+    accuracy) to the TensorBoard ``writer`` (``torch.utils.tensorboard.SummaryWriter``)."""
     step = row["step"]
     for key in ("loss", "text_loss", "audio_loss", "lr", "grad_norm", "text_acc"):
         writer.add_scalar(f"train/{key}", row[key], step)

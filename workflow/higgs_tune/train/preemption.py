@@ -74,7 +74,7 @@ class PreemptionFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, stop_margin_s: float = 0.0, job_id: str | None = None):
+    def __init__(self, stop_margin_s: float, job_id: str | None = None):
         self.signum: int | None = None
         self.margin, self.job_id = float(stop_margin_s), job_id if stop_margin_s > 0 else None
         self.end: float | None = None
