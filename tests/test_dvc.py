@@ -90,7 +90,8 @@ def test_committed_dvc_yaml_is_generated_and_current(tmp_path):
 
 
 #: rules defined in another rule's file
-RULE_FILE = {"evaluate_base": "evaluate", "evaluate_step": "evaluate", "select": "evaluate"}
+RULE_FILE = {"evaluate_base": "evaluate", "evaluate_step": "evaluate", "select": "evaluate", "export_model": "export",
+             "tokenize_shard": "tokenize", "tokenize_gather": "tokenize"}
 
 
 def test_stages_follow_the_rules():
@@ -185,6 +186,53 @@ def test_generator_errors_name_the_problem(tmp_path):
     res = generator(*out, f"config/demo.yaml+{bad}")
     assert res.returncode == 2 and "rank" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rule_declarations_and_the_code_table_cover_every_rule():
+    """The generator reads each rule's file and docstring from its declaration, and its code from
+    codesig.RULE_MODULES, the table the rule's params.code is computed from: every rule but `all` is in
+    the table and hashes its own entry (`code=rule_code("<its name>")`); the table names the module its
+    command runs; target rules (`all`, `export`: inputs only) run nothing."""
+    declared = dvc_stages.rule_declarations(ROOT)
+    blocks = {rule: re.search(rf"^(?:rule|checkpoint) {rule}:\n(.*?)(?=^\S|\Z)", path.read_text(), re.M | re.S)[1]
+              for rule, (path, _) in declared.items()}
+    assert {r for r, b in blocks.items() if "shell:" in b} == set(codesig.RULE_MODULES)
+    assert set(declared) - set(codesig.RULE_MODULES) == {"all", "export"}
+    for rule, (path, doc) in declared.items():
+        assert path.relative_to(ROOT).as_posix() == ("Snakefile" if rule == "all" else
+                                                     f"workflow/rules/{RULE_FILE.get(rule, rule)}.smk")
+        assert doc.strip(), f"rule {rule} has no docstring"
+        if rule not in codesig.RULE_MODULES:
+            continue
+        block = blocks[rule]
+        assert f'code=rule_code("{rule}")' in block, rule
+        runs = set(re.findall(r"-m higgs_tune\.(\w+)", block))
+        assert runs and runs <= set(codesig.RULE_MODULES[rule]), (rule, runs)
+    assert declared["train"][1].startswith("LoRA fine-tuning with accelerate")
+
+
+def test_the_generator_refuses_what_it_cannot_track():
+    """A job passed a config value the merged config lacks, a rule running a module its code entry does
+    not name, and outputs that are not the table's rows each stop the generator, naming the rule."""
+    declared = dvc_stages.rule_declarations(ROOT)
+    config = {"experiment": "demo", "data": {"manifest": "m.jsonl", "val_fraction": 0.1}, "cache_dir": ".cache"}
+    dvc_stages.check_config("manifest", {"data": {"val_fraction": 0.1}, "cache_dir": ".cache"}, config)
+    with pytest.raises(dvc_stages.GeneratorError, match=r"job manifest: Snakemake passes data.val_fraction=0.2"):
+        dvc_stages.check_config("manifest", {"data": {"val_fraction": 0.2}}, config)
+    event = {"jobid": 0, "rule_name": "curves", "wildcards": {"experiment": "demo"}, "input": ["a", "b"],
+             "output": ["results/demo/train/curves.csv", "results/demo/train/val_curves.csv"],
+             "shellcmd": "python -m higgs_tune.curves --train a --val b"}
+    job = dvc_stages._job(event, declared, config)
+    assert job.outputs == {"train": "results/demo/train/curves.csv", "val": "results/demo/train/val_curves.csv"}
+    assert job.rule_file == ROOT / "workflow" / "rules" / "curves.smk" and job.cfg_keys == []
+    with pytest.raises(dvc_stages.GeneratorError, match=r"rule 'curves' runs higgs_tune.report, which"):
+        dvc_stages._job({**event, "shellcmd": event["shellcmd"] + " && python -m higgs_tune.report"}, declared, config)
+    with pytest.raises(dvc_stages.GeneratorError, match=r"rule 'curves' has 1 outputs, the table of outputs"):
+        dvc_stages._job({**event, "output": event["output"][:1]}, declared, config)
+    with pytest.raises(dvc_stages.GeneratorError, match=r"job curves .*: Snakemake passes data.val_fraction=0.3, "
+                                                       r"the merged config has 0.1"):
+        dvc_stages._job({**event, "shellcmd": "python -m higgs_tune.curves --config-json "
+                         "'{\"data\": {\"val_fraction\": 0.3}}'"}, declared, config)
 
 
 def test_lineage_without_a_lock_says_so(tmp_path):

@@ -19,6 +19,22 @@ from pathlib import Path
 #: the higgs_tune package folder
 PKG = Path(__file__).resolve().parent
 
+#: rule -> the modules whose code is the rule's code trigger (its ``params.code``, :func:`rule_sig`) and
+#: its DVC stage's code deps: the module its command runs (``python -m higgs_tune.X``) and, for train, the
+#: launcher it runs through. The Snakemake rules, the compare's lineage and ``dvc_stages`` all read this.
+RULE_MODULES: dict[str, tuple[str, ...]] = {
+    "manifest": ("manifest",),
+    "tokenize": ("audio_tokens",), "tokenize_shard": ("audio_tokens",), "tokenize_gather": ("audio_tokens",),
+    "audit": ("audit",),
+    "train": ("train", "launch"),
+    "evaluate_base": ("evaluate_base",), "evaluate": ("evaluate",), "evaluate_step": ("evaluate",),
+    "select": ("select",),
+    "curves": ("curves",),
+    "report": ("report",),
+    "compare": ("compare",),
+    "export_model": ("export",),
+}
+
 #: non-Python files a module reads at run time, relative to the package folder (folders: every file in them)
 DATA_FILES: dict[str, tuple[str, ...]] = {"report": ("../report",), "manifest": ("../schemas/chatml_row.schema.yaml",)}
 
@@ -91,3 +107,21 @@ def code_sig(*names: str, pkg: Path = PKG) -> str:
     for f in code_files(*names, pkg=pkg):
         h.update(f"{f.relative_to(pkg.parent).as_posix()}\0".encode() + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def rule_sig(rule: str, pkg: Path = PKG) -> str:
+    """:func:`code_sig` of ``rule``'s modules (:data:`RULE_MODULES`): the rule's ``params.code``.
+
+    Raises:
+        KeyError: ``rule`` is not in :data:`RULE_MODULES` (a new rule must be added there).
+    """
+    return code_sig(*RULE_MODULES[rule], pkg=pkg)
+
+
+def rule_files(rule: str, pkg: Path = PKG) -> list[Path]:
+    """:func:`code_files` of ``rule``'s modules (:data:`RULE_MODULES`): its DVC stage's code deps.
+
+    Raises:
+        KeyError: ``rule`` is not in :data:`RULE_MODULES`.
+    """
+    return code_files(*RULE_MODULES[rule], pkg=pkg)

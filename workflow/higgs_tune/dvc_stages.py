@@ -23,9 +23,10 @@ For every experiment the Snakefile is planned with the Snakemake API's dry run (
   (``profile`` is a ``vars`` entry: ``profiles/default``, or ``--profile profiles/slurm`` on a cluster).
 * ``deps``: the rule's inputs, the audio the manifest references (for the job that reads the raw
   manifest and the jobs that open the clips, :data:`AUDIO_READERS`: the folders holding the
-  referenced files, or the files themselves where a folder would hold the outputs), the rule's ``.smk`` file, and the code files ``params.code`` hashes
-  (:func:`higgs_tune.codesig.code_files`; the generator refuses to write a stage whose hash does not
-  match, so the list cannot drift from the trigger).
+  referenced files, or the files themselves where a folder would hold the outputs), the rule's ``.smk`` file, and the code files its ``params.code`` hashes
+  (:func:`higgs_tune.codesig.rule_files`: both come from the one table
+  :data:`higgs_tune.codesig.RULE_MODULES`; the generator refuses a rule whose command runs a module the
+  table does not name for it).
 * ``params``: the config sections the rule passes (the keys of its ``params.cfg``), read from
   ``params/<exp>.yaml``: the experiment's merged, validated config (defaults filled), written by this
   command. The stages run Snakemake with that file, so what DVC records is what ran.
@@ -39,9 +40,9 @@ For every experiment the Snakefile is planned with the Snakemake API's dry run (
   ``text_loss``, ``audio_loss``).
 
 Errors: a missing config file, a config that fails the schema (Snakemake's message names the key),
-an experiment named twice, or a rule whose ``params.code`` is neither ``code_sig(<rule>)`` nor
-``code_sig(<rule>, <modules its command runs with python -m higgs_tune.X>)`` exit with status 2
-and the reason.
+an experiment named twice, a rule missing from ``RULE_MODULES`` or running a module it does not name,
+outputs that are not the table of outputs' rows, or a job passed a config value the merged config does
+not hold, exit with status 2 and the reason.
 """
 
 from __future__ import annotations
@@ -103,9 +104,7 @@ class Job:
     inputs: dict[str, str]
     outputs: dict[str, str]  # output name (``_<i>`` for unnamed ones) -> path
     cfg_keys: list[str]
-    code: str | None
     doc: str = ""
-    shell_modules: tuple[str, ...] = ()  # higgs_tune modules the shell command runs (python -m higgs_tune.X)
     wildcards: dict[str, str] = field(default_factory=dict)  # the job's wildcards but {experiment} (e.g. step)
 
 
@@ -127,19 +126,25 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
     """Evaluate ``root/Snakefile`` with ``configfiles`` (Snakemake API, in process) and return the
     experiment's merged config and every job of its full DAG (``--forceall``), upstream first.
 
-    The jobs come from Snakemake's documented interfaces: the API's dry run
-    (``SnakemakeApi().workflow().dag(DAGSettings(forceall=True)).execute_workflow(executor="dryrun")``,
-    i.e. ``snakemake -n --forceall``) logs one ``job_info`` event per planned job, with the fields the
-    logger-plugin interface documents for it (``jobid``, ``rule_name``, ``wildcards``, ``input``,
-    ``output``, ``shellcmd``: the rendered command). A job's config sections are the ``--config-json``
-    its rendered command passes (every rule with ``params.cfg`` passes it so). No public call gives
-    the merged config nor a rule's static declaration (its ``.smk`` file, docstring, output names,
-    ``params.code``: what ``--list-rules`` and ``--print-compilation`` print as text): those are read
-    from the workflow object the API loaded (``WorkflowApi._workflow``: ``.config``, ``.rules``),
-    not from Snakemake's DAG internals.
+    Everything comes from documented interfaces, none from Snakemake's internals:
+
+    * the jobs: the API's dry run
+      (``SnakemakeApi().workflow().dag(DAGSettings(forceall=True)).execute_workflow(executor="dryrun")``,
+      i.e. ``snakemake -n --forceall``) logs one ``job_info`` event per planned job, with the fields the
+      logger-plugin interface documents for it (``jobid``, ``rule_name``, ``wildcards``, ``input``,
+      ``output``, ``shellcmd``: the rendered command). A job's config sections are the ``--config-json``
+      its rendered command passes.
+    * the merged config: :func:`merged_config`, Snakemake's merge of the Snakefile's ``configfile:`` and
+      ``configfiles``, validated as ``common.smk`` validates it; checked against every section a job passes
+      (:func:`check_config`), so it is what the jobs run with.
+    * each rule's ``.smk`` file and docstring: its declaration in the sources (:func:`rule_declarations`);
+      its output names: the table of outputs (:func:`higgs_tune.outputs.of_rule`), in the order the rule
+      declares them (``output: **rule_outputs(rule)``); its code: :data:`higgs_tune.codesig.RULE_MODULES`,
+      the table its ``params.code`` (``rule_code(rule)``) is computed from.
 
     Raises:
-        GeneratorError: the Snakefile or config does not evaluate (Snakemake's message included).
+        GeneratorError: the Snakefile or config does not evaluate (Snakemake's message included), or
+            what the jobs were passed disagrees with the merged config.
     """
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings, OutputSettings,
@@ -161,13 +166,10 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
             # a dry run takes no lock and plans over incomplete outputs (a killed job's) like --forceall
             wapi.dag(DAGSettings(forceall=True)).execute_workflow(
                 executor="dryrun", execution_settings=ExecutionSettings(lock=False, ignore_incomplete=True))
-            # the merged config and the declared rules (no public getter: what --print-compilation shows)
-            wf = wapi._workflow
-            config = json.loads(json.dumps(dict(wf.config)))
-            rules = {r.name: r for r in wf.rules}
+        config = merged_config(root, files)
+        declared = rule_declarations(root)
         # in job id order (Snakemake numbers the jobs as it builds the DAG): the tie order below
-        jobs = [_job(ev, rules[ev["rule_name"]], config) for ev in sorted(events.jobs, key=lambda e: e["jobid"])
-                if ev["output"]]
+        jobs = [_job(ev, declared, config) for ev in sorted(events.jobs, key=lambda e: e["jobid"]) if ev["output"]]
     except GeneratorError:
         raise
     except Exception as exc:  # WorkflowError, validation errors, ...
@@ -180,6 +182,57 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
     depth = {id(j): _order(j, jobs) for j in jobs}
     jobs.sort(key=lambda j: (depth[id(j)], int(j.wildcards.get("shard", -1))))
     return Experiment(configfiles=list(configfiles), config=config, jobs=jobs)
+
+
+def merged_config(root: Path, configfiles: list[Path]) -> dict[str, Any]:
+    """The config Snakemake runs ``root/Snakefile`` with under ``--configfile configfiles``: the
+    Snakefile's own ``configfile:`` files, then ``configfiles``, merged key by key (later files win), then
+    validated against the schema with its defaults filled (:func:`higgs_tune.config.load_config`, the
+    validator ``common.smk`` calls); as plain JSON values.
+
+    Raises:
+        snakemake.exceptions.WorkflowError: the merged config fails the schema (naming the key).
+    """
+    from .config import load_config
+
+    text = (root / "Snakefile").read_text()
+    own = [root / m for m in re.findall(r"""^configfile:\s*["']([^"']+)["']""", text, flags=re.M)]
+    return json.loads(json.dumps(load_config([*own, *configfiles])))
+
+
+def rule_declarations(root: Path) -> dict[str, tuple[Path, str]]:
+    """``rule name -> (the file declaring it, its docstring)`` from ``root/Snakefile`` and
+    ``root/workflow/rules/*.smk``: each ``rule NAME:`` (or ``checkpoint NAME:``) line and the
+    triple-quoted string that opens its body ("" without one).
+
+    Raises:
+        GeneratorError: a rule declared twice.
+    """
+    out: dict[str, tuple[Path, str]] = {}
+    for f in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]:
+        for m in re.finditer(r'^(?:rule|checkpoint)\s+(\w+)\s*:[^\n]*\n(?:[ \t]+"""(.*?)""")?',
+                             f.read_text(), flags=re.M | re.S):
+            if m.group(1) in out:
+                raise GeneratorError(f"rule {m.group(1)!r} is declared in both {out[m.group(1)][0]} and {f}")
+            out[m.group(1)] = (f, m.group(2) or "")
+    return out
+
+
+def check_config(job: str, passed: dict[str, Any], config: dict[str, Any]) -> None:
+    """Every section (or, for a section passed in part, every key) ``job``'s ``--config-json`` passes
+    equals the merged config's.
+
+    Raises:
+        GeneratorError: naming the first key that differs (the params file would not be what ran).
+    """
+    for key, value in passed.items():
+        full = config.get(key)
+        pairs = ([(f"{key}.{k}", v, full.get(k)) for k, v in value.items()]
+                 if isinstance(value, dict) and isinstance(full, dict) else [(key, value, full)])
+        for name, got, want in pairs:
+            if got != want:
+                raise GeneratorError(f"job {job}: Snakemake passes {name}={got!r}, the merged config has {want!r}; "
+                                     "the params file would not be what ran (does a rule change the config?)")
 
 
 class _JobEvents(logging.Handler):
@@ -197,37 +250,51 @@ class _JobEvents(logging.Handler):
             self.jobs.append({k: getattr(record, k, None) for k in self.FIELDS})
 
 
-def _job(event: dict[str, Any], rule, config: dict) -> Job:
-    """A :class:`Job` from a dry run's ``job_info`` event and its declared ``rule``.
+def _job(event: dict[str, Any], declared: dict[str, tuple[Path, str]], config: dict) -> Job:
+    """A :class:`Job` from a dry run's ``job_info`` event and the rules' declarations.
 
     Raises:
         GeneratorError: a file is annotated in the event (Snakemake marks pipe/service/storage files
-            ``path (pipe)``...): not a path a DVC stage can track; or the rule has ``params.cfg`` but
-            its command passes no ``--config-json`` (its DVC params would be unknown).
+            ``path (pipe)``...): not a path a DVC stage can track; the rule is not declared in the
+            sources, or not in the code table; its outputs are not the table of outputs' rows; or a
+            section it is passed differs from the merged config (:func:`check_config`).
     """
+    from .outputs import of_rule
+
+    rule = event["rule_name"]
     outputs = [str(o) for o in event["output"] or []]
     for p in [*outputs, *map(str, event["input"] or [])]:
         if p.endswith(")") and " (" in p:
-            raise GeneratorError(f"rule {event['rule_name']!r}: file {p!r} is annotated by Snakemake (pipe, service, "
+            raise GeneratorError(f"rule {rule!r}: file {p!r} is annotated by Snakemake (pipe, service, "
                                  "storage, ...): a DVC stage tracks plain paths; declare it as a plain file")
-    # the declared output names by position (the job's outputs are the rule's, in order)
-    declared = list(rule.output)
-    names = {i: name for name, v in rule.output.items() for i, d in enumerate(declared) if d is v}
+    if rule not in declared:
+        raise GeneratorError(f"rule {rule!r} is declared in neither Snakefile nor workflow/rules/*.smk")
+    if rule not in codesig.RULE_MODULES:
+        raise GeneratorError(f"rule {rule!r} is not in higgs_tune.codesig.RULE_MODULES: add the modules its "
+                             "command runs, and give it `code=rule_code({rule!r})`")
+    # the declared output names by position: the rule declares `output: **rule_outputs(rule)`
+    names = [o.key for o in of_rule(rule)]
+    if len(names) != len(outputs):
+        raise GeneratorError(f"rule {rule!r} has {len(outputs)} outputs, the table of outputs (higgs_tune/outputs.py) "
+                             f"{len(names)}: declare `output: **rule_outputs({rule!r})`")
     shell = event["shellcmd"] or ""
+    runs = set(re.findall(r"-m\s+higgs_tune\.(\w+)", shell)) - set(codesig.RULE_MODULES[rule])
+    if runs:
+        raise GeneratorError(f"rule {rule!r} runs higgs_tune.{', higgs_tune.'.join(sorted(runs))}, which "
+                             f"higgs_tune.codesig.RULE_MODULES[{rule!r}] does not name: add it there, so that "
+                             "editing it reruns the rule and its DVC stage")
     words = shlex.split(shell)
-    cfg = words[words.index("--config-json") + 1] if "--config-json" in words else None
-    params = dict(rule.params.items())
-    if "cfg" in params and cfg is None:
-        raise GeneratorError(f"rule {event['rule_name']!r} has params.cfg but its command passes no --config-json: "
-                             "pass `--config-json {params.cfg:q}` (the DVC params are the sections it passes)")
-    return Job(rule=event["rule_name"], rule_file=Path(rule.snakefile),
+    passed = json.loads(words[words.index("--config-json") + 1]) if "--config-json" in words else None
+    wildcards = {k: str(v) for k, v in (event["wildcards"] or {}).items()}
+    if passed is not None and wildcards.get("experiment") == config["experiment"]:
+        check_config(f"{rule} {wildcards}", passed, config)
+    rule_file, doc = declared[rule]
+    return Job(rule=rule, rule_file=rule_file,
                inputs={f"_{i}": str(p) for i, p in enumerate(event["input"] or [])},
-               outputs={names.get(i, f"_{i}"): p for i, p in enumerate(outputs)},
-               cfg_keys=param_keys(json.loads(cfg), config) if cfg is not None else [],
-               code=params.get("code"), doc=(rule.docstring or "").strip(),
-               shell_modules=tuple(sorted(set(re.findall(r"-m\s+higgs_tune\.(\w+)", shell)))),
-               wildcards={k: str(v) for k, v in (event["wildcards"] or {}).items()
-                          if k not in ("experiment", "nshards")})
+               outputs=dict(zip(names, outputs)),
+               cfg_keys=param_keys(passed, config) if passed is not None else [],
+               doc=doc.strip(),
+               wildcards={k: v for k, v in wildcards.items() if k not in ("experiment", "nshards")})
 
 
 def _order(job: Job, jobs: list[Job]) -> int:
@@ -262,31 +329,6 @@ def audio_deps(manifest: str, data: dict, root: Path, results_dir: Path) -> list
     return deps
 
 
-def code_files_of(job: Job, pkg: Path) -> list[Path]:
-    """The files the job's ``params.code`` hashes: ``code_sig(rule)``, ``code_sig(rule, *modules the
-    shell command runs)`` or ``code_sig(*those modules)`` (a rule not named after a module, e.g.
-    ``tokenize_shard``; evaluate_step runs evaluate), whichever equals the rendered hash.
-
-    Raises:
-        GeneratorError: neither matches (the dep list could not follow the trigger).
-    """
-    tried = []
-    # the rule's own module, with the modules its command runs, or those alone (evaluate_step runs evaluate)
-    for names in ((job.rule,), tuple(sorted({job.rule, *job.shell_modules})), tuple(sorted(job.shell_modules))):
-        if not names or names in tried:
-            continue
-        tried.append(names)
-        try:
-            if codesig.code_sig(*names, pkg=pkg) == job.code:
-                return codesig.code_files(*names, pkg=pkg)
-        except FileNotFoundError:
-            continue
-    raise GeneratorError(f"rule {job.rule!r}: params.code {job.code} is none of "
-                         + ", ".join(f"code_sig({', '.join(map(repr, n))})" for n in tried)
-                         + f"; pass code_sig({job.rule!r}[, the modules its command runs]) so that the code deps "
-                         "of its DVC stage are known")
-
-
 def param_keys(passed: dict, config: dict) -> list[str]:
     """The DVC params of a rule whose ``params.cfg`` is ``passed``: each top-level key, or
     ``section.key`` for every key of a section the rule passes only in part (the train rule's
@@ -307,7 +349,7 @@ def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], lis
     that file's text.
 
     Raises:
-        GeneratorError: a rule's ``params.code`` is not ``code_sig(rule)`` (the dep list would drift).
+        KeyError: a rule missing from ``higgs_tune.codesig.RULE_MODULES`` (:func:`snakemake_graph` checks).
     """
     name = exp.name
     params_file = f"{PARAMS_DIR}/{name}.yaml"
@@ -327,8 +369,7 @@ def experiment_stages(exp: Experiment, root: Path) -> tuple[dict[str, dict], lis
         if (reads_raw and manifest in job.inputs.values()) or job.rule in AUDIO_READERS:
             deps += audio_deps(manifest, exp.config["data"], root, results_dir)
         deps.append(_rel(job.rule_file, root))
-        if job.code is not None:
-            deps += [_rel(f, root) for f in code_files_of(job, pkg)]
+        deps += [_rel(f, root) for f in codesig.rule_files(job.rule, pkg=pkg)]
         deps = list(dict.fromkeys(deps))
         outs, metrics, plots = [], [], []
         for oname, path in job.outputs.items():

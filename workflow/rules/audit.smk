@@ -10,7 +10,7 @@ rule audit:
         **rule_outputs("audit"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("model", "audit", "lora"),
-        code=code_sig("audit"),
+        code=rule_code("audit"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:

@@ -249,10 +249,6 @@ def sweep_inputs(wildcards):
     return out
 
 
-#: stage -> its module where the names differ (higgs_tune.tokenize would shadow the standard library's)
-STAGE_MODULES = {"tokenize": "audio_tokens"}
-
-
 def sweep_config(wildcards):
     """The compare job's --config-json: the sweep (name, base experiment, each run's overlay, the
     runs' experiments in declared order), every run's resolved config, and the code signature of
@@ -261,7 +257,7 @@ def sweep_config(wildcards):
     return json.dumps({"sweep": {"name": SWEEP["name"], "base": BASE, "runs": SWEEP["runs"],
                                  "order": TARGET_EXPERIMENTS},
                        "experiments": {e: EXPERIMENTS[e] for e in TARGET_EXPERIMENTS},
-                       "code": {s: code_sig(STAGE_MODULES.get(s, s))
+                       "code": {s: rule_code(s)
                                 for s in ("manifest", "tokenize", "audit", "train", "evaluate_base", "evaluate")}},
                       sort_keys=True)
 
@@ -290,12 +286,12 @@ def _load_codesig():
 _codesig = _load_codesig()
 
 
-def code_sig(*modules):
-    """sha256 of the source of ``modules`` and every higgs_tune module they import, transitively
-    (and the files they read, e.g. the report template: ``higgs_tune.codesig``): editing any of
-    them reruns the job (params trigger); undoing the edit makes it a no-op again. The generated
-    dvc.yaml lists the same files as the stage's code dependencies."""
-    return _codesig.code_sig(*modules, pkg=PKG)
+def rule_code(rule_name):
+    """A rule's params.code: the sha256 of the source of its modules (higgs_tune.codesig.RULE_MODULES)
+    and every higgs_tune module they import, transitively (and the files they read, e.g. the report
+    template): editing any of them reruns the job (params trigger); undoing the edit makes it a no-op
+    again. The generated dvc.yaml lists the same files as the stage's code dependencies."""
+    return _codesig.rule_sig(rule_name, pkg=PKG)
 
 
 #: experiments whose clips one tokenize job encodes (audio_tokenizer.shards: 1) / shard jobs and a gather

@@ -8,7 +8,7 @@ rule compare:
         html=report(RESULTS / "compare-{sweep}.html", caption="../report/compare.rst", category="higgs-tune"),
     params:
         cfg=sweep_config,
-        code=code_sig("compare"),
+        code=rule_code("compare"),
         inputs=lambda wc: " ".join(role_args(dict(sorted(roles.items())), f"{exp}:")
                                    for exp, roles in sorted(sweep_inputs(wc).items())),
     conda:

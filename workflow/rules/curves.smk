@@ -11,7 +11,7 @@ rule curves:
     output:
         **rule_outputs("curves"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
-        code=code_sig("curves"),
+        code=rule_code("curves"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:

@@ -11,7 +11,7 @@ rule evaluate_base:
         **rule_outputs("evaluate_base"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
-        code=code_sig("evaluate_base"),
+        code=rule_code("evaluate_base"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
@@ -36,7 +36,7 @@ rule evaluate:
         **rule_outputs("evaluate"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
-        code=code_sig("evaluate"),
+        code=rule_code("evaluate"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:
@@ -65,7 +65,7 @@ rule evaluate_step:
         **rule_outputs("evaluate_step"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "model", "lora", "train", "eval", "audio_tokenizer", drop=EVAL_CHOICE_KEYS),
-        code=code_sig("evaluate"),
+        code=rule_code("evaluate_step"),
         adapter=lambda wc, input: f"{input.steps}/step-{int(wc.step):08d}",
     conda:
         "../../envs/higgs-tune.yaml"
@@ -90,7 +90,7 @@ rule select:
         **rule_outputs("select"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=select_config,
-        code=code_sig("select"),
+        code=rule_code("select"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:

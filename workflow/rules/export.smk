@@ -12,7 +12,7 @@ rule export_model:
         **rule_outputs("export_model"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("model"),
-        code=code_sig("export"),
+        code=rule_code("export_model"),
     resources:
         mem_mb=8000,
     conda:

@@ -6,7 +6,7 @@ rule manifest:
         **rule_outputs("manifest"),  # names and paths: workflow/higgs_tune/outputs.py
     params:
         cfg=stage_config("data", "cache_dir"),
-        code=code_sig("manifest"),
+        code=rule_code("manifest"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:

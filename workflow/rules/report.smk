@@ -8,7 +8,7 @@ rule report:
         html=report(output_path("report"), caption="../report/report.rst", category="higgs-tune"),
     params:
         cfg=stage_config(),
-        code=code_sig("report"),
+        code=rule_code("report"),
         inputs=lambda wc, input: role_args(dict(input.items())),
     conda:
         "../../envs/higgs-tune.yaml"

@@ -14,7 +14,7 @@ rule tokenize:
         experiment=experiments_matching(TOKENIZE_ONE_JOB),
     params:
         cfg=stage_config("audio_tokenizer", "cache_dir"),
-        code=code_sig("audio_tokens"),
+        code=rule_code("tokenize"),
     threads: 2
     resources:
         mem_mb=8000,
@@ -44,7 +44,7 @@ rule tokenize_shard:
         nshards=r"\d+",
     params:
         cfg=stage_config("audio_tokenizer", "cache_dir"),
-        code=code_sig("audio_tokens"),
+        code=rule_code("tokenize_shard"),
         shard=shard_arg,
     threads: 2
     resources:
@@ -74,7 +74,7 @@ rule tokenize_gather:
     wildcard_constraints:
         experiment=experiments_matching(TOKENIZE_SHARDED),
     params:
-        code=code_sig("audio_tokens"),
+        code=rule_code("tokenize_gather"),
     conda:
         "../../envs/higgs-tune.yaml"
     log:

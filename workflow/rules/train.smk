@@ -13,7 +13,7 @@ rule train:
     params:
         cfg=train_config,
         monitor=train_monitor_config,
-        code=code_sig("train", "launch"),
+        code=rule_code("train"),
         resume_dir=resume_dir,
         nproc=lambda wc, resources: processes_per_node(resources, experiment_config(wc)),
     threads: 2
