@@ -232,7 +232,8 @@ def test_text_logits_at_targets_same_loss_and_gradients(demo_config, real_batch_
     from higgs_tune.model import apply_lora, build_model
 
     def run(at_targets: bool, no_text: bool = False):
-        model = apply_lora(build_model(demo_config["model"], torch.float32, "cpu"), demo_config["lora"])  # text_lm_head trained
+        # text_lm_head trained
+        model = apply_lora(build_model(demo_config["model"], torch.float32, "cpu"), demo_config["lora"])
         model.train()
         batch = real_batch_factory(model)
         if no_text:

@@ -116,7 +116,7 @@ def higgs_loss(
         label_audio_ids: long ``(K, N)``, unshifted audio labels from the collator.
         audio_out_ids_start: long ``(S,)``, segment starts in the concatenated audio stream.
         text_weight, audio_weight: weights of the two terms in ``loss`` (``train.text_weight``,
-            ``train.audio_weight``; required: the terms themselves do not depend on them).
+            ``train.audio_weight``); the other fields do not depend on them.
         normalizer: counts over a whole gradient-accumulation window; when given, ``loss`` is
             ``sum of CE / window count`` so that micro-batch losses add up to the window's loss.
         text_head: ``(n, H) -> (n, V)``, applied to the hidden states of the target positions only.
