@@ -140,7 +140,7 @@ def main() -> int:
     default_threads = torch.get_num_threads()
     print(f"# {len(clips)} clips, {audio_s:.1f} s of audio; CPUs usable {T.default_threads()}, "
           f"num_workers {at['num_workers']}, thread budget {threads}, torch default threads {default_threads}; "
-          f"device {at.get('device', 'cpu')}; work dir {work}", flush=True)
+          f"device {at['device']}; work dir {work}", flush=True)
 
     def stage_for(name: str) -> dict:
         """An experiment with its own (empty) cache: ``{"cfg", "manifests", "index", "stats"}``."""
@@ -297,7 +297,7 @@ def child(run: str, spec_json: str) -> int:
         out = Path(spec["out"])
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        tok = build_audio_tokenizer(spec["at"])
+        tok = build_audio_tokenizer(spec["at"], device="cpu")
         build = time.perf_counter() - t0
         for i, p in enumerate(spec["clips"]):
             wv, _ = librosa.load(p, sr=tok.sampling_rate)

@@ -77,15 +77,17 @@ def text_tokenizer():
 def audio_tokenizer(demo_config):
     from higgs_tune.codec import build_audio_tokenizer
 
-    return build_audio_tokenizer(demo_config["audio_tokenizer"])
+    return build_audio_tokenizer(demo_config["audio_tokenizer"], device="cpu")
 
 
 @pytest.fixture
 def tiny_model(demo_config):
     """A fresh random-init tiny Higgs model (function scope: tests may train it)."""
+    import torch
+
     from higgs_tune.model import build_model
 
-    return build_model(demo_config["model"])
+    return build_model(demo_config["model"], torch.float32, "cpu")
 
 
 # ----------------------------------------------------------------------- training inputs, staged

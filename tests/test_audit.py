@@ -159,7 +159,7 @@ def shared_model(demo_config):
     """One tiny random-init Higgs model for the tests that inject a loss wiring or a collator."""
     from higgs_tune.model import build_model
 
-    return build_model(demo_config["model"])
+    return build_model(demo_config["model"], torch.float32, "cpu")
 
 
 def failed_rules(summary: dict) -> set[str]:
@@ -565,7 +565,7 @@ def test_peft_causal_lm_task_type(demo_cfg, demo_config, text_tokenizer):
 
     from higgs_tune.model import build_model
 
-    model = get_peft_model(build_model(demo_config["model"]),
+    model = get_peft_model(build_model(demo_config["model"], torch.float32, "cpu"),
                            LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
                                       target_modules=["self_attn.q_proj", "self_attn.v_proj"]))
     s = run_audit(demo_cfg, model=model, text_tokenizer=text_tokenizer)

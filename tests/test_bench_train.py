@@ -58,7 +58,7 @@ def test_model_flops_match_torch_flop_counter(repo_root, demo_config, real_batch
     model.train()
     batch = real_batch_factory(model)
     with FlopCounterMode(display=False) as counter:
-        out, loss = forward_loss(model, batch, "cpu", text_logits_at_targets=True)
+        out, loss = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0, text_logits_at_targets=True)
         loss.loss.backward()
     counted = counter.get_total_flops()
     b, length = out.attention_mask.shape

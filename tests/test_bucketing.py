@@ -173,7 +173,7 @@ def test_sample_length_is_what_the_model_runs_on(short_codes, transcripts, text_
     assert short.tokens + 8 < long_.tokens and short.positions > long_.positions
     for idx in ([0], [3], [4], [0, 1], [2, 3], [3, 4, 0], [0, 1, 2, 3], [1, 2, 3, 4], [5, 6], [6, 5, 0]):
         with torch.no_grad():
-            out = tiny_model(**D.batch_to_model_kwargs(collator([samples[i] for i in idx])))
+            out = tiny_model(**D.batch_to_model_kwargs(collator([samples[i] for i in idx]), "cpu"))
             real, padded = D.batch_positions([lengths[i] for i in idx])
             assert (real, padded) == (int(out.attention_mask.sum()), out.attention_mask.numel()), idx
 
@@ -273,12 +273,12 @@ def test_padding_efficiency_on_the_demo_data(demo_config, demo_train):
     assert measured[4][2] < 0.95, measured
 
     # the same figure from the real collator and the model's merged attention mask (one epoch, batch 4)
-    model = build_model(demo_config["model"])
+    model = build_model(demo_config["model"], torch.float32, "cpu")
     collator = D.make_collator(model.config)
     real = padded = 0
     with torch.no_grad():
         for step in micro_steps(n, 4, 1, 0, 0, lengths, 64):
-            mask = model(**D.batch_to_model_kwargs(collator([samples[i] for i in step]))).attention_mask
+            mask = model(**D.batch_to_model_kwargs(collator([samples[i] for i in step]), "cpu")).attention_mask
             real, padded = real + int(mask.sum()), padded + mask.numel()
     assert real / padded == pytest.approx(efficiency(micro_steps(n, 4, 1, 0, 0, lengths, 64), lengths, 4, 1))
 
@@ -291,7 +291,7 @@ def test_padding_efficiency_on_the_demo_data(demo_config, demo_train):
             pk = P.packed_collate([samples[i] for i in step], [lengths[i] for i in step], collator,
                                   demo_config["train"]["pack_positions"])
             with P.packed_attention(model, pk):
-                mask = model(**D.batch_to_model_kwargs(pk.batch)).attention_mask
+                mask = model(**D.batch_to_model_kwargs(pk.batch, "cpu")).attention_mask
             packed_real, packed_padded = packed_real + int(mask.sum()), packed_padded + mask.numel()
     assert packed_real == real
     measured["packed 4"] = round(packed_real / packed_padded, 3)

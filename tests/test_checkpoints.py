@@ -120,6 +120,7 @@ def test_a_middle_checkpoint_with_the_lowest_val_loss_is_selected_and_exported(t
     that the val loss is lowest at step 4 of the snapshots 2, 4, 6. The stage CLIs run as the rules
     render them: evaluate_base, evaluate of the final adapter, evaluate --step for 2 and 4 (and for
     a step never saved: skipped), select, export. The merged weights are base + step 4's adapter."""
+    import torch
     from safetensors.torch import load_file
 
     from higgs_tune import evaluate, evaluate_base, export
@@ -183,7 +184,7 @@ def test_a_middle_checkpoint_with_the_lowest_val_loss_is_selected_and_exported(t
 
     # the merged weights, computed here from the base and step 4's snapshot: W + B A alpha / r, the head copied
     weights = load_file(str(merged / "model.safetensors"))
-    base = dict(build_model(cfg["model"]).named_parameters())
+    base = dict(build_model(cfg["model"], torch.float32, "cpu").named_parameters())
     scale = cfg["lora"]["alpha"] / cfg["lora"]["rank"]
 
     def merged_by_hand(snapshot):

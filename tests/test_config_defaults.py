@@ -8,13 +8,20 @@ Flagged, for a key ``k`` that the schema gives a default (at any depth):
 * ``getattr(x, "k", <literal>)``: a config value read off an object (e.g. ``args``) with a default;
 * a module-level constant named like such a key (``BUCKET_POOL`` beside ``train.bucket_pool``): a second
   home for that default, unless its value is the key's schema ``enum`` (the choices, not a default:
-  ``SPLIT_BY = ("auto", "clip", "speaker")``).
+  ``SPLIT_BY = ("auto", "clip", "speaker")``);
+* a parameter named like such a key with a ``<literal>`` default, positional or keyword-only, of a
+  ``def``, ``async def`` or ``lambda`` (``def generate_codes(..., temperature=0.7)``): callers that omit
+  it silently get a copy of the schema's value. Make it required and pass ``cfg[...]``; a parameter
+  defaulting to ``None``, or without a default, is not flagged;
+* an annotated field named like such a key with a ``<literal>`` value in a ``@dataclass`` class
+  (``text_weight: float = 1.0``): the same, for the generated ``__init__``.
 
 ``<literal>``: a constant other than ``None`` (``x.get("k") or None`` only turns "" into None), a container
 of constants or an UPPER_CASE name (a module constant). A default computed from something else
 (``getattr(codec, "device", at_cfg["device"])``) is not a second default.
-Non-config dicts that happen to use a key name (rows, records, JSON state) go in :data:`ALLOWED`,
-each with why.
+Non-config dicts that happen to use a key name (rows, records, JSON state), and generic helpers whose
+parameter only shares a key's name, go in :data:`ALLOWED`, each with why (renaming the parameter is
+often clearer).
 """
 
 from __future__ import annotations
@@ -79,6 +86,29 @@ def _get_key(node: ast.AST, methods=("get", "setdefault")) -> str | None:
     return None
 
 
+def _param_defaults(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda,
+                    every: dict[str, list[str]]) -> list[tuple[int, str, str]]:
+    """``(line, key, code)`` of each parameter of ``fn`` (positional-or-keyword or keyword-only) named like
+    a defaulted schema key whose default is a literal."""
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+    pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+    name = "lambda" if isinstance(fn, ast.Lambda) else fn.name
+    return [(arg.lineno, arg.arg, f"{name}({arg.arg}={ast.unparse(d)}) (a keyword default)")
+            for arg, d in pairs if arg.arg in every and _literal(d)]
+
+
+def _is_dataclass(cls: ast.ClassDef) -> bool:
+    """``@dataclass``, ``@dataclass(...)``, ``@dataclasses.dataclass(...)``."""
+    for d in cls.decorator_list:
+        d = d.func if isinstance(d, ast.Call) else d
+        if (isinstance(d, ast.Name) and d.id == "dataclass") or (
+                isinstance(d, ast.Attribute) and d.attr == "dataclass"):
+            return True
+    return False
+
+
 def redefaults(source: str, where: str) -> list[str]:
     """Every re-default of a schema key in Python ``source`` (see the module docstring), as
     ``"where:line: code -> schema path(s)"``."""
@@ -101,6 +131,14 @@ def redefaults(source: str, where: str) -> list[str]:
                 key = k
         if key is not None:
             found.append((node.lineno, key, ast.unparse(node)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            found += _param_defaults(node, every)
+        elif isinstance(node, ast.ClassDef) and _is_dataclass(node):
+            for stmt in node.body:  # annotated fields: `name: type = <literal>`
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and stmt.target.id in every and stmt.value is not None and _literal(stmt.value)):
+                    found.append((stmt.lineno, stmt.target.id,
+                                  f"{node.name}.{ast.unparse(stmt)} (a dataclass field default)"))
     for node in tree.body:  # module-level constants named like a defaulted key
         targets = [] if not isinstance(node, (ast.Assign, ast.AnnAssign)) else \
             node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -140,7 +178,9 @@ def test_no_module_re_defaults_a_schema_key():
 
 def test_the_check_flags_re_defaults_and_passes_records():
     """The check can fail: each spelling of a re-default is flagged with its schema path; the same
-    calls on keys the schema gives no default, on a key's enum, or with a computed default, are not."""
+    calls on keys the schema gives no default, on a key's enum, or with a computed default, are not;
+    parameters and dataclass fields without a default, defaulting to None or to a computed value, or
+    outside a dataclass, are not either."""
     snippet = '\n'.join([
         'BUCKET_POOL = 64',
         'SPLIT_BY = ("auto", "clip", "speaker")  # data.split_by\'s enum',
@@ -152,13 +192,31 @@ def test_the_check_flags_re_defaults_and_passes_records():
         '    e = row.get("line", 0), row.get("warnings", []), getattr(codec, "device", at_cfg["device"])',
         '    g = row.get("language") or None, data.get("manifest", "m.jsonl")  # no default in the schema',
         '    return data["max_duration_s"]',
+        'def g(x, temperature=0.7, /, top_p=0.95, *, packing=BASE, seed=None, level, device_map="auto"):',
+        '    return x',
+        'h = lambda batch, device="cpu": batch',
+        'async def k(rows, split_by="auto", language=row_language(rows)):',
+        '    return rows',
+        '@dataclasses.dataclass(frozen=True)',
+        'class Opts:',
+        '    text_weight: float = 1.0',
+        '    audio_weight: float = None',
+        '    seed: int',
+        'class Plain:',
+        '    top_p: float = 0.95  # not a dataclass',
     ])
     found = redefaults(snippet, "x.py")
-    assert len(found) == 5, found
+    assert len(found) == 11, found
     assert found[0] == "x.py:1: BUCKET_POOL = ... (a constant beside the schema default) -> train.bucket_pool"
     assert found[1].startswith("x.py:4: data.get('min_duration_s', 0.3) -> data.min_duration_s")
     assert "x.py:5: data.get('val_fraction') or 0.1 -> data.val_fraction" in found
     assert "x.py:6: getattr(args, 'num_workers', 0) -> audio_tokenizer.num_workers" in found
     assert "x.py:7: data.setdefault('split_seed', 0) -> data.split_seed" in found
+    assert "x.py:11: g(temperature=0.7) (a keyword default) -> eval.generate.temperature" in found  # positional-only
+    assert "x.py:11: g(top_p=0.95) (a keyword default) -> eval.generate.top_p" in found
+    assert "x.py:11: g(packing=BASE) (a keyword default) -> train.packing" in found  # keyword-only, a constant
+    assert "x.py:13: lambda(device='cpu') (a keyword default) -> audio_tokenizer.device, model.device" in found
+    assert "x.py:14: k(split_by='auto') (a keyword default) -> data.split_by" in found
+    assert "x.py:18: Opts.text_weight: float = 1.0 (a dataclass field default) -> train.text_weight" in found
     assert rule_redefaults('x = config["data"].get("min_duration_s", 0.3)\ny = res.get("gres", "")', "r.smk") == [
         'r.smk:1: .get("min_duration_s", -> data.min_duration_s']

@@ -175,7 +175,7 @@ def test_bf16_base_trains_fp32_tensors(demo_config, real_batch_factory):
     lora = {**demo_config["lora"], "modules_to_save": ["audio_lm_head"]}
 
     def one_step(cast: bool) -> tuple[dict, dict]:
-        model = apply_lora(build_model(demo_config["model"], torch.bfloat16), lora)
+        model = apply_lora(build_model(demo_config["model"], torch.bfloat16, "cpu"), lora)
         if cast:
             trainable_to_fp32(model)
         model.train()
@@ -183,7 +183,7 @@ def test_bf16_base_trains_fp32_tensors(demo_config, real_batch_factory):
         before = {n: p.detach().clone() for n, p in params.items()}
         opt = torch.optim.AdamW(params.values(), lr=1e-5)
         with autocast(torch.device("cpu"), torch.bfloat16):
-            _, loss = forward_loss(model, real_batch_factory(model), "cpu")
+            _, loss = forward_loss(model, real_batch_factory(model), "cpu", text_weight=1.0, audio_weight=1.0)
         loss.loss.backward()
         opt.step()
         return params, before
@@ -208,7 +208,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(demo_config, real_batch_
     from higgs_tune.train import enable_gradient_checkpointing
 
     def grads(checkpointing: bool):
-        model = apply_lora(build_model(demo_config["model"]), demo_config["lora"])
+        model = apply_lora(build_model(demo_config["model"], torch.float32, "cpu"), demo_config["lora"])
         calls = []
         if checkpointing:
             assert enable_gradient_checkpointing(model) == demo_config["model"]["arch"]["num_layers"]
@@ -223,7 +223,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(demo_config, real_batch_
             tuc.checkpoint = counting
         try:
             model.train()
-            _, loss = forward_loss(model, real_batch_factory(model), "cpu")
+            _, loss = forward_loss(model, real_batch_factory(model), "cpu", text_weight=1.0, audio_weight=1.0)
             loss.loss.backward()
         finally:
             if checkpointing:

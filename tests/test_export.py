@@ -49,7 +49,7 @@ def val_batch(cfg, io, tok, model_config):
 
 def forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        out = model(**D.batch_to_model_kwargs(batch))
+        out = model(**D.batch_to_model_kwargs(batch, "cpu"))
     return out.logits.float(), out.audio_logits.float()
 
 
@@ -84,7 +84,7 @@ def test_export_merges_adapter_and_loads_upstream(tmp_path, trained):
     text_p, audio_p = forward(peft_model, batch)
     assert rel(text_m, text_p) <= 1e-4 and rel(audio_m, audio_p) <= 1e-4, (rel(text_m, text_p), rel(audio_m, audio_p))
     # not vacuous: training moved the model away from the base (LoRA and both trained heads)
-    text_b, audio_b = forward(build_base(cfg["model"]), batch)
+    text_b, audio_b = forward(build_base(cfg["model"], torch.float32, "cpu"), batch)
     assert rel(text_b, text_p) > 1e-2 and rel(audio_b, audio_p) > 1e-2, (rel(text_b, text_p), rel(audio_b, audio_p))
     heads = merged.audio_decoder_proj
     trained_heads = peft_model.get_base_model().audio_decoder_proj
@@ -92,8 +92,9 @@ def test_export_merges_adapter_and_loads_upstream(tmp_path, trained):
         assert torch.equal(getattr(heads, name).weight, getattr(trained_heads, name).modules_to_save["default"].weight)
 
     # generation: the project's code on the merged model = on base + adapter (greedy)
-    g_merged = generate_codes(merged, tok, row, codes.get, max_frames=20, temperature=0.0, seed=0)
-    g_peft = generate_codes(peft_model.get_base_model(), tok, row, codes.get, max_frames=20, temperature=0.0, seed=0)
+    greedy = {"max_frames": 20, "temperature": 0.0, "top_p": 1.0, "seed": 0, "device": "cpu"}
+    g_merged = generate_codes(merged, tok, row, codes.get, **greedy)
+    g_peft = generate_codes(peft_model.get_base_model(), tok, row, codes.get, **greedy)
     assert g_merged.codes.shape[0] == 8 and g_merged.codes.shape[1] > 0
     assert g_merged.codes.min() >= 0 and g_merged.codes.max() < 1024
     np.testing.assert_array_equal(g_merged.codes, g_peft.codes)
@@ -113,7 +114,7 @@ def sharded_export(tmp_path_factory, demo_config):
     from higgs_tune.model import build_model as build_base
 
     lora = {**demo_config["lora"], "modules_to_save": ["audio_lm_head"]}
-    model = apply_lora(build_base(cfg["model"], torch.float32), lora)
+    model = apply_lora(build_base(cfg["model"], torch.float32, "cpu"), lora)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -146,7 +147,7 @@ def test_export_keeps_the_base_checkpoint_layout(sharded_export):
     assert json.loads((out / "generation_config.json").read_text()) | {"transformers_version": None} == \
         json.loads((base / "generation_config.json").read_text()) | {"transformers_version": None}
     merged = HiggsAudioModel.from_pretrained(str(out), torch_dtype=torch.float32).eval()
-    peft_model = PeftModel.from_pretrained(build_base(cfg["model"], torch.float32), str(adapter)).eval()
+    peft_model = PeftModel.from_pretrained(build_base(cfg["model"], torch.float32, "cpu"), str(adapter)).eval()
     tok = load_text_tokenizer(str(out))
     sample = {"messages": [{"role": "user", "content": "Hello there."},
                            {"role": "assistant", "content": {"type": "audio", "audio_url": "a.wav"}}],
@@ -157,7 +158,7 @@ def test_export_keeps_the_base_checkpoint_layout(sharded_export):
     text_p, audio_p = forward(peft_model, batch)
     # merged in fp32, rounded once to bf16: bf16 rounding (8 bits of mantissa) bounds the difference
     assert rel(text_m, text_p) < 3e-2 and rel(audio_m, audio_p) < 3e-2, (rel(text_m, text_p), rel(audio_m, audio_p))
-    text_b, audio_b = forward(build_base(cfg["model"], torch.float32), batch)
+    text_b, audio_b = forward(build_base(cfg["model"], torch.float32, "cpu"), batch)
     assert rel(audio_b, audio_p) > 0.1  # the adapter matters far beyond that rounding
 
 
@@ -207,7 +208,8 @@ def test_serve_engine_generates_from_the_merged_folder(tmp_path, trained, demo_c
     row = {"messages": [{"role": "system", "content": "Generate audio following instruction."},
                         {"role": "user", "content": "Hello there, this is the merged model."},
                         {"role": "assistant", "content": {"type": "audio", "audio_url": "placeholder"}}]}
-    g = generate_codes(model, load_text_tokenizer(str(merged)), row, None, max_frames=24 - 8, temperature=0.0)
+    g = generate_codes(model, load_text_tokenizer(str(merged)), row, None, max_frames=24 - 8, temperature=0.0,
+                       top_p=1.0, seed=0, device="cpu")
     from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
     engine_codes = revert_delay_pattern(torch.as_tensor(tokens)).clip(0, 1023)[:, 1:-1].numpy()

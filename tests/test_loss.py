@@ -183,14 +183,14 @@ def test_known_next_token_is_picked():
         if labels[0, t] >= 0:
             cur[0, t, labels[0, t]] = 20.0
     empty = torch.zeros((0, 8, 1026))
-    assert float(higgs_loss(nxt, labels, empty, None, None).text_loss) < 1e-6
-    assert float(higgs_loss(cur, labels, empty, None, None).text_loss) > 10
+    assert float(higgs_loss(nxt, labels, empty, None, None, text_weight=1.0, audio_weight=1.0).text_loss) < 1e-6
+    assert float(higgs_loss(cur, labels, empty, None, None, text_weight=1.0, audio_weight=1.0).text_loss) > 10
     # audio: segment [BOS, a, b, EOS] -> row i predicts label i+1
     la = torch.tensor([[IGNORE_INDEX, 7, 9, 1025]])
     good = torch.full((4, 1, 1026), -20.0)
     for i, y in enumerate([7, 9, 1025]):
         good[i, 0, y] = 20.0
-    out = higgs_loss(nxt, labels, good, la, torch.tensor([0]))
+    out = higgs_loss(nxt, labels, good, la, torch.tensor([0]), text_weight=1.0, audio_weight=1.0)
     assert float(out.audio_loss) < 1e-6 and out.n_audio_targets == 3
 
 
@@ -205,7 +205,7 @@ def test_empty_modalities_are_zero_not_nan():
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.full((2, 5), IGNORE_INDEX)
     out = higgs_loss(logits, labels, torch.zeros((0, 8, 1026)), torch.zeros((8, 0), dtype=torch.long),
-                     torch.zeros(0, dtype=torch.long))
+                     torch.zeros(0, dtype=torch.long), text_weight=1.0, audio_weight=1.0)
     assert float(out.loss) == 0.0 and out.n_text_targets == 0 and out.n_audio_targets == 0
     assert out.codebook_losses.tolist() == [0.0] * 8 and out.n_codebook_targets.tolist() == [0] * 8
     # the zero loss stays connected to the graph (DDP and accumulation see every parameter): zero gradients
@@ -215,10 +215,11 @@ def test_empty_modalities_are_zero_not_nan():
 
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="expanded_labels"):
-        higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 4, dtype=torch.long), None, None, None)
+        higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 4, dtype=torch.long), None, None, None,
+                   text_weight=1.0, audio_weight=1.0)
     with pytest.raises(ValueError, match="one row per"):
         higgs_loss(torch.randn(1, 5, 7), torch.zeros(1, 5, dtype=torch.long), torch.zeros((0, 8, 1026)),
-                   torch.zeros((8, 3), dtype=torch.long), torch.tensor([0]))
+                   torch.zeros((8, 3), dtype=torch.long), torch.tensor([0]), text_weight=1.0, audio_weight=1.0)
 
 
 def test_text_logits_at_targets_same_loss_and_gradients(demo_config, real_batch_factory):
@@ -231,12 +232,14 @@ def test_text_logits_at_targets_same_loss_and_gradients(demo_config, real_batch_
     from higgs_tune.model import apply_lora, build_model
 
     def run(at_targets: bool, no_text: bool = False):
-        model = apply_lora(build_model(demo_config["model"]), demo_config["lora"])  # text_lm_head trained
+        # text_lm_head trained
+        model = apply_lora(build_model(demo_config["model"], torch.float32, "cpu"), demo_config["lora"])
         model.train()
         batch = real_batch_factory(model)
         if no_text:
             batch.label_ids[:] = IGNORE_INDEX
-        out, loss = forward_loss(model, batch, "cpu", text_logits_at_targets=at_targets)
+        out, loss = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0,
+                                 text_logits_at_targets=at_targets)
         loss.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out, loss, grads
@@ -256,7 +259,7 @@ def test_text_logits_at_targets_same_loss_and_gradients(demo_config, real_batch_
     _, l2, g2 = run(True, no_text=True)
     assert l2.n_text_targets == 0 and all(float(g2[n].abs().sum()) == 0 for n in g2 if "text_lm_head" in n)
 
-    model = build_model(demo_config["model"])
+    model = build_model(demo_config["model"], torch.float32, "cpu")
     head = text_head_of(model)
     with pytest.raises(RuntimeError, match="boom"):
         with deferred_text_head(model):

@@ -43,11 +43,11 @@ def test_memorized_clips_are_generated_back_exactly(demo_config, text_tokenizer,
                                                            sr=24000).long()  # (8, T)
         rows.append(tts_row(cid, transcripts[cid].split("|")[-1], sha, lj_dir))
     codes_of = by_sha.__getitem__
-    model = build_model(demo_config["model"])
+    model = build_model(demo_config["model"], torch.float32, "cpu")
 
     def generate(row, cid):  # room to run past the clip: the model must stop by itself
         return generate_codes(model, text_tokenizer, row, codes_of, max_frames=target[cid].shape[1] + 25,
-                              temperature=0)
+                              temperature=0, top_p=1.0, seed=0, device="cpu")
 
     for row, cid in zip(rows, CLIPS):
         before = generate(row, cid)
@@ -61,7 +61,7 @@ def test_memorized_clips_are_generated_back_exactly(demo_config, text_tokenizer,
     model.train()
     torch.manual_seed(0)
     for _ in range(STEPS):
-        _, loss = forward_loss(model, batch, "cpu")
+        _, loss = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0)
         opt.zero_grad()
         loss.loss.backward()
         opt.step()

@@ -70,7 +70,7 @@ def lora_model(demo_config, impl: str):
     from higgs_tune.model import apply_lora, build_model
     from higgs_tune.train import trainable_to_fp32
 
-    model = build_model({**demo_config["model"], "attn_implementation": impl})
+    model = build_model({**demo_config["model"], "attn_implementation": impl}, torch.float32, "cpu")
     expected = {"eager": "LlamaAttention", "sdpa": "LlamaSdpaAttention"}[impl]
     assert type(model.layers[0].self_attn).__name__ == expected  # the kernel itself, not only the mask path
     torch.manual_seed(1)
@@ -85,7 +85,7 @@ def lora_model(demo_config, impl: str):
 def loss_and_grads(model, batch, packed=None):
     model.zero_grad(set_to_none=True)
     with P.packed_attention(model, packed) if packed is not None else torch.enable_grad():
-        out, loss = forward_loss(model, batch, "cpu", text_logits_at_targets=True)
+        out, loss = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0, text_logits_at_targets=True)
     loss.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, loss, grads
@@ -123,7 +123,7 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(impl, demo_config,
 
     # the same rows without the block-diagonal mask and positions: samples see each other
     model.zero_grad(set_to_none=True)
-    _, leaky = forward_loss(model, one_row.batch, "cpu", text_logits_at_targets=True)
+    _, leaky = forward_loss(model, one_row.batch, "cpu", text_weight=1.0, audio_weight=1.0, text_logits_at_targets=True)
     # (a random-init model's logits are near uniform, so the leak moves the loss by ~2e-4 only: still
     # 20x the 1e-5 the packed loss is held to above)
     assert abs(float(leaky.loss) - float(ref.loss)) > 1e-4 * float(ref.loss)
@@ -148,8 +148,8 @@ def test_no_sample_sees_another(demo_config, mixed_samples):
         logits = []
         for pk in (packed, packed2):
             with P.packed_attention(model, pk):
-                logits.append(model(**D.batch_to_model_kwargs(pk.batch)).audio_logits)
-        leaky = [model(**D.batch_to_model_kwargs(pk.batch)).audio_logits for pk in (packed, packed2)]
+                logits.append(model(**D.batch_to_model_kwargs(pk.batch, "cpu")).audio_logits)
+        leaky = [model(**D.batch_to_model_kwargs(pk.batch, "cpu")).audio_logits for pk in (packed, packed2)]
     assert 0 < cut < logits[0].shape[0]
     assert not torch.allclose(logits[0][:cut], logits[1][:cut])  # the altered sample's own logits change
     torch.testing.assert_close(logits[0][cut:], logits[1][cut:], rtol=1e-5, atol=1e-5)
@@ -172,7 +172,7 @@ def test_packed_labels_and_errors(tiny_model, mixed_samples):
                           position_ids=packed.position_ids)
     with pytest.raises(RuntimeError, match="does not match the model's merged sequence"):
         with P.packed_attention(tiny_model, wrong), torch.no_grad():
-            tiny_model(**D.batch_to_model_kwargs(packed.batch))
+            tiny_model(**D.batch_to_model_kwargs(packed.batch, "cpu"))
     assert "_update_causal_mask" not in vars(tiny_model)  # restored after the error
     tiny_model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
@@ -200,13 +200,14 @@ def test_audit_packing_probe_with_a_text_only_sample_first(demo_config, mixed_sa
                       {"role": "assistant", "content": "Hello there."}], "misc": {"id": "text-only"}},
         text_tokenizer, lambda sha: None)
     samples = [text_only] + mixed_samples[:2]
-    out = packing_probe(model, samples, ["text-only", "a", "b"], D.make_collator(model.config))
+    out = packing_probe(model, samples, ["text-only", "a", "b"], D.make_collator(model.config),
+                        tol=1e-4, device="cpu")
     assert out["evaluated"] == ["probe_packed_equivalence", "probe_packed_isolation"], out
     assert not out["failures"] and "note" not in out
     iso = next(c for c in out["checks"] if c["rule"] == "probe_packed_isolation")
     assert "changed every audio code of a" in iso["message"] and iso["others_change"] <= 1e-4 < iso["own_change"]
     assert model.training  # restored
-    one = packing_probe(model, samples[:1], ["text-only"], D.make_collator(model.config))
+    one = packing_probe(model, samples[:1], ["text-only"], D.make_collator(model.config), tol=1e-4, device="cpu")
     assert one["evaluated"] == [] and "fewer than 2" in one["note"]
 
 
@@ -222,12 +223,12 @@ def test_rotary_positions_restart_at_each_sample(tiny_model, mixed_samples):
     try:
         with torch.no_grad():
             with P.packed_attention(tiny_model, packed):
-                tiny_model(**D.batch_to_model_kwargs(packed.batch))
+                tiny_model(**D.batch_to_model_kwargs(packed.batch, "cpu"))
             in_row = seen[0]
             alone = []
             for s in mixed_samples:
                 seen.clear()
-                mask = tiny_model(**D.batch_to_model_kwargs(collator([s]))).attention_mask.bool()
+                mask = tiny_model(**D.batch_to_model_kwargs(collator([s]), "cpu")).attention_mask.bool()
                 alone.append(seen[0][mask])
     finally:
         hook.remove()
@@ -242,6 +243,6 @@ def test_model_attn_implementation(demo_config):
     from higgs_tune.model import build_model
 
     assert demo_config["model"]["attn_implementation"] is None
-    assert build_model(demo_config["model"]).config._attn_implementation == "eager"
+    assert build_model(demo_config["model"], torch.float32, "cpu").config._attn_implementation == "eager"
     cfg = {**demo_config["model"], "attn_implementation": "sdpa"}
-    assert build_model(cfg).config._attn_implementation == "sdpa"
+    assert build_model(cfg, torch.float32, "cpu").config._attn_implementation == "sdpa"

@@ -52,7 +52,7 @@ def test_planted_improvement_has_an_interval_excluding_zero(scored):
     a 95 % interval on the right side of 0 and every sample better."""
     real, noise = scored["real"], scored["noise"]
     rows = P.paired_rows(noise, real)
-    summary = P.summarize(rows, n_boot=2000, seed=0)
+    summary = P.summarize(rows, n_boot=2000, seed=0, level=0.95)
     s = summary["scores"]
     assert s["err"]["ci_high"] < 0 and s["err"]["delta"] < -0.5, s["err"]
     assert s["err"]["better"] == len(CLIPS) and s["err"]["worse"] == 0
@@ -63,7 +63,7 @@ def test_planted_improvement_has_an_interval_excluding_zero(scored):
     assert s["dnsmos_ovrl"]["tuned"] == pytest.approx(np.mean([r["dnsmos_ovrl"] for r in real]))
     assert s["dnsmos_ovrl"]["delta"] == pytest.approx(s["dnsmos_ovrl"]["tuned"] - s["dnsmos_ovrl"]["base"])
     # reversed sides: the same interval mirrored, every sample worse
-    rev = P.summarize(P.paired_rows(real, noise), n_boot=2000, seed=0)["scores"]
+    rev = P.summarize(P.paired_rows(real, noise), n_boot=2000, seed=0, level=0.95)["scores"]
     assert rev["err"]["ci_low"] > 0 and rev["err"]["worse"] == len(CLIPS)
     json.dumps(summary)
 
@@ -81,15 +81,16 @@ def test_same_model_on_both_sides_has_an_interval_covering_zero(tmp_path, tiny_m
 
     rows = [tts_row(c, _text(transcripts, c), short_codes[c][0], lj_dir) for c in SHORT[:2]]
     by_sha = {sha: codes for sha, codes in short_codes.values()}
-    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)
+    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False,
+                       max_batch_seconds=60.0)
     gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     scorers = {"transcriber": S.Transcriber(), "speaker": S.SpeakerEncoder(), "quality": S.DNSMOS()}
     base, _ = evaluate_generation(tiny_model.eval(), text_tokenizer, rows, by_sha.__getitem__, codec,
-                                  tmp_path / "base", gen, calibrate=False, **scorers)
+                                  tmp_path / "base", gen, calibrate=False, language="en", device="cpu", **scorers)
     tuned_model = apply_lora(tiny_model, demo_config["lora"]).eval()
     tuned, _ = evaluate_generation(tuned_model.get_base_model(), text_tokenizer, rows, by_sha.__getitem__, codec,
-                                   tmp_path / "tuned", gen, calibrate=False, **scorers)
-    summary = P.summarize(P.paired_rows(base, tuned), seed=0)["scores"]
+                                   tmp_path / "tuned", gen, calibrate=False, language="en", device="cpu", **scorers)
+    summary = P.summarize(P.paired_rows(base, tuned), n_boot=2000, seed=0, level=0.95)["scores"]
     assert summary["dnsmos_ovrl"]["n"] == 2
     for k, s in summary.items():
         if s["n"]:
@@ -97,19 +98,19 @@ def test_same_model_on_both_sides_has_an_interval_covering_zero(tmp_path, tiny_m
 
     spread = np.std([1.1, 1.3, 1.05, 1.2, 2.9, 3.3])  # DNSMOS OVRL of noise and speech (module docstring)
     rng = np.random.default_rng(0)
-    covered = [lo <= 0 <= hi for lo, hi in (P.bootstrap_ci(rng.normal(0, spread, 16), n_boot=1000, seed=k)
+    covered = [lo <= 0 <= hi for lo, hi in (P.bootstrap_ci(rng.normal(0, spread, 16), n_boot=1000, seed=k, level=0.95)
                                             for k in range(200))]
     assert 0.88 <= np.mean(covered) <= 0.99, np.mean(covered)
 
 
 def test_bootstrap_is_reproducible_with_its_seed():
     d = np.random.default_rng(3).normal(0.1, 1.0, 12)
-    a, b = P.bootstrap_ci(d, n_boot=500, seed=7), P.bootstrap_ci(d, n_boot=500, seed=7)
+    a, b = P.bootstrap_ci(d, n_boot=500, seed=7, level=0.95), P.bootstrap_ci(d, n_boot=500, seed=7, level=0.95)
     assert a == b and a[0] < d.mean() < a[1]
-    assert P.bootstrap_ci(d, n_boot=500, seed=8) != a
-    assert P.bootstrap_ci([0.25], seed=0) == (0.25, 0.25)
+    assert P.bootstrap_ci(d, n_boot=500, seed=8, level=0.95) != a
+    assert P.bootstrap_ci([0.25], n_boot=2000, seed=0, level=0.95) == (0.25, 0.25)
     with pytest.raises(ValueError, match="no paired"):
-        P.bootstrap_ci([])
+        P.bootstrap_ci([], n_boot=2000, seed=0, level=0.95)
     with pytest.raises(ValueError, match="share no sample"):
         P.paired_rows([{"id": "a", "wer": 0.1}], [{"id": "b", "wer": 0.2}])
     with pytest.raises(ValueError, match="repeat"):
@@ -124,7 +125,7 @@ def test_missing_scores_leave_the_sample_out_of_that_score_only():
     rows = P.paired_rows(base, tuned)
     assert [r["id"] for r in rows] == ["y", "x"]
     assert rows[0]["delta_err"] == pytest.approx(-0.3) and rows[1]["delta_err"] == pytest.approx(-0.25)
-    s = P.summarize(rows, n_boot=200)["scores"]
+    s = P.summarize(rows, n_boot=200, seed=0, level=0.95)["scores"]
     assert s["sim"]["n"] == 1 and s["err"]["n"] == 2 and s["dnsmos_sig"]["n"] == 0 and s["dnsmos_sig"]["delta"] is None
     assert (s["dnsmos_ovrl"]["better"], s["dnsmos_ovrl"]["worse"]) == (1, 1)
 
@@ -184,11 +185,12 @@ def test_rows_carry_language_and_their_metric(tmp_path, tiny_model, text_tokeniz
     assert row_language(zh, "en") == "zh" and row_language({**en, "language": "DE"}, "zh") == "de"
     assert row_language(en, "en") == "en"
     by_sha = {s: c for s, c in short_codes.values()}
-    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)
+    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False,
+                       max_batch_seconds=60.0)
     gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     rows, summary = evaluate_generation(tiny_model.eval(), text_tokenizer, [en, zh], by_sha.__getitem__, codec,
                                         tmp_path, gen, transcriber=Asr(), speaker=Speaker(), quality=quality,
-                                        language="en", calibrate=False)
+                                        language="en", calibrate=False, device="cpu")
     r_en, r_zh = rows
     assert asked == ["en", "zh"]
     assert (r_en["language"], r_en["asr_metric"], r_en["cer"]) == ("en", "wer", None) and r_en["wer"] is not None

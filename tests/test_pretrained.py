@@ -162,7 +162,7 @@ def test_pretrained_loader_errors_and_identity(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_text_tokenizer(str(at))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        build_model({"source": "pretrained", "path": str(tmp_path)})
+        build_model({"source": "pretrained", "path": str(tmp_path)}, torch.float32, "cpu")
 
     net = torch.nn.Module()
     net.fc_prior, net.semantic_model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

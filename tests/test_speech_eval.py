@@ -53,11 +53,11 @@ def test_asr_transcribes_real_speech_and_not_noise(lj_clips, lj_dir):
     hyps = []
     for p in clips:
         wave, sr = audio_io.load_audio(p)
-        hyps.append(asr(wave[0], sr))
+        hyps.append(asr(wave[0], sr, "en"))
     wer = S.word_error_rate([text[p.stem] for p in clips], hyps)
     assert wer < 0.25, list(zip(hyps, [text[p.stem] for p in clips]))
     noise = np.random.default_rng(0).normal(0, 0.05, 3 * 24000).astype(np.float32)
-    assert S.word_error_rate([text[clips[0].stem]], [asr(noise, 24000)]) > 0.8
+    assert S.word_error_rate([text[clips[0].stem]], [asr(noise, 24000, "en")]) > 0.8
 
 
 def test_speaker_similarity_separates_voices(lj_clips):
@@ -98,7 +98,8 @@ def test_dnsmos_separates_real_speech_from_noise(dnsmos, lj_dir, audio_tokenizer
 
     noise = dnsmos(np.random.default_rng(0).normal(0, 0.05, 3 * 24000).astype(np.float32), 24000)
     # fast=False: decoding only; a second fast wrapper would patch the shared tokenizer's forwards twice
-    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)
+    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False,
+                       max_batch_seconds=60.0)
     decoded = codec.decode(np.random.default_rng(0).integers(0, 1024, (8, 75)))
     random_codes = dnsmos(decoded, codec.sample_rate)
     for name, bad in (("noise", noise), ("random codes", random_codes)):
@@ -142,10 +143,12 @@ def test_evaluate_generation_scores_dnsmos_with_calibration(tmp_path, dnsmos, ti
         {"role": "assistant", "content": {"type": "audio", "audio_url": url[target]}}],
         "start_index": 4, "misc": {"id": "clone-t", "audio_sha256": {url[c]: short_codes[c][0] for c in url}}}
     by_sha = {sha: codes for sha, codes in short_codes.values()}
-    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False)  # decodes only
+    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=False,
+                       max_batch_seconds=60.0)  # decodes only
     gen = {**demo_config["eval"]["generate"], "max_seconds": 0.4, "temperature": 0.7, "top_p": 0.95, "seed": 0}
     rows, summary = evaluate_generation(tiny_model.eval(), text_tokenizer, [row], by_sha.__getitem__, codec,
-                                        tmp_path, gen, transcriber=Asr(), speaker=Speaker(), quality=dnsmos)
+                                        tmp_path, gen, transcriber=Asr(), speaker=Speaker(), quality=dnsmos,
+                                        language="en", device="cpu")
     (r,) = rows
     for pre in ("", "gt_", "codec_"):
         for k in DNSMOS_KEYS:
@@ -177,7 +180,8 @@ def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny
     with pytest.raises(ValueError, match="not an assistant audio"):
         split_row({**tts, "messages": tts["messages"][:2]})
 
-    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"])
+    codec = HiggsCodec(audio_tokenizer, init_seed=demo_config["audio_tokenizer"]["seed"], fast=True,
+                       max_batch_seconds=60.0)
     ref_wave = audio_io.to_mono_resampled(*audio_io.load_audio(repo_root / "data" / "demo" / ref["audio_url"]), 24000)
     ref_codes = torch.from_numpy(codec.encode([ref_wave[:48000]])[0])
     seen = []
@@ -189,10 +193,11 @@ def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny
     clone = {**clone, "misc": {**clone["misc"], "audio_sha256": {ref["audio_url"]: "ref-sha"}}}
     tiny_model.eval()
     max_frames = 20
+    sampling = {"temperature": 0.7, "top_p": 0.95, "device": "cpu"}
     gen = {}
     for name, row in (("tts", tts), ("clone", clone)):
-        a = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3)
-        b = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3)
+        a = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3, **sampling)
+        b = generate_codes(tiny_model, text_tokenizer, row, codes_of, max_frames=max_frames, seed=3, **sampling)
         assert a.codes.dtype == np.int64 and a.codes.shape[0] == 8 and a.codes.shape[1] > 0, a.codes.shape
         assert frames_fit(a, max_frames), (a.codes.shape, a.ended)
         assert a.codes.min() >= 0 and a.codes.max() < 1024  # BOS 1024 / EOS 1025 never reach the decoder
@@ -200,12 +205,12 @@ def test_split_row_and_generation_are_well_formed_and_repeatable(repo_root, tiny
         assert a.ended == b.ended
         gen[name] = a
     assert seen == ["ref-sha", "ref-sha"]  # the reference's codes went into the cloning prompt
-    other = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=max_frames, seed=4)
+    other = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=max_frames, seed=4, **sampling)
     a = gen["tts"]
     assert frames_fit(other, max_frames), (other.codes.shape, other.ended)
     assert other.codes.shape != a.codes.shape or (other.codes != a.codes).any()  # another seed, other codes
     # max_frames only cuts the stream: a shorter budget gives a prefix of the same sample
-    short = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=5, seed=3)
+    short = generate_codes(tiny_model, text_tokenizer, tts, codes_of, max_frames=5, seed=3, **sampling)
     assert frames_fit(short, 5), (short.codes.shape, short.ended)
     np.testing.assert_array_equal(short.codes, a.codes[:, :short.codes.shape[1]])
     # the decoder turns T frames into T hops of 960 samples at 24 kHz

@@ -41,8 +41,8 @@ def test_sample_over_the_budget_is_a_clear_error():
     lengths = synthetic_lengths(50)
     longest = max(x.positions for x in lengths)
     with pytest.raises(ValueError, match=r"exceed train.max_tokens 64 .*raise train.max_tokens"):
-        budget_batches(lengths, 64, 0, 0, pool=16)
-    assert budget_batches(lengths, -(-longest // 8) * 8, 0, 0, pool=16)
+        budget_batches(lengths, 64, 0, 0, pool=16, bucketing=True, packing=False)
+    assert budget_batches(lengths, -(-longest // 8) * 8, 0, 0, pool=16, bucketing=True, packing=False)
 
 
 def test_positions_measure_is_what_packing_and_padding_build(short_codes, transcripts, text_tokenizer, tiny_model,
@@ -59,7 +59,7 @@ def test_positions_measure_is_what_packing_and_padding_build(short_codes, transc
         for cap in (None, 300):
             pk = P.packed_collate([samples[i] for i in idx], ls, collator, cap)
             assert micro_batch_positions(ls, True, cap) == pk.padded_positions
-        assert micro_batch_positions(ls) == D.batch_positions(ls)[1]
+        assert micro_batch_positions(ls, False) == D.batch_positions(ls)[1]
 
 
 def test_two_processes_take_what_one_process_with_twice_the_accumulation_takes():
@@ -78,7 +78,7 @@ def test_two_processes_take_what_one_process_with_twice_the_accumulation_takes()
         assert [b for w in w1 for b in w] == [b for w in w2 for b in w]
         assert p1 == p2
         seen += [i for w in w1 for b in w for i in b]
-    epoch0 = budget_batches(lengths, 1500, 3, 0, pool=8)
+    epoch0 = budget_batches(lengths, 1500, 3, 0, pool=8, bucketing=True, packing=False)
     n0 = sum(len(b) for b in epoch0)
     assert sorted(seen[:n0]) == list(range(500))  # the stream's first epoch: every sample once
 

@@ -133,12 +133,12 @@ def test_codes_shape_range_and_bit_identical_to_upstream(codec, demo_config, lj_
     at = demo_config["audio_tokenizer"]
     assert C.audio_tokenizer_identity(at) == C.audio_tokenizer_identity(copy.deepcopy(at))
     assert C.audio_tokenizer_identity(at) == C.audio_tokenizer_identity({**at, "fast_encode": False})  # same codes
-    upstream = C.build_audio_tokenizer(at)  # random_init: codebooks drawn from the seed, never k-means
+    upstream = C.build_audio_tokenizer(at, device="cpu")  # random_init: codebooks drawn from the seed, never k-means
     assert C.init_codebooks(upstream, at["seed"]) == 0
     for layer in C.vq_layers(upstream):  # k-means-pending codebooks are refused without a seed
         layer._codebook.inited.fill_(0)
     with pytest.raises(ValueError, match="un-initialised"):
-        C.HiggsCodec(upstream)
+        C.HiggsCodec(upstream, fast=False, max_batch_seconds=60.0)
     assert C.init_codebooks(upstream, at["seed"]) == 8
     for w, c in zip(waves[:4], codes[:4]):
         ref = upstream.encode(w, RATE).numpy()  # HiggsAudioTokenizer.encode: (8, T)

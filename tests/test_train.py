@@ -43,7 +43,7 @@ def test_alarm_non_finite_loss():
 def test_alarm_loss_rebuilt_from_item(real_batch, tiny_model):
     model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"],
                                     "modules_to_save": []})
-    _, loss = forward_loss(model, real_batch, "cpu")
+    _, loss = forward_loss(model, real_batch, "cpu", text_weight=1.0, audio_weight=1.0)
     health.check_loss(loss.loss)  # the real loss is fine
     with pytest.raises(health.LossWithoutGrad, match=r"\.item\(\)"):
         health.check_loss(torch.tensor(loss.loss.item()))
@@ -59,7 +59,7 @@ def test_alarm_zero_targets(real_batch):
 
 def test_alarm_wrapper_dropping_audio_kwargs(real_batch, tiny_model):
     """A wrapper that forwards only text kwargs leaves audio_logits empty: named cause + fix."""
-    kwargs = D.batch_to_model_kwargs(real_batch)
+    kwargs = D.batch_to_model_kwargs(real_batch, "cpu")
     out = tiny_model(input_ids=kwargs["input_ids"], attention_mask=kwargs["attention_mask"],
                      label_ids=kwargs["label_ids"])
     with pytest.raises(health.AudioInputsDropped, match="task_type"):
@@ -72,7 +72,7 @@ def test_peft_causal_lm_task_type_breaks_forward(real_batch, tiny_model):
 
     wrapped = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with pytest.raises(TypeError):
-        forward_loss(wrapped, real_batch, "cpu")
+        forward_loss(wrapped, real_batch, "cpu", text_weight=1.0, audio_weight=1.0)
 
 
 def test_alarm_audio_loss_floor():
@@ -85,12 +85,12 @@ def test_alarm_audio_loss_floor():
 def test_alarm_zero_lora_gradient(real_batch, tiny_model):
     model = apply_lora(tiny_model, {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"],
                                     "modules_to_save": []})
-    out, loss = forward_loss(model, real_batch, "cpu")
+    out, loss = forward_loss(model, real_batch, "cpu", text_weight=1.0, audio_weight=1.0)
     (out.logits.sum() * 0.0).backward()  # a loss that does not depend on the adapters
     with pytest.raises(health.ZeroLoraGradient, match="target_modules"):
         health.check_lora_grad(model, step=1)
     model.zero_grad()
-    _, loss = forward_loss(model, real_batch, "cpu")
+    _, loss = forward_loss(model, real_batch, "cpu", text_weight=1.0, audio_weight=1.0)
     loss.loss.backward()
     assert health.check_lora_grad(model, step=1) > 0
 
@@ -108,7 +108,7 @@ def test_overfit_one_sample_learns_next_code_not_copy(short_codes, transcripts, 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(60):
-        _, loss = forward_loss(model, batch, "cpu")
+        _, loss = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0)
         opt.zero_grad()
         loss.loss.backward()
         opt.step()
@@ -116,7 +116,7 @@ def test_overfit_one_sample_learns_next_code_not_copy(short_codes, transcripts, 
             break
     model.eval()
     with torch.no_grad():
-        out, _ = forward_loss(model, batch, "cpu")
+        out, _ = forward_loss(model, batch, "cpu", text_weight=1.0, audio_weight=1.0)
     pred = out.audio_logits.argmax(-1)  # (N, K)
     nxt = shifted_audio_targets(batch.label_audio_ids, batch.audio_out_ids_start)
     same = batch.label_audio_ids.t()

@@ -138,7 +138,7 @@ def tiny_semantic_model(seed: int, num_layers: int = 1) -> torch.nn.Module:
     return HubertModel(cfg).eval()
 
 
-def build_audio_tokenizer(cfg: dict[str, Any], device: str = "cpu"):
+def build_audio_tokenizer(cfg: dict[str, Any], *, device: str):
     """Return a ``HiggsAudioTokenizer`` in eval mode on ``device``, upstream's modules untouched.
 
     Args:
@@ -333,7 +333,7 @@ class HiggsCodec:
         ValueError: un-initialised codebooks and ``init_seed is None``.
     """
 
-    def __init__(self, tokenizer, *, init_seed: int | None = None, fast: bool = True, max_batch_seconds: float = 60.0,
+    def __init__(self, tokenizer, *, init_seed: int | None = None, fast: bool, max_batch_seconds: float,
                  max_batch_size: int = 64):
         self.tok = tokenizer.eval()
         self.device = next(tokenizer.parameters()).device

@@ -278,8 +278,9 @@ class NonMutatingCollator:
                                                      else {})) for s in samples])
 
 
-def batch_to_model_kwargs(batch, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The collator's ``HiggsAudioBatchInput`` as keyword arguments of ``HiggsAudioModel.forward``."""
+def batch_to_model_kwargs(batch, device: torch.device | str) -> dict[str, Any]:
+    """The collator's ``HiggsAudioBatchInput`` as keyword arguments of ``HiggsAudioModel.forward``, its
+    tensors moved to ``device`` (the model's)."""
     names = ("input_ids", "attention_mask", "audio_features", "audio_feature_attention_mask", "audio_out_ids",
              "audio_out_ids_start", "audio_out_ids_start_group_loc", "audio_in_ids", "audio_in_ids_start",
              "label_ids", "label_audio_ids")

@@ -100,8 +100,8 @@ def _asr_scores(text: str, hyp: str, language: str, prefix: str = "") -> dict:
 
 
 def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec, out_dir: Path, gen: dict,
-                        *, transcriber=None, speaker=None, quality=None, language: str = "en", calibrate: bool = True,
-                        device="cpu") -> tuple[list[dict], dict[str, Any]]:
+                        *, transcriber=None, speaker=None, quality=None, language: str, calibrate: bool = True,
+                        device) -> tuple[list[dict], dict[str, Any]]:
     """Generate, decode, transcribe, speaker- and quality-score ``rows`` (see the module docstring).
 
     Args:
@@ -115,6 +115,7 @@ def evaluate_generation(model, text_tokenizer, rows: list[dict], codes_of, codec
             ``quality(wave, rate)`` -> ``{"sig", "bak", "ovrl"}`` or ``None``); ``transcriber(wave, rate,
             language)`` -> text.
         language: the language of rows that name none (``data.language``).
+        device: the model's device (``torch.device`` or ``"cpu"``/``"cuda:0"``...): the prompts go there.
         calibrate: also score the ground-truth clip and its codec round trip (the ``gt_`` / ``codec_``
             fields; ``False``: they are ``None`` and no codec WAV is written, as for the base model,
             whose calibration rows would repeat the fine-tuned run's).

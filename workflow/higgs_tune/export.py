@@ -153,7 +153,8 @@ def merge_adapter(model_cfg: dict[str, Any], adapter: str | Path):
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; give the train stage's adapter folder "
                                 f"(results/<experiment>/train/adapter)")
     # a random_init base is drawn on the device training drew it on (the CUDA and CPU RNGs differ)
-    device = device_and_dtype(model_cfg["device"])[0] if model_cfg["source"] == "random_init" else "cpu"
+    device = device_and_dtype(model_cfg["device"], model_cfg["dtype"])[0] if model_cfg["source"] == "random_init" \
+        else "cpu"
     base = build_model(model_cfg, torch.float32, device=device).to("cpu")
     peft_model = PeftModel.from_pretrained(base, str(adapter))
     return peft_model.merge_and_unload(safe_merge=True).eval()

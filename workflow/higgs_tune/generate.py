@@ -62,15 +62,16 @@ class Generated:
 
 @torch.no_grad()
 def generate_codes(model, text_tokenizer, row: dict, codes_of: Callable[[str], torch.Tensor], *,
-                   max_frames: int, temperature: float = 0.7, top_p: float = 0.95, top_k: int | None = None,
-                   seed: int = 0, ras_win_len: int | None = 7, device: torch.device | str = "cpu") -> Generated:
+                   max_frames: int, temperature: float, top_p: float, top_k: int | None = None,
+                   seed: int, ras_win_len: int | None = 7, device: torch.device | str) -> Generated:
     """Sample the audio answer to ``row``'s prompt (see the module docstring).
 
     Args:
         model: a ``HiggsAudioModel`` (LoRA layers may be injected; eval mode).
         codes_of: ``sha256 -> (8, T)`` cached codes, for the reference audio of a cloning prompt.
         max_frames: at most this many audio frames (25 per second).
-        temperature, top_p, top_k: sampling (``temperature == 0``: greedy); ``seed`` makes it repeatable.
+        temperature, top_p, top_k: sampling (``temperature == 0``: greedy; ``eval.generate.temperature``,
+            ``eval.generate.top_p``); ``seed`` makes it repeatable.
         ras_win_len: upstream's repetition-aware sampling window (``None``: off), as the serve engine.
     """
     prompt, _, _, _ = split_row(row)

@@ -101,8 +101,8 @@ def higgs_loss(
     label_audio_ids: torch.Tensor | None,
     audio_out_ids_start: torch.Tensor | None,
     *,
-    text_weight: float = 1.0,
-    audio_weight: float = 1.0,
+    text_weight: float,
+    audio_weight: float,
     normalizer: TargetCounts | None = None,
     text_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> HiggsLoss:
@@ -115,7 +115,8 @@ def higgs_loss(
         audio_logits: float ``(N, K, C)`` (C = codebook size + 2 = 1026), or None / N = 0.
         label_audio_ids: long ``(K, N)``, unshifted audio labels from the collator.
         audio_out_ids_start: long ``(S,)``, segment starts in the concatenated audio stream.
-        text_weight, audio_weight: weights of the two terms in ``loss``.
+        text_weight, audio_weight: weights of the two terms in ``loss`` (``train.text_weight``,
+            ``train.audio_weight``); the other fields do not depend on them.
         normalizer: counts over a whole gradient-accumulation window; when given, ``loss`` is
             ``sum of CE / window count`` so that micro-batch losses add up to the window's loss.
         text_head: ``(n, H) -> (n, V)``, applied to the hidden states of the target positions only.
@@ -220,13 +221,14 @@ def deferred_text_head(model):
         del head.forward
 
 
-def forward_loss(model, batch, device, *, text_weight=1.0, audio_weight=1.0, normalizer=None,
+def forward_loss(model, batch, device, *, text_weight: float, audio_weight: float, normalizer=None,
                  text_logits_at_targets: bool = False):
     """Run ``model`` on one collated ``HiggsAudioBatchInput`` and return ``(outputs, HiggsLoss)``.
 
     The one place where model outputs meet :func:`higgs_loss`: training, evaluation, predictions and
     the audit all call it, so they share one wiring (``outputs.expanded_labels``, the collator's
-    ``label_audio_ids`` and ``audio_out_ids_start``).
+    ``label_audio_ids`` and ``audio_out_ids_start``). ``text_weight``, ``audio_weight``, ``normalizer``:
+    as :func:`higgs_loss`.
 
     With ``text_logits_at_targets`` (training) the text head runs on the target positions only
     (:func:`deferred_text_head`): same loss and gradients, and ``outputs.logits`` then holds the

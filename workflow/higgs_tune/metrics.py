@@ -61,8 +61,9 @@ class MetricSums:
         ``lambda t: accelerator.reduce(t, "sum")``)."""
         return MetricSums.from_tensor(reduce(self.as_tensor()))
 
-    def result(self, text_weight: float = 1.0, audio_weight: float = 1.0) -> dict[str, Any]:
-        """Means over all targets: ``loss``, ``text_loss``, ``audio_loss`` (mean of codebook losses),
+    def result(self, text_weight: float, audio_weight: float) -> dict[str, Any]:
+        """Means over all targets: ``loss`` (``text_weight * text_loss + audio_weight * audio_loss``:
+        ``train.text_weight``, ``train.audio_weight``), ``text_loss``, ``audio_loss`` (mean of codebook losses),
         ``codebook_losses`` (K), ``codebook_acc`` (K), ``text_acc``, ``n_samples``, target counts."""
         cb_loss = (self.cb_sum / self.cb_n.clamp(min=1)).tolist()
         text_loss = self.text_sum / max(self.text_n, 1)
@@ -81,18 +82,21 @@ class MetricSums:
 
 
 @torch.no_grad()
-def evaluate_sums(model, batches: Iterable, device) -> MetricSums:
-    """Teacher-forced :class:`MetricSums` over collated ``batches`` (model switched to eval, then restored)."""
+def evaluate_sums(model, batches: Iterable, device, *, text_weight: float, audio_weight: float) -> MetricSums:
+    """Teacher-forced :class:`MetricSums` over collated ``batches`` (model switched to eval, then restored);
+    the weights as :func:`higgs_tune.loss.forward_loss`'s."""
     was_training = model.training
     model.eval()
     sums = MetricSums()
     for batch in batches:
-        _, loss = forward_loss(model, batch, device)
+        _, loss = forward_loss(model, batch, device, text_weight=text_weight, audio_weight=audio_weight)
         sums.add(loss, int(batch.input_ids.shape[0]))
     model.train(was_training)
     return sums
 
 
-def evaluate_batches(model, batches: Iterable, device, *, text_weight=1.0, audio_weight=1.0) -> dict[str, Any]:
-    """Teacher-forced metrics over collated ``batches`` (see :meth:`MetricSums.result`)."""
-    return evaluate_sums(model, batches, device).result(text_weight, audio_weight)
+def evaluate_batches(model, batches: Iterable, device, *, text_weight: float, audio_weight: float) -> dict[str, Any]:
+    """Teacher-forced metrics over collated ``batches`` (see :meth:`MetricSums.result`; the weights:
+    ``train.text_weight``, ``train.audio_weight``)."""
+    sums = evaluate_sums(model, batches, device, text_weight=text_weight, audio_weight=audio_weight)
+    return sums.result(text_weight, audio_weight)

@@ -122,8 +122,9 @@ def tiny_higgs_config(arch: dict[str, Any]):
     )
 
 
-def build_model(cfg: dict[str, Any], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """Return a ``HiggsAudioModel`` (train mode off) on ``device`` in ``dtype``, loaded once.
+def build_model(cfg: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
+    """Return a ``HiggsAudioModel`` (train mode off) on ``device`` in ``dtype``, loaded once (both resolved
+    from ``model.device`` / ``model.dtype`` by :func:`device_and_dtype`).
 
     ``source: random_init`` seeds torch with ``seed`` and builds :func:`tiny_higgs_config` directly on
     ``device``; ``source: pretrained`` loads ``path`` (hub id or folder laid out as
@@ -178,8 +179,9 @@ def apply_lora(model, lora: dict[str, Any]):
     return get_peft_model(model, config)
 
 
-def device_and_dtype(name: str | None = None, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
-    """Resolve ``"auto"``/``None`` to CUDA when available else CPU; ``dtype`` by name (``bfloat16``...)."""
+def device_and_dtype(name: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Resolve the device ``name`` (``model.device``; ``"auto"``/``None``: CUDA when available else CPU) and
+    ``dtype`` by name (``model.dtype``: ``float32``, ``bfloat16``...)."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name), getattr(torch, dtype)

@@ -71,13 +71,14 @@ def paired_rows(base: list[dict], tuned: list[dict]) -> list[dict]:
     return out
 
 
-def bootstrap_ci(deltas, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(deltas, *, n_boot: int, seed: int, level: float) -> tuple[float, float]:
     """Percentile CI of the mean of ``deltas`` by resampling them with replacement ``n_boot`` times.
 
     Args:
         deltas: float ``(n,)`` paired differences, ``n >= 1``.
-        seed: ``numpy.random.default_rng`` seed: the same seed gives the same interval.
-        level: coverage, in (0, 1).
+        n_boot: resamples (``eval.bootstrap.resamples``).
+        seed: ``numpy.random.default_rng`` seed: the same seed gives the same interval (``eval.bootstrap.seed``).
+        level: coverage, in (0, 1) (``eval.bootstrap.level``).
 
     Returns:
         ``(low, high)``; ``(d, d)`` for a single sample.
@@ -97,10 +98,11 @@ def bootstrap_ci(deltas, *, n_boot: int = 2000, seed: int = 0, level: float = 0.
     return float(lo), float(hi)
 
 
-def summarize(rows: list[dict], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def summarize(rows: list[dict], *, n_boot: int, seed: int, level: float) -> dict:
     """Per score of :data:`SCORES`: ``{label, higher_is_better, n, base, tuned, delta, ci_low, ci_high,
     better, worse, same}`` (means over the samples scored on both sides; ``None`` values and zero
-    counts where no sample has it), plus ``n_samples``, ``n_boot``, ``seed``, ``level``.
+    counts where no sample has it), plus ``n_samples``, ``n_boot``, ``seed``, ``level`` (as
+    :func:`bootstrap_ci`'s; score ``i`` of :data:`SCORES` is resampled from ``seed + i``).
 
     The interval excludes 0 when the improvement (or regression) is larger than the sample-to-sample
     spread allows by chance; ``better``/``worse`` count samples whose difference points that way.

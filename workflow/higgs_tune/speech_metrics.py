@@ -170,7 +170,7 @@ class Transcriber:
         self._model = WhisperModel(str(path), device="cpu", compute_type="float32", cpu_threads=int(self.threads))
         self.multilingual = bool(self._model.model.is_multilingual)
 
-    def __call__(self, wave: np.ndarray, sample_rate: int, language: str = "en") -> str:
+    def __call__(self, wave: np.ndarray, sample_rate: int, language: str) -> str:
         """float32 ``(n,)`` waveform at ``sample_rate`` Hz -> transcript (greedy, no VAD) in ``language``
         (ISO 639-1; an English-only model always transcribes English)."""
         audio = _to_16k(wave, sample_rate)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -31,6 +32,19 @@ from ..loss import count_targets, forward_loss, higgs_loss
 from ..labels import IGNORE_INDEX
 from .expect import Expect, SampleMeta
 from .rules import Failure
+
+#: The loss weights the probe runs the loss with. It reads only the unweighted terms (``text_loss``,
+#: ``codebook_losses``, the target counts), never ``HiggsLoss.loss``, the only value the weights
+#: (``train.text_weight``, ``train.audio_weight``) change; so the audit, which does not read the train
+#: section, passes 1 and 1 and its outcome holds for any weights.
+UNWEIGHTED = {"text_weight": 1.0, "audio_weight": 1.0}
+
+
+@functools.wraps(higgs_loss)
+def _production_wiring(*args, **kwargs):
+    """``loss.higgs_loss`` with the weights of :data:`UNWEIGHTED` (the probe calls a wiring with the five
+    tensors alone)."""
+    return higgs_loss(*args, **UNWEIGHTED, **kwargs)
 
 
 @dataclasses.dataclass
@@ -108,7 +122,7 @@ class _ProbeRun:
     def __init__(self, model, batch, sids: list[str], expect: Expect, wiring: Callable | None, tol: float, device):
         self.model, self.batch, self.sids, self.expect, self.tol, self.device = model, batch, sids, expect, tol, device
         self.production = wiring is None
-        self.wiring = higgs_loss if wiring is None else wiring
+        self.wiring = _production_wiring if wiring is None else wiring
         self.P = _Probe()
         self.K, self.C = expect.K, expect.codebook_size + 2
         self.info: dict[str, Any] = {
@@ -148,7 +162,7 @@ class _ProbeRun:
         if self.production:
             try:
                 with torch.no_grad():
-                    out0, self.prod_loss = forward_loss(self.model, self.batch, self.device)
+                    out0, self.prod_loss = forward_loss(self.model, self.batch, self.device, **UNWEIGHTED)
             except Exception as exc:  # noqa: BLE001 - re-run the bare forward to tell model from loss failures
                 prod_exc = exc
         try:
@@ -403,7 +417,7 @@ class _ProbeRun:
 
 
 def leak_probe(model, batch, sample_ids: list[str], expect: Expect, *, wiring: Callable | None = None,
-               tol: float = 1e-4, device: str | torch.device = "cpu") -> dict[str, Any]:
+               tol: float, device: str | torch.device) -> dict[str, Any]:
     """Check the loss wiring and the model's causality on a real batch (see the module docstring).
 
     Args:
@@ -470,8 +484,8 @@ def probe_pick(facts: list[tuple[str, int, int] | None], ok: list[bool], n: int)
     return pick
 
 
-def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol: float = 1e-4,
-                  device: str | torch.device = "cpu") -> dict[str, Any]:
+def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol: float,
+                  device: str | torch.device) -> dict[str, Any]:
     """Packed rows (``train.packing``, :mod:`higgs_tune.packing`) checked on the probe samples.
 
     The samples go into one packed row and, as the reference, into a padded batch:
@@ -519,9 +533,9 @@ def packing_probe(model, samples: list, sample_ids: list[str], collator, *, tol:
     model.eval()
     try:
         with torch.no_grad():
-            _, ref = forward_loss(model, collator(samples), device)
+            _, ref = forward_loss(model, collator(samples), device, **UNWEIGHTED)
             with packing.packed_attention(model, packed):
-                out_p, got = forward_loss(model, packed.batch, device)
+                out_p, got = forward_loss(model, packed.batch, device, **UNWEIGHTED)
             out_q = None
             if k is not None:
                 first = samples[row[k]]

@@ -27,7 +27,7 @@ def sample_speaker(sample: dict) -> str | None:
     return None
 
 
-def split_groups(samples: list[dict], split_by: str = "auto") -> tuple[str, dict[str, list[int]], str]:
+def split_groups(samples: list[dict], split_by: str) -> tuple[str, dict[str, list[int]], str]:
     """Partition ``samples`` into groups that must land in the same split.
 
     A sample touches every audio clip it holds (target and voice-cloning reference alike), a clip
@@ -41,7 +41,7 @@ def split_groups(samples: list[dict], split_by: str = "auto") -> tuple[str, dict
 
     Args:
         samples: kept rows (``misc.id`` and ``misc.audio_sha256`` set).
-        split_by: one of :data:`SPLIT_BY`.
+        split_by: one of :data:`SPLIT_BY` (``data.split_by``).
 
     Returns:
         ``(by, groups, reason)``: ``by`` is ``"clip"`` or ``"speaker"``; ``groups`` maps a group key

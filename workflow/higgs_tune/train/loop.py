@@ -158,7 +158,8 @@ def train(cfg: dict, io: TrainIO) -> dict:
                 writer.add_scalar("val/loss", val["loss"], step)
         if probe and accelerator.is_main_process and (step == 1 or step % tc["predictions_interval"] == 0 or last):
             with autocast(device, dtype):
-                append_jsonl(io.predictions, predictions_record(unwrapped, probe[0], tok, device, step, probe[1]))
+                append_jsonl(io.predictions, predictions_record(unwrapped, probe[0], tok, device, step, probe[1],
+                                                                text_weight=tw, audio_weight=aw))
 
     if evaluation_due:  # the preempted run checkpointed before its evaluation: run it first
         monitor(step, step == max_steps)

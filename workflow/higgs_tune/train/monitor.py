@@ -22,7 +22,7 @@ def val_metrics(module, val_batches: list, accelerator, device, dtype, tw: float
     sums = MetricSums()
     for batch in val_batches[accelerator.process_index::accelerator.num_processes]:
         with autocast(device, dtype):
-            _, loss = forward_loss(module, batch, device)
+            _, loss = forward_loss(module, batch, device, text_weight=tw, audio_weight=aw)
         sums.add(loss, int(batch.input_ids.shape[0]))
     module.train(was_training)
     if accelerator.num_processes > 1:
@@ -31,15 +31,17 @@ def val_metrics(module, val_batches: list, accelerator, device, dtype, tw: float
 
 
 @torch.no_grad()
-def predictions_record(model, batch, tokenizer, device, step: int, sample_id: str, n: int = 10) -> dict:
-    """Predicted vs label tokens for the first and last ``n`` learnable positions of one sample.
+def predictions_record(model, batch, tokenizer, device, step: int, sample_id: str, n: int = 10, *,
+                       text_weight: float, audio_weight: float) -> dict:
+    """Predicted vs label tokens for the first and last ``n`` learnable positions of one sample
+    (``text_weight``, ``audio_weight``: ``train.*_weight``, passed to :func:`~higgs_tune.loss.forward_loss`).
 
     Text: argmax of ``logits[0, t]`` vs ``expanded_labels[0, t + 1]``; audio, per codebook k:
     argmax of ``audio_logits[i, k]`` vs ``label_audio_ids[k, i + 1]`` (same segment).
     """
     was_training = model.training
     model.eval()
-    out, loss = forward_loss(model, batch, device)
+    out, loss = forward_loss(model, batch, device, text_weight=text_weight, audio_weight=audio_weight)
     model.train(was_training)
     labels = out.expanded_labels[0, 1:]
     pos = (labels != IGNORE_INDEX).nonzero().flatten().tolist()

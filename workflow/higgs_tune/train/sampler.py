@@ -162,11 +162,11 @@ def next_window(pos: Position, n_samples: int, batch_size: int, world: int, seed
 
 
 # ------------------------------------------------------------------------------ token budget
-def micro_batch_positions(lengths, packing: bool = False, pack_positions: int | None = None) -> int:
+def micro_batch_positions(lengths, packing: bool, pack_positions: int | None = None) -> int:
     """All positions (padding included) of one process's micro-batch of samples with these
     :class:`higgs_tune.data.SampleLength` s, as the model runs it: padded rows
     (:func:`higgs_tune.data.batch_positions`: ``B x`` the longest rounded up to 8), or with
-    ``packing`` the rows of :func:`higgs_tune.packing.pack_rows` (at most ``pack_positions`` each,
+    ``packing`` (``train.packing``) the rows of :func:`higgs_tune.packing.pack_rows` (at most ``pack_positions`` each,
     ``None``: one row) times the longest row rounded up to 8. What ``n_padded_positions`` counts."""
     if not packing:
         return D.batch_positions(list(lengths))[1]
@@ -175,8 +175,8 @@ def micro_batch_positions(lengths, packing: bool = False, pack_positions: int | 
     return D.batch_positions([D.SampleLength(n, n) for n in loads])[1]
 
 
-def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, pool: int, bucketing: bool = True,
-                   packing: bool = False, pack_positions: int | None = None
+def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, pool: int, bucketing: bool,
+                   packing: bool, pack_positions: int | None = None
                    ) -> list[list[int]]:
     """One epoch cut into micro-batches of at most ``max_tokens`` positions each
     (:func:`micro_batch_positions`): every sample exactly once, from ``(seed, epoch)`` only, whatever
@@ -193,6 +193,9 @@ def budget_batches(lengths, max_tokens: int, seed: int, epoch: int, *, pool: int
         lengths: one :class:`higgs_tune.data.SampleLength` per training sample (index = sample).
         max_tokens: positions per micro-batch (``train.max_tokens``), >= 1.
         pool: about how many micro-batches' worth of positions each sorting pool holds (``train.bucket_pool``), >= 1.
+        bucketing: sort within pools (``train.length_bucketing``).
+        packing, pack_positions: how a micro-batch is measured (``train.packing``, ``train.pack_positions``;
+            :func:`micro_batch_positions`).
 
     Returns:
         Lists of sample indices, one per micro-batch.
