@@ -185,10 +185,14 @@ def test_generator_errors_name_the_problem(tmp_path):
     bad.write_text("lora: {rank: 0}\n")
     res = generator(*out, f"config/demo.yaml+{bad}")
     assert res.returncode == 2 and "rank" in res.stderr
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("sweep: {name: lr, runs: {a: {train: {learning_rate: 0.001}}}}\n")
+    res = generator(*out, f"config/demo.yaml+{sweep}")
+    assert res.returncode == 2 and "declares a sweep ('lr'): a DVC experiment is one config" in res.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_rule_declarations_and_the_code_table_cover_every_rule():
+def test_rule_declarations_and_the_code_table_cover_every_rule(tmp_path):
     """The generator reads each rule's file and docstring from its declaration, and its code from
     codesig.RULE_MODULES, the table the rule's params.code is computed from: every rule but `all` is in
     the table and hashes its own entry (`code=rule_code("<its name>")`); the table names the module its
@@ -209,6 +213,19 @@ def test_rule_declarations_and_the_code_table_cover_every_rule():
         runs = set(re.findall(r"-m higgs_tune\.(\w+)", block))
         assert runs and runs <= set(codesig.RULE_MODULES[rule]), (rule, runs)
     assert declared["train"][1].startswith("LoRA fine-tuning with accelerate")
+    # the forms a Snakefile may use: a comment before the docstring, r/u prefixes, single quotes, an
+    # indented (conditional) rule, no docstring; a file the Snakefile does not include is not read
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "Snakefile").write_text('include: "rules/a.smk"\n\nrule all:\n    input: "x"\n')
+    (tmp_path / "rules" / "a.smk").write_text(
+        'rule a:\n    # why\n\n    r"""Doc of a."""\n    shell: "true"\n\n'
+        "if True:\n    rule b:\n        u'''Doc\n        of b.'''\n        shell: 'true'\n\n"
+        'checkpoint c:\n    output: "c"\n')
+    (tmp_path / "rules" / "unused.smk").write_text('rule a:\n    """Not included."""\n')
+    got = {r: (f.relative_to(tmp_path).as_posix(), " ".join(d.split())) for r, (f, d) in
+           dvc_stages.rule_declarations(tmp_path).items()}
+    assert got == {"all": ("Snakefile", ""), "a": ("rules/a.smk", "Doc of a."), "b": ("rules/a.smk", "Doc of b."),
+                   "c": ("rules/a.smk", "")}
 
 
 def test_the_generator_refuses_what_it_cannot_track():
@@ -227,8 +244,9 @@ def test_the_generator_refuses_what_it_cannot_track():
     assert job.rule_file == ROOT / "workflow" / "rules" / "curves.smk" and job.cfg_keys == []
     with pytest.raises(dvc_stages.GeneratorError, match=r"rule 'curves' runs higgs_tune.report, which"):
         dvc_stages._job({**event, "shellcmd": event["shellcmd"] + " && python -m higgs_tune.report"}, declared, config)
-    with pytest.raises(dvc_stages.GeneratorError, match=r"rule 'curves' has 1 outputs, the table of outputs"):
-        dvc_stages._job({**event, "output": event["output"][:1]}, declared, config)
+    for outputs in (event["output"][:1], event["output"][::-1]):  # one missing; two swapped
+        with pytest.raises(dvc_stages.GeneratorError, match=r"rule 'curves' writes .*not the rows of the table"):
+            dvc_stages._job({**event, "output": outputs}, declared, config)
     with pytest.raises(dvc_stages.GeneratorError, match=r"job curves .*: Snakemake passes data.val_fraction=0.3, "
                                                        r"the merged config has 0.1"):
         dvc_stages._job({**event, "shellcmd": "python -m higgs_tune.curves --config-json "

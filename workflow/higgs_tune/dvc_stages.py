@@ -102,7 +102,7 @@ class Job:
     rule: str
     rule_file: Path
     inputs: dict[str, str]
-    outputs: dict[str, str]  # output name (``_<i>`` for unnamed ones) -> path
+    outputs: dict[str, str]  # output name (the rule's key in the table of outputs) -> path
     cfg_keys: list[str]
     doc: str = ""
     wildcards: dict[str, str] = field(default_factory=dict)  # the job's wildcards but {experiment} (e.g. step)
@@ -159,6 +159,11 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
     sm_logger = logging.getLogger("snakemake")
     sm_logger.addHandler(events)
     try:
+        config = merged_config(root, files)
+        if config.get("sweep"):
+            raise GeneratorError(f"{'+'.join(configfiles)} declares a sweep ({config['sweep']['name']!r}): a DVC "
+                                 "experiment is one config; pass each run as its own argument, its config files "
+                                 "joined by '+' with an overlay giving it its own `experiment:`")
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             wapi = api.workflow(resource_settings=ResourceSettings(cores=1),
                                 config_settings=ConfigSettings(configfiles=files),
@@ -166,7 +171,6 @@ def snakemake_graph(root: Path, configfiles: list[str]) -> Experiment:
             # a dry run takes no lock and plans over incomplete outputs (a killed job's) like --forceall
             wapi.dag(DAGSettings(forceall=True)).execute_workflow(
                 executor="dryrun", execution_settings=ExecutionSettings(lock=False, ignore_incomplete=True))
-        config = merged_config(root, files)
         declared = rule_declarations(root)
         # in job id order (Snakemake numbers the jobs as it builds the DAG): the tie order below
         jobs = [_job(ev, declared, config) for ev in sorted(events.jobs, key=lambda e: e["jobid"]) if ev["output"]]
@@ -188,33 +192,49 @@ def merged_config(root: Path, configfiles: list[Path]) -> dict[str, Any]:
     """The config Snakemake runs ``root/Snakefile`` with under ``--configfile configfiles``: the
     Snakefile's own ``configfile:`` files, then ``configfiles``, merged key by key (later files win), then
     validated against the schema with its defaults filled (:func:`higgs_tune.config.load_config`, the
-    validator ``common.smk`` calls); as plain JSON values.
+    validator ``common.smk`` calls); as plain JSON values. Like Snakemake, a ``configfile:`` that does
+    not exist is skipped when ``configfiles`` are given. The ``configfile:`` directives are read as the
+    Snakefile writes them: a quoted path at the start of a line.
 
     Raises:
         snakemake.exceptions.WorkflowError: the merged config fails the schema (naming the key).
+        GeneratorError: a ``configfile:`` of the Snakefile is missing and no ``configfiles`` are given.
     """
     from .config import load_config
 
     text = (root / "Snakefile").read_text()
     own = [root / m for m in re.findall(r"""^configfile:\s*["']([^"']+)["']""", text, flags=re.M)]
-    return json.loads(json.dumps(load_config([*own, *configfiles])))
+    missing = [f for f in own if not f.is_file()]
+    if missing and not configfiles:
+        raise GeneratorError(f"the Snakefile's configfile {missing[0]} does not exist; create it or pass config files")
+    return json.loads(json.dumps(load_config([f for f in own if f.is_file()] + list(configfiles))))
 
 
 def rule_declarations(root: Path) -> dict[str, tuple[Path, str]]:
-    """``rule name -> (the file declaring it, its docstring)`` from ``root/Snakefile`` and
-    ``root/workflow/rules/*.smk``: each ``rule NAME:`` (or ``checkpoint NAME:``) line and the
-    triple-quoted string that opens its body ("" without one).
+    """``rule name -> (the file declaring it, its docstring)`` from ``root/Snakefile`` and the files it
+    ``include:``s (quoted paths relative to it, as Snakemake resolves them): each ``rule NAME:`` (or
+    ``checkpoint NAME:``) line, indented or not, and the triple-quoted string (either quote, optionally
+    ``r``/``u``-prefixed) that opens its body after any blank or comment lines ("" without one).
 
     Raises:
-        GeneratorError: a rule declared twice.
+        GeneratorError: a rule declared twice, or an included file that does not exist.
     """
+    snakefile = root / "Snakefile"
+    files = [snakefile]
+    for inc in re.findall(r"""^include:\s*["']([^"']+)["']""", snakefile.read_text(), flags=re.M):
+        f = snakefile.parent / inc
+        if not f.is_file():
+            raise GeneratorError(f"{snakefile} includes {inc}, which does not exist")
+        files.append(f)
+    decl = re.compile(r'^[ \t]*(?:rule|checkpoint)[ \t]+(\w+)[ \t]*:[^\n]*\n'
+                      r'(?:[ \t]*(?:#[^\n]*)?\n)*'  # blank or comment lines
+                      r'(?:[ \t]+[rRuU]?(?:"{3}(.*?)"{3}|\'{3}(.*?)\'{3}))?', flags=re.M | re.S)
     out: dict[str, tuple[Path, str]] = {}
-    for f in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]:
-        for m in re.finditer(r'^(?:rule|checkpoint)\s+(\w+)\s*:[^\n]*\n(?:[ \t]+"""(.*?)""")?',
-                             f.read_text(), flags=re.M | re.S):
+    for f in files:
+        for m in decl.finditer(f.read_text()):
             if m.group(1) in out:
                 raise GeneratorError(f"rule {m.group(1)!r} is declared in both {out[m.group(1)][0]} and {f}")
-            out[m.group(1)] = (f, m.group(2) or "")
+            out[m.group(1)] = (f, m.group(2) or m.group(3) or "")
     return out
 
 
@@ -231,8 +251,9 @@ def check_config(job: str, passed: dict[str, Any], config: dict[str, Any]) -> No
                  if isinstance(value, dict) and isinstance(full, dict) else [(key, value, full)])
         for name, got, want in pairs:
             if got != want:
-                raise GeneratorError(f"job {job}: Snakemake passes {name}={got!r}, the merged config has {want!r}; "
-                                     "the params file would not be what ran (does a rule change the config?)")
+                raise GeneratorError(f"job {job}: Snakemake passes {name}={got!r}, the merged config has {want!r}, so "
+                                     "the params file would not be what ran: the rules must pass the validated "
+                                     "config as it is (common.smk must not change `config` after validate())")
 
 
 class _JobEvents(logging.Handler):
@@ -272,11 +293,16 @@ def _job(event: dict[str, Any], declared: dict[str, tuple[Path, str]], config: d
     if rule not in codesig.RULE_MODULES:
         raise GeneratorError(f"rule {rule!r} is not in higgs_tune.codesig.RULE_MODULES: add the modules its "
                              "command runs, and give it `code=rule_code({rule!r})`")
-    # the declared output names by position: the rule declares `output: **rule_outputs(rule)`
-    names = [o.key for o in of_rule(rule)]
-    if len(names) != len(outputs):
-        raise GeneratorError(f"rule {rule!r} has {len(outputs)} outputs, the table of outputs (higgs_tune/outputs.py) "
-                             f"{len(names)}: declare `output: **rule_outputs({rule!r})`")
+    # the declared output names by position: the rule declares `output: **rule_outputs(rule)`; each path
+    # must end with its row's path (wildcards filled), so that no two outputs can swap names
+    rows = of_rule(rule)
+    wildcards = {k: str(v) for k, v in (event["wildcards"] or {}).items()}
+    names = [o.key for o in rows]
+    if len(rows) != len(outputs) or any(not (p.rstrip("/") + "/").endswith("/" + o.path.format(**wildcards).rstrip("/") + "/")
+                                        for o, p in zip(rows, outputs)):
+        raise GeneratorError(f"rule {rule!r} writes {outputs}, not the rows of the table of outputs "
+                             f"(higgs_tune/outputs.py: {[o.path for o in rows]}): declare "
+                             f"`output: **rule_outputs({rule!r})`")
     shell = event["shellcmd"] or ""
     runs = set(re.findall(r"-m\s+higgs_tune\.(\w+)", shell)) - set(codesig.RULE_MODULES[rule])
     if runs:
@@ -285,7 +311,6 @@ def _job(event: dict[str, Any], declared: dict[str, tuple[Path, str]], config: d
                              "editing it reruns the rule and its DVC stage")
     words = shlex.split(shell)
     passed = json.loads(words[words.index("--config-json") + 1]) if "--config-json" in words else None
-    wildcards = {k: str(v) for k, v in (event["wildcards"] or {}).items()}
     if passed is not None and wildcards.get("experiment") == config["experiment"]:
         check_config(f"{rule} {wildcards}", passed, config)
     rule_file, doc = declared[rule]
