@@ -247,7 +247,7 @@ def run_audit(cfg: dict[str, Any], *, train_manifest: str | Path, val_manifest: 
             (atomically; ``None``: not written).
         collator: the collator under audit (default ``data.make_collator(model config)``).
         loss_wiring: the loss under audit (default ``loss.higgs_loss``).
-        model: the model under audit (default ``model.build_model(cfg["model"])``, LoRA-wrapped with
+        model: the model under audit (default ``model.build_model(cfg["model"], torch.float32, <the audit device>)``, LoRA-wrapped with
             ``model.apply_lora`` when ``audit.probe_with_lora``); only its config is used when the
             leak probe is off (then the config alone is loaded when no model is given).
         text_tokenizer: default ``model.load_text_tokenizer(cfg["model"]["text_tokenizer"])``.
