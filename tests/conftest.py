@@ -4,8 +4,11 @@ random-init Higgs audio tokenizer and model (built once per test session)."""
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +91,68 @@ def tiny_model(demo_config):
     from higgs_tune.model import build_model
 
     return build_model(demo_config["model"], torch.float32, "cpu")
+
+
+# ------------------------------------------------------------------- the demo's codes, encoded once
+def run_stage(module: str, args: list[str], log: Path) -> None:
+    """``python -m <module> <args>`` as a rule runs it (this checkout's package, offline), output to ``log``;
+    fails the test with the log's tail when it exits non-zero."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "HF_HUB_OFFLINE": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        res = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=fh,
+                             stderr=subprocess.STDOUT, timeout=900)
+    assert res.returncode == 0, log.read_text()[-3000:]
+
+
+def encode_demo(out: Path, cfg: dict) -> dict[str, Path]:
+    """The real manifest and tokenize stages on ``cfg``'s manifest, run as their rules run them, into
+    ``out`` (codes into ``cfg["cache_dir"]``): their outputs by rule key (``train``, ``val``, ``index``...)."""
+    m = {k: out / "manifest" / f"{k}.{ext}" for k, ext in
+         (("train", "jsonl"), ("val", "jsonl"), ("quarantine", "jsonl"), ("fixes", "json"))}
+    run_stage("higgs_tune.manifest", ["--config-json", json.dumps({k: cfg[k] for k in ("data", "cache_dir")}),
+                                      "--manifest", cfg["data"]["manifest"],
+                                      *[a for k, p in m.items() for a in (f"--{k}", str(p))]], out / "manifest.log")
+    t = {"index": out / "tokens" / "index.parquet", "stats": out / "tokens" / "stats.json"}
+    run_stage("higgs_tune.audio_tokens",
+              ["encode", "--config-json", json.dumps({k: cfg[k] for k in ("audio_tokenizer", "cache_dir")}),
+               "--train", str(m["train"]), "--val", str(m["val"]), "--index", str(t["index"]),
+               "--stats", str(t["stats"]), "--threads", "2", "--no-progress"], out / "tokenize.log")
+    return {**m, **t}
+
+
+@pytest.fixture(scope="session")
+def demo_code_cache(tmp_path_factory, demo_config, worker_id):
+    """``seed(cache_dir) -> str``: makes ``cache_dir`` a code cache holding the codes of every clip of the
+    demo manifest under the demo's audio tokenizer, copied from one built once per test run (by the real
+    manifest and tokenize stages) and shared by the pytest-xdist workers (under a lock: the first builds).
+
+    For tests whose subject is not encoding (the Slurm chain, the sweep, the demo's batches): their
+    tokenize job still runs and reads the cache, as a user's rerun does; ``tests/test_tokenize.py``
+    starts from empty caches. A failed build fails every test asking for it at once, with its reason."""
+    base = tmp_path_factory.getbasetemp()  # under xdist: <this run's base>/popen-gwN
+    shared = (base.parent if worker_id != "master" else base) / "demo-code-cache"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (shared / "failed").exists():
+            pytest.fail("building the shared demo code cache failed:\n" + (shared / "failed").read_text())
+        if not (shared / "ready").exists():
+            cfg = copy.deepcopy(demo_config)
+            cfg["cache_dir"] = str(shared / "cache")
+            cfg["data"]["manifest"] = str(ROOT / cfg["data"]["manifest"])
+            try:
+                encode_demo(shared / "stages", cfg)
+            except BaseException as exc:
+                (shared / "failed").write_text(str(exc)[-3000:])
+                raise
+            (shared / "ready").write_text("")
+
+    def seed(cache_dir: Path) -> str:
+        shutil.copytree(shared / "cache", cache_dir, dirs_exist_ok=True)
+        return str(cache_dir)
+
+    return seed
 
 
 # ----------------------------------------------------------------------- training inputs, staged

@@ -7,10 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from higgs_tune import packing as P
 from higgs_tune.data import SampleLength
 from higgs_tune.train import bucketed_micro_steps, epoch_order, micro_steps, next_window, rank_slice, Position
 
-from conftest import SHORT, tts_row
+from conftest import SHORT, encode_demo, tts_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,35 +185,18 @@ def test_batch_positions_counts_the_models_padding():
 
 
 # --------------------------------------------------------------------------------- the demo data
-def _stage(module: str, args: list[str], log: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as fh:
-        res = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=fh,
-                             stderr=subprocess.STDOUT, timeout=900)
-    assert res.returncode == 0, log.read_text()[-3000:]
-
-
 @pytest.fixture(scope="module")
-def demo_train(tmp_path_factory, demo_config):
+def demo_train(tmp_path_factory, demo_config, demo_code_cache):
     """The demo's train split after the real manifest and tokenize stages (run as their rules run
-    them, into a temp folder): ``(samples, model_config)``."""
+    them, into a temp folder; the codes from the run's shared demo cache): ``(samples, model_config)``."""
     from higgs_tune.model import load_text_tokenizer, tiny_higgs_config
 
     out = tmp_path_factory.mktemp("demo")
     cfg = copy.deepcopy(demo_config)
-    cfg["cache_dir"] = str(out / "cache")
+    cfg["cache_dir"] = demo_code_cache(out / "cache")
     cfg["data"]["manifest"] = str(ROOT / cfg["data"]["manifest"])
-    m = {k: out / "manifest" / f"{k}.{ext}" for k, ext in
-         (("train", "jsonl"), ("val", "jsonl"), ("quarantine", "jsonl"), ("fixes", "json"))}
-    _stage("higgs_tune.manifest", ["--config-json", json.dumps({k: cfg[k] for k in ("data", "cache_dir")}),
-                                   "--manifest", cfg["data"]["manifest"],
-                                   *[a for k, p in m.items() for a in (f"--{k}", str(p))]], out / "manifest.log")
-    index = out / "tokens" / "index.parquet"
-    _stage("higgs_tune.audio_tokens",
-           ["encode", "--config-json", json.dumps({k: cfg[k] for k in ("audio_tokenizer", "cache_dir")}),
-            "--train", str(m["train"]), "--val", str(m["val"]), "--index", str(index),
-            "--stats", str(out / "tokens" / "stats.json"), "--threads", "2", "--no-progress"],
-           out / "tokenize.log")
+    staged = encode_demo(out, cfg)
+    m, index = staged, staged["index"]
     tok = load_text_tokenizer(cfg["model"]["text_tokenizer"])
     codes = D.CodesIndex(index)
     samples = [D.build_dataset_sample(r, tok, codes.get) for r in D.read_jsonl(m["train"])]

@@ -146,13 +146,13 @@ def test_schema_rejects_a_run_setting_its_name(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_sweep_end_to_end_compared_in_a_browser(tmp_path):
+def test_sweep_end_to_end_compared_in_a_browser(tmp_path, demo_code_cache):
     """A 2-run learning-rate sweep on the demo data (4 steps): one manifest, tokenize and audit, two
     trainings, the comparison with each run's lineage and only the differing config keys; both
     reports open in headless Chromium with every figure and clip loaded, no fetch, no error."""
     res_dir = tmp_path / "results"
     overlay = {
-        "results_dir": str(res_dir), "cache_dir": str(tmp_path / "cache"),
+        "results_dir": str(res_dir), "cache_dir": demo_code_cache(tmp_path / "cache"),  # the demo's codes
         "train": {"max_steps": 4, "batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 2,
                   "save_interval": 4, "predictions_interval": 2, "resume_dir": str(tmp_path / "resume")},
         "eval": {"generate": {"n_samples": 1, "max_seconds": 1}},

@@ -72,12 +72,16 @@ def snakemake_args(profile: Path, *configfiles: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The whole chain through the committed Slurm profile (clamped to this node)."""
+def chain(tmp_path_factory, demo_code_cache):
+    """The whole chain through the committed Slurm profile (clamped to this node). The code cache starts
+    with the demo's codes but one clip's (encoding is tests/test_tokenize.py's subject): the tokenize
+    job encodes that clip inside its Slurm job and reads the rest."""
     tmp_path = tmp_path_factory.mktemp("slurm")
     cfg = local_profile(tmp_path / "profile")
+    cache = Path(demo_code_cache(tmp_path / "cache"))
+    sorted(cache.rglob("*.npy"))[0].unlink()
     overlay = {
-        "experiment": "slurm", "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+        "experiment": "slurm", "results_dir": str(tmp_path / "results"), "cache_dir": str(cache),
         "data": {"val_fraction": 0.25},
         "eval": {"generate": {"n_samples": 1, "max_seconds": 1}},  # generation is evaluate's own test
         "train": {"max_steps": 6, "batch_size": 1, "grad_accum_steps": 1, "warmup_steps": 1, "eval_interval": 3,
@@ -111,6 +115,8 @@ def test_workflow_runs_through_the_slurm_profile(chain):
         assert ("gres/gpu=1" in job["tres"]) == (rule in GPU_RULES), (rule, job)
 
     out = tmp_path / "results" / "slurm"
+    tokens = json.loads((out / "tokens" / "stats.json").read_text())
+    assert tokens["n_encoded"] == 1 and tokens["n_cached"] == tokens["n_clips"] - 1, tokens
     assert json.loads((out / "audit" / "summary.json").read_text())["passed"] is True
     assert [json.loads(line)["step"] for line in open(out / "train" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert len(json.loads((out / "eval" / "metrics.json").read_text())["codebook_acc"]) == 8
